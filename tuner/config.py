@@ -1,0 +1,151 @@
+"""Launch configurations: the tunable parameters of each kernel, as frozen, validated dataclasses.
+
+Tuning never changes generated code: every field here is a launch-time argument of a generated
+module's ``launch()``. ``default_*_config`` give a sensible starting point per shape; the tuner's
+search space always contains it and tries it first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+from .spec import MLASpec
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+class _Config:
+    """Shared behaviour of the config dataclasses: dict round trip with unknown keys refused."""
+
+    _POW2: ClassVar[tuple[str, ...]] = ()
+
+    def _check(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{f.name}: expected a positive int, found {value!r}")
+            if f.name in self._POW2 and not _pow2(value):
+                raise ValueError(f"{type(self).__name__}.{f.name}: expected a power of two, found {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16):  # type: ignore[attr-defined]
+            raise ValueError(f"{type(self).__name__}.num_warps: expected 1, 2, 4, 8 or 16, "
+                             f"found {self.num_warps}")  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - set(data))
+        if unknown or missing:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}")
+        return cls(**data)
+
+    def short(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+
+@dataclass(frozen=True)
+class DecodeConfig(_Config):
+    """Launch parameters of the split-KV decode kernel.
+
+    block_h: heads per program (packed into the M dimension of tl.dot; at least 16).
+    block_n: KV tokens per tile.
+    max_splits: the most KV splits of one request (the grid's split dimension).
+    split_tokens: a request gets min(max_splits, cdiv(kv_len, split_tokens)) splits.
+    num_warps, num_stages: stage-1 warps and software-pipelining depth.
+    merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
+    """
+
+    block_h: int = 16
+    block_n: int = 64
+    max_splits: int = 8
+    split_tokens: int = 512
+    num_warps: int = 4
+    num_stages: int = 2
+    merge_block_h: int = 16
+    merge_block_d: int = 128
+    merge_num_warps: int = 4
+
+    _POW2: ClassVar[tuple[str, ...]] = ("block_h", "block_n", "merge_block_h", "merge_block_d")
+
+    def __post_init__(self) -> None:
+        self._check()
+        if self.block_h < 16 or self.block_n < 16:
+            raise ValueError(f"DecodeConfig.block_h/block_n: expected at least 16 (tl.dot), "
+                             f"found {self.block_h}/{self.block_n}")
+        if self.max_splits > 1024:
+            raise ValueError(f"DecodeConfig.max_splits: expected at most 1024, found {self.max_splits}")
+
+    def check_spec(self, spec: MLASpec) -> None:
+        """Raise ValueError when this config cannot run ``spec``."""
+        if self.merge_block_d > spec.head_dim_ckv:
+            raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
+                             f"{spec.head_dim_ckv}, found {self.merge_block_d}")
+        if self.block_h > max(16, next_pow2(spec.num_heads)):
+            raise ValueError(f"DecodeConfig.block_h: expected at most {max(16, next_pow2(spec.num_heads))} "
+                             f"for {spec.num_heads} heads, found {self.block_h}")
+
+
+@dataclass(frozen=True)
+class PrefillConfig(_Config):
+    """Launch parameters of the prefill kernel.
+
+    block_m: query tokens per tile; block_h: heads per tile. The tile's block_m * block_h
+    (token, head) rows form the M dimension of tl.dot (at least 16).
+    block_n: KV tokens per tile. num_warps, num_stages: warps and pipelining depth.
+    """
+
+    block_m: int = 4
+    block_h: int = 16
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+    _POW2: ClassVar[tuple[str, ...]] = ("block_m", "block_h", "block_n")
+
+    def __post_init__(self) -> None:
+        self._check()
+        if self.block_m * self.block_h < 16 or self.block_n < 16:
+            raise ValueError(f"PrefillConfig: block_m * block_h and block_n must be at least 16 (tl.dot), "
+                             f"found {self.block_m * self.block_h} and {self.block_n}")
+
+    def check_spec(self, spec: MLASpec) -> None:
+        if self.block_h > next_pow2(spec.num_heads):
+            raise ValueError(f"PrefillConfig.block_h: expected at most {next_pow2(spec.num_heads)} "
+                             f"for {spec.num_heads} heads, found {self.block_h}")
+
+    @property
+    def rows(self) -> int:
+        return self.block_m * self.block_h
+
+
+def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms: int) -> DecodeConfig:
+    """A sensible decode config without tuning: enough (request, head group, split) programs to fill
+    about two waves of the GPU, each split at least one KV tile long."""
+    block_h = 16 if spec.num_heads <= 16 else 32
+    num_warps = 4 if block_h == 16 else 8
+    block_n = 64 if spec.head_dim_ckv <= 512 else 32
+    groups = -(-spec.num_heads // block_h)
+    max_splits = max(1, min(64, -(-2 * num_sms // max(1, batch * groups))))
+    split_tokens = max(block_n, -(-int(avg_kv_len) // max_splits))
+    return DecodeConfig(
+        block_h=block_h, block_n=block_n, max_splits=max_splits, split_tokens=split_tokens,
+        num_warps=num_warps, num_stages=2,
+        merge_block_h=min(16, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
+        merge_num_warps=4,
+    )
+
+
+def default_prefill_config(spec: MLASpec) -> PrefillConfig:
+    block_h = min(16, next_pow2(spec.num_heads))
+    return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=64,
+                         num_warps=8, num_stages=2)

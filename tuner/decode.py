@@ -1,0 +1,137 @@
+"""Runtime API for decode: the one-call :func:`mla_decode` and the plan/run :class:`MLADecode`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, validate
+from .config import DecodeConfig
+from .loader import load_module
+from .spec import MLASpec
+
+
+def _scratch(batch: int, spec: MLASpec, config: DecodeConfig,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 partial outputs and lse (float32); empty when no request can be split."""
+    n = batch * config.max_splits * spec.num_heads if config.max_splits > 1 else 0
+    return (torch.empty(n * spec.head_dim_ckv, dtype=torch.float32, device=device),
+            torch.empty(n, dtype=torch.float32, device=device))
+
+
+def _launch(spec: MLASpec, config: DecodeConfig, q_nope: torch.Tensor, q_pe: torch.Tensor,
+            ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, kv_indptr: torch.Tensor,
+            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None, sm_scale: float,
+            out: torch.Tensor | None, lse: torch.Tensor | None,
+            scratch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = q_nope.shape[0]
+    if out is None:
+        out = torch.empty(batch, spec.num_heads, spec.head_dim_ckv, dtype=q_nope.dtype, device=q_nope.device)
+    if lse is None:
+        lse = torch.empty(batch, spec.num_heads, dtype=torch.float32, device=q_nope.device)
+    load_module(spec).launch(
+        q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+        kv_last_page_len if spec.page_size > 1 else None, sm_scale, out, lse, *scratch,
+        **config.to_dict(),
+    )
+    return out, lse
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+               kpe_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+               sm_scale: float, kv_last_page_len: torch.Tensor | None = None, *,
+               out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+               config: DecodeConfig | None = None,
+               validate_data: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA decode over a paged cache (``shared/mla_paged.md``); positional order as FlashInfer-Bench.
+
+    Args:
+        q_nope: [B, H, ckv] bf16/fp16 (fp32 for tests); q_pe: [B, H, kpe], same dtype.
+        ckv_cache: [num_pages, page_size, ckv]; kpe_cache: [num_pages, page_size, kpe]. Strided views
+            are fine as long as the last dimension is contiguous.
+        kv_indptr: int32 [B + 1]; kv_indices: int32, the pages of sequence b are
+            kv_indices[kv_indptr[b]:kv_indptr[b + 1]].
+        sm_scale: softmax scale (a Python float).
+        kv_last_page_len: int32 [B], tokens used in each last page (default: pages full;
+            ignored at page_size 1).
+        out, lse: optional outputs to write ([B, H, ckv] input dtype; [B, H] float32).
+        config: launch parameters (default: the tuned dispatch table, else the default config).
+        validate_data: also check the index data on the host (a device sync).
+
+    Returns:
+        (output [B, H, ckv] in the input dtype, lse [B, H] float32, base 2).
+
+    No host synchronisation unless ``validate_data``: the call can be captured in a CUDA graph.
+    The config is chosen from B and the average pages per request (``kv_indices.numel() / B``), both
+    known on the host without a sync.
+    """
+    spec = validate.spec_from_tensors("decode", q_nope, q_pe, ckv_cache, kpe_cache)
+    batch, device = q_nope.shape[0], q_nope.device
+    validate.check_inputs(spec, batch, q_nope, q_pe, ckv_cache, kpe_cache)
+    validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device)
+    scale = validate.check_sm_scale(sm_scale)
+    validate.check_outputs(batch, spec, q_nope.dtype, device, out, lse)
+    if validate_data:
+        validate.check_host_data(spec, ckv_cache.shape[0], kv_indptr, kv_indices, kv_last_page_len)
+    if config is None:
+        avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)
+        config = dispatch.decode_config(spec, batch, avg_kv, device)
+    config.check_spec(spec)
+    return _launch(spec, config, q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+                   kv_last_page_len, scale, out, lse, _scratch(batch, spec, config, device))
+
+
+class MLADecode:
+    """Plan once per batch layout, then run (graph-capturable) as often as needed.
+
+    ``plan()`` does the host work: it derives the spec, checks the index data on the host (one
+    copy, the only sync), picks the config from the exact batch size and mean KV length, and
+    allocates the split scratch. ``run()`` only checks tensor metadata and launches.
+    The index tensors given to ``plan()`` are kept and read by every ``run()``: to replay a captured
+    graph on a new layout of the same shape, update them in place.
+    """
+
+    def __init__(self) -> None:
+        self.spec: MLASpec | None = None
+        self.config: DecodeConfig | None = None
+
+    def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+             kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
+             sm_scale: float, head_dim_ckv: int = 512, head_dim_kpe: int = 64,
+             num_pages: int | None = None, config: DecodeConfig | None = None,
+             validate_data: bool = True) -> MLADecode:
+        self.spec = MLASpec("decode", num_heads, head_dim_ckv, head_dim_kpe, page_size)
+        batch = validate._need_tensor("kv_indptr", kv_indptr).numel() - 1
+        if batch < 0:
+            raise ValueError("kv_indptr: expected at least one element, found 0")
+        device = kv_indptr.device
+        validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device)
+        self.sm_scale = validate.check_sm_scale(sm_scale)
+        if validate_data:
+            validate.check_host_data(self.spec, num_pages if num_pages is not None else 2**62,
+                                     kv_indptr, kv_indices, kv_last_page_len)
+        if config is None:
+            from .reference import kv_lengths
+
+            total = int(kv_lengths(kv_indptr.cpu(), page_size,
+                                   None if kv_last_page_len is None else kv_last_page_len.cpu()).sum())
+            config = dispatch.decode_config(self.spec, batch, total / max(1, batch), device)
+        config.check_spec(self.spec)
+        self.config = config
+        self.batch, self.device = batch, device
+        self.kv_indptr, self.kv_indices, self.kv_last_page_len = kv_indptr, kv_indices, kv_last_page_len
+        self.scratch = _scratch(batch, self.spec, config, device)
+        load_module(self.spec)  # import (and on-demand render) outside the launch path
+        return self
+
+    def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+            kpe_cache: torch.Tensor, *, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode with the planned layout; shapes as :func:`mla_decode`. No host sync."""
+        if self.spec is None or self.config is None:
+            raise RuntimeError("MLADecode.run: call plan() first")
+        validate.check_inputs(self.spec, self.batch, q_nope, q_pe, ckv_cache, kpe_cache)
+        if q_nope.device != self.device:
+            raise ValueError(f"q_nope: expected device {self.device} (the planned one), found {q_nope.device}")
+        validate.check_outputs(self.batch, self.spec, q_nope.dtype, self.device, out, lse)
+        return _launch(self.spec, self.config, q_nope, q_pe, ckv_cache, kpe_cache, self.kv_indptr,
+                       self.kv_indices, self.kv_last_page_len, self.sm_scale, out, lse, self.scratch)

@@ -1,0 +1,53 @@
+"""What the runtime needs to know about the GPU, read once per device (host queries, no sync)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import paths
+
+CPU_NUM_SMS = 4
+"""Programs in flight assumed for the Triton interpreter (only shapes the split heuristic)."""
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    """Identity of a device for dispatch lookups.
+
+    key: a file-name-safe name (``nvidia-h100-80gb-hbm3``); capability: ``"9.0"``; num_sms: multiprocessors.
+    """
+
+    key: str
+    name: str
+    capability: str
+    num_sms: int
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_info(device_index: int | None) -> GPUInfo:
+    if device_index is None:
+        key = os.environ.get(paths.ENV_GPU_KEY, "cpu-interpreter")
+        return GPUInfo(key=key, name="Triton interpreter (CPU)", capability="cpu", num_sms=CPU_NUM_SMS)
+    props = torch.cuda.get_device_properties(device_index)
+    key = os.environ.get(paths.ENV_GPU_KEY) or _slug(props.name)
+    return GPUInfo(key=key, name=props.name, capability=f"{props.major}.{props.minor}",
+                   num_sms=props.multi_processor_count)
+
+
+def gpu_info(device: torch.device | str | None = None) -> GPUInfo:
+    """GPUInfo of ``device`` (default: the current CUDA device, or the interpreter without CUDA)."""
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type != "cuda":
+        return _gpu_info(None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _gpu_info(index)

@@ -1,0 +1,66 @@
+"""Find and import the generated module of a specialization (cached per process).
+
+Catalogue modules come from ``generated/``. A shape outside the catalogue (another head count, say)
+is rendered on first use into the cache folder, which needs jinja2 and the templates of a checkout;
+the error says how to generate it otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from . import paths
+from .fileio import source_hash
+from .spec import MLASpec
+
+
+def module_path(spec: MLASpec) -> Path:
+    """Where the module of ``spec`` is (generated/ first, then the on-demand cache)."""
+    name = f"{spec.name()}.py"
+    shipped = paths.generated_dir() / name
+    if shipped.is_file():
+        return shipped
+    cached = paths.cache_dir() / "generated" / name
+    if cached.is_file():
+        return cached
+    return _render_on_demand(spec, cached)
+
+
+def _render_on_demand(spec: MLASpec, target: Path) -> Path:
+    if not (paths.templates_dir() / spec.template).is_file():
+        raise FileNotFoundError(
+            f"no generated module for {spec.name()} in {paths.generated_dir()} and no templates to "
+            f"render it from; run `mla-tune generate --heads {spec.num_heads} --ckv {spec.head_dim_ckv} "
+            f"--kpe {spec.head_dim_kpe} --page-size {spec.page_size}` in a checkout"
+        )
+    from .codegen import render  # imports jinja2: only for shapes outside the catalogue
+    from .fileio import write_atomic
+
+    write_atomic(target, render(spec))
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def load_module(spec: MLASpec) -> ModuleType:
+    """Import the generated module of ``spec``; its ``launch()`` runs the kernels."""
+    path = module_path(spec)
+    mod_name = f"tuner._kernels.{spec.name()}"
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"cannot import generated module {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module  # Triton's JIT looks its functions' source up through the module
+    module_spec.loader.exec_module(module)
+    if getattr(module, "NAME", None) != spec.name():
+        raise ImportError(f"{path}: expected NAME = {spec.name()!r}, found {getattr(module, 'NAME', None)!r}")
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def module_hash(spec: MLASpec) -> str:
+    """Hash of the generated module's source (dispatch entries are stamped with it)."""
+    return source_hash(module_path(spec).read_text())

@@ -1,0 +1,133 @@
+"""Runtime API for prefill: the one-call :func:`mla_prefill` and the plan/run :class:`MLAPrefill`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, validate
+from .config import PrefillConfig
+from .loader import load_module
+from .spec import MLASpec
+
+
+def _variant(causal: bool) -> str:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, found {type(causal).__name__}")
+    return "prefill_causal" if causal else "prefill"
+
+
+def _launch(spec: MLASpec, config: PrefillConfig, q_nope: torch.Tensor, q_pe: torch.Tensor,
+            ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, qo_indptr: torch.Tensor,
+            kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
+            sm_scale: float, out: torch.Tensor | None,
+            lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    total_q = q_nope.shape[0]
+    if out is None:
+        out = torch.empty(total_q, spec.num_heads, spec.head_dim_ckv, dtype=q_nope.dtype, device=q_nope.device)
+    if lse is None:
+        lse = torch.empty(total_q, spec.num_heads, dtype=torch.float32, device=q_nope.device)
+    load_module(spec).launch(
+        q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+        kv_last_page_len if spec.page_size > 1 else None, sm_scale, out, lse, **config.to_dict(),
+    )
+    return out, lse
+
+
+def _check_all(spec: MLASpec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+               kv_last_page_len, out, lse) -> int:
+    total_q, device = q_nope.shape[0], q_nope.device
+    validate.check_inputs(spec, total_q, q_nope, q_pe, ckv_cache, kpe_cache)
+    batch = validate._need_tensor("qo_indptr", qo_indptr).numel() - 1
+    if batch < 0:
+        raise ValueError("qo_indptr: expected at least one element, found 0")
+    validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device, qo_indptr=qo_indptr)
+    validate.check_outputs(total_q, spec, q_nope.dtype, device, out, lse)
+    return batch
+
+
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                kpe_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+                kv_indices: torch.Tensor, sm_scale: float,
+                kv_last_page_len: torch.Tensor | None = None, *, causal: bool = True,
+                out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                config: PrefillConfig | None = None,
+                validate_data: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA prefill over a paged cache; positional order as FlashInfer-Bench's prefill definition.
+
+    Args:
+        q_nope: [total_q, H, ckv]; q_pe: [total_q, H, kpe] (bf16/fp16, fp32 for tests).
+        ckv_cache, kpe_cache: [num_pages, page_size, ckv|kpe], last dimension contiguous.
+        qo_indptr: int32 [B + 1], the queries of sequence b are rows qo_indptr[b]:qo_indptr[b + 1]:
+            its last q_len tokens. kv_indptr, kv_indices, kv_last_page_len: as :func:`tuner.mla_decode`.
+        causal: query i of sequence b sees tokens 0 .. kv_len - q_len + i; False: all kv_len tokens.
+        validate_data: also check the index data on the host (a sync), including kv_len >= q_len.
+
+    Returns:
+        (output [total_q, H, ckv] in the input dtype, lse [total_q, H] float32, base 2).
+    """
+    spec = validate.spec_from_tensors(_variant(causal), q_nope, q_pe, ckv_cache, kpe_cache)
+    batch = _check_all(spec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+                       kv_last_page_len, out, lse)
+    scale = validate.check_sm_scale(sm_scale)
+    if validate_data:
+        validate.check_host_data(spec, ckv_cache.shape[0], kv_indptr, kv_indices, kv_last_page_len,
+                                 qo_indptr=qo_indptr)
+    total_q = q_nope.shape[0]
+    if config is None:
+        avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)
+        config = dispatch.prefill_config(spec, total_q, avg_kv, q_nope.device)
+    config.check_spec(spec)
+    return _launch(spec, config, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+                   kv_last_page_len, scale, out, lse)
+
+
+class MLAPrefill:
+    """Plan once per batch layout, then run (graph-capturable); see :class:`tuner.MLADecode`."""
+
+    def __init__(self) -> None:
+        self.spec: MLASpec | None = None
+        self.config: PrefillConfig | None = None
+
+    def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+             kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
+             sm_scale: float, causal: bool = True, head_dim_ckv: int = 512, head_dim_kpe: int = 64,
+             num_pages: int | None = None, config: PrefillConfig | None = None,
+             validate_data: bool = True) -> MLAPrefill:
+        self.spec = MLASpec(_variant(causal), num_heads, head_dim_ckv, head_dim_kpe, page_size)  # type: ignore[arg-type]
+        batch = validate._need_tensor("qo_indptr", qo_indptr).numel() - 1
+        if batch < 0:
+            raise ValueError("qo_indptr: expected at least one element, found 0")
+        device = qo_indptr.device
+        validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device, qo_indptr=qo_indptr)
+        self.sm_scale = validate.check_sm_scale(sm_scale)
+        if validate_data:
+            validate.check_host_data(self.spec, num_pages if num_pages is not None else 2**62, kv_indptr,
+                                     kv_indices, kv_last_page_len, qo_indptr=qo_indptr)
+        qo_host = qo_indptr.cpu()
+        self.total_q = int(qo_host[-1])
+        if config is None:
+            from .reference import kv_lengths
+
+            kv_total = int(kv_lengths(kv_indptr.cpu(), page_size,
+                                      None if kv_last_page_len is None else kv_last_page_len.cpu()).sum())
+            config = dispatch.prefill_config(self.spec, self.total_q, kv_total / max(1, batch), device)
+        config.check_spec(self.spec)
+        self.config, self.batch, self.device = config, batch, device
+        self.qo_indptr, self.kv_indptr = qo_indptr, kv_indptr
+        self.kv_indices, self.kv_last_page_len = kv_indices, kv_last_page_len
+        load_module(self.spec)
+        return self
+
+    def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+            kpe_cache: torch.Tensor, *, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill with the planned layout; shapes as :func:`mla_prefill`. No host sync."""
+        if self.spec is None or self.config is None:
+            raise RuntimeError("MLAPrefill.run: call plan() first")
+        _check_all(self.spec, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr,
+                   self.kv_indices, self.kv_last_page_len, out, lse)
+        if q_nope.shape[0] != self.total_q:
+            raise ValueError(f"q_nope: expected {self.total_q} rows (qo_indptr[-1] at plan), "
+                             f"found {q_nope.shape[0]}")
+        return _launch(self.spec, self.config, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr,
+                       self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.sm_scale, out, lse)

@@ -1,0 +1,89 @@
+"""Vectorized float32 PyTorch reference for MLA decode and prefill over a paged cache.
+
+Follows ``shared/mla_paged.md`` exactly: kv_len(b) = (pages - 1) * page_size + kv_last_page_len[b]
+(0 without pages), score = (q_nope . ckv + q_pe . kpe) * sm_scale, lse in base 2, a row that sees no
+token gets output 0 and lse -inf. Used by the tests, the tuner's correctness gate and the benchmark.
+It synchronizes with the device freely: it is never on a launch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def kv_lengths(kv_indptr: torch.Tensor, page_size: int,
+               kv_last_page_len: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [B]: tokens of each sequence."""
+    n_pages = (kv_indptr[1:] - kv_indptr[:-1]).long()
+    if page_size == 1 or kv_last_page_len is None:
+        last = torch.full_like(n_pages, page_size)
+    else:
+        last = kv_last_page_len.long()
+    return torch.where(n_pages > 0, (n_pages - 1) * page_size + last, torch.zeros_like(n_pages))
+
+
+def _attend(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
+            visible: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [R, H, *], kv [T, *], visible bool [R, T] -> output float32 [R, H, ckv], lse [R, H] (base 2)."""
+    scores = (torch.einsum("rhc,tc->rht", q_nope.float(), ckv.float())
+              + torch.einsum("rhk,tk->rht", q_pe.float(), kpe.float())) * sm_scale
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # natural log; -inf where nothing is visible
+    probs = torch.exp(scores - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
+    probs = probs.masked_fill(~visible[:, None, :], 0.0)
+    out = torch.einsum("rht,tc->rhc", probs, ckv.float())
+    return out, lse / math.log(2.0)
+
+
+def mla_prefill_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                    kpe_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+                    kv_indices: torch.Tensor, sm_scale: float,
+                    kv_last_page_len: torch.Tensor | None = None,
+                    causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference prefill. q_nope [total_q, H, ckv], q_pe [total_q, H, kpe]; returns float32
+    output [total_q, H, ckv] and lse [total_q, H] (base 2).
+
+    Query i of sequence b sits at position kv_len(b) - q_len(b) + i and, when causal, sees the tokens
+    at positions 0 .. that position; otherwise all kv_len(b) tokens. Vectorized within a sequence,
+    in chunks of query rows so that the score matrix stays bounded.
+    """
+    page_size = ckv_cache.shape[1]
+    kv_len = kv_lengths(kv_indptr, page_size, kv_last_page_len).tolist()
+    qo = qo_indptr.long().tolist()
+    kv_ptr = kv_indptr.long().tolist()
+    total_q, heads = q_nope.shape[0], q_nope.shape[1]
+    out = torch.zeros(total_q, heads, ckv_cache.shape[2], dtype=torch.float32, device=q_nope.device)
+    lse = torch.full((total_q, heads), float("-inf"), dtype=torch.float32, device=q_nope.device)
+    for b, n_kv in enumerate(kv_len):
+        q0, q1 = qo[b], qo[b + 1]
+        if q1 == q0:
+            continue
+        pos = torch.arange(n_kv, device=q_nope.device)
+        page = kv_indices.long()[kv_ptr[b] + pos // page_size]
+        ckv = ckv_cache[page, pos % page_size].float()
+        kpe = kpe_cache[page, pos % page_size].float()
+        chunk = max(1, (1 << 26) // max(1, heads * n_kv))
+        for r0 in range(q0, q1, chunk):
+            r1 = min(q1, r0 + chunk)
+            q_pos = n_kv - (q1 - q0) + torch.arange(r0 - q0, r1 - q0, device=q_nope.device)
+            visible = torch.ones(r1 - r0, n_kv, dtype=torch.bool, device=q_nope.device)
+            if causal:
+                visible = pos[None, :] <= q_pos[:, None]
+            out[r0:r1], lse[r0:r1] = _attend(q_nope[r0:r1], q_pe[r0:r1], ckv, kpe, visible, sm_scale)
+    return out, lse
+
+
+def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                   kpe_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                   sm_scale: float, kv_last_page_len: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference decode: one query per sequence that sees all its tokens.
+
+    q_nope [B, H, ckv], q_pe [B, H, kpe]; returns float32 output [B, H, ckv] and lse [B, H] (base 2).
+    """
+    batch = q_nope.shape[0]
+    qo_indptr = torch.arange(batch + 1, device=q_nope.device, dtype=torch.int32)
+    return mla_prefill_ref(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+                           sm_scale, kv_last_page_len, causal=False)
