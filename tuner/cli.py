@@ -1,11 +1,14 @@
 """The command line: ``mla-tune generate | tune | show | bench`` (also ``python -m tuner ...``).
 
-Heavy imports (jinja2, optuna) happen inside the subcommand that needs them.
+``generate`` lives here; every other subcommand lives in its own light module ``tuner/cmd_<name>.py``
+with ``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports (jinja2, optuna, matplotlib)
+happen inside ``run``, never at import.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .spec import VARIANTS, MLASpec, catalogue
@@ -59,6 +62,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+SUBCOMMANDS = {
+    "tune": "search launch parameters on this GPU and write the dispatch table",
+    "show": "print a kernel's generated module and its dispatch entries",
+    "bench": "time the tuned dispatch against the peers on the benchmark set",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mla-tune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="render into this folder instead of generated/ (needed for custom shapes)")
     _add_shape_args(g)
     g.set_defaults(func=cmd_generate)
+
+    for name, help_text in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"tuner.cmd_{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"tuner.cmd_{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 

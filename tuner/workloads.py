@@ -1,0 +1,159 @@
+"""Workloads: the public benchmark set (``shared/benchmark_set.md``) and synthetic inputs for any shape.
+
+Inputs follow the timing rules of ``shared/mla_paged.md``: random normal values (never zeros), page
+ids a random permutation of the cache's pages, fixed seeds so every run sees the same shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .spec import MLASpec
+
+SM_SCALE = 1.0 / math.sqrt(128 + 64)  # DeepSeek: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One batch: per-sequence KV lengths and, for prefill, query lengths (None for decode)."""
+
+    name: str
+    heads: int
+    kv_lens: tuple[int, ...]
+    q_lens: tuple[int, ...] | None = None
+    causal: bool = True
+    head_dim_ckv: int = 512
+    head_dim_kpe: int = 64
+
+    @property
+    def is_decode(self) -> bool:
+        return self.q_lens is None
+
+    @property
+    def batch(self) -> int:
+        return len(self.kv_lens)
+
+    @property
+    def total_q(self) -> int:
+        return self.batch if self.q_lens is None else sum(self.q_lens)
+
+    def spec(self, page_size: int) -> MLASpec:
+        variant = "decode" if self.is_decode else ("prefill_causal" if self.causal else "prefill")
+        return MLASpec(variant, self.heads, self.head_dim_ckv, self.head_dim_kpe, page_size)  # type: ignore[arg-type]
+
+    def visible_pairs(self) -> int:
+        """(query, visible token) pairs, per head."""
+        if self.q_lens is None:
+            return sum(self.kv_lens)
+        if not self.causal:
+            return sum(q * kv for q, kv in zip(self.q_lens, self.kv_lens))
+        return sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(self.q_lens, self.kv_lens))
+
+    def bytes_moved(self, itemsize: int = 2) -> int:
+        """Each KV token read once, plus q, output (input dtype) and lse (float32)."""
+        kv = sum(self.kv_lens) * (self.head_dim_ckv + self.head_dim_kpe) * itemsize
+        q = self.total_q * self.heads * (self.head_dim_ckv + self.head_dim_kpe) * itemsize
+        o = self.total_q * self.heads * (self.head_dim_ckv * itemsize + 4)
+        return kv + q + o
+
+    def flops(self) -> int:
+        """Per (query, head, visible token): 2 * (ckv + kpe) + 2 * ckv."""
+        per = 2 * (self.head_dim_ckv + self.head_dim_kpe) + 2 * self.head_dim_ckv
+        return self.visible_pairs() * self.heads * per
+
+
+def _skewed_lengths(n: int, median: float, lo: int, hi: int, sigma: float, seed: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * sigma + math.log(median))
+    return tuple(int(v) for v in x.clamp(lo, hi).round().long())
+
+
+def _uniform(n: int, lo: int, hi: int, g: torch.Generator) -> list[int]:
+    return [int(v) for v in torch.randint(lo, hi + 1, (n,), generator=g)]
+
+
+def _p16_var() -> Workload:
+    g = torch.Generator().manual_seed(0)
+    q = _uniform(16, 64, 1024, g)
+    extra = _uniform(16, 0, 4096, g)
+    return Workload("p-16-var", 16, tuple(a + b for a, b in zip(q, extra)), tuple(q))
+
+
+def _p28_fresh() -> Workload:
+    """28 fresh prompts, lognormal lengths clipped to 16..420 (about 1950 queries), 1..8-token prefixes."""
+    q = _skewed_lengths(28, 38, 16, 420, 0.9, seed=1)
+    prefix = _uniform(28, 1, 8, torch.Generator().manual_seed(1))
+    return Workload("p-28-fresh", 16, tuple(a + b for a, b in zip(q, prefix)), q)
+
+
+def benchmark_set() -> list[Workload]:
+    """The rows of ``shared/benchmark_set.md`` (each decode row runs at page sizes 1 and 64)."""
+    return [
+        Workload("d-b1-1k", 16, (1024,)),
+        Workload("d-b32-4k", 16, (4096,) * 32),
+        Workload("d-b64-8k", 16, (8192,) * 64),
+        Workload("d-b128-2k", 16, (2048,) * 128),
+        Workload("d-b256-4k", 16, (4096,) * 256),
+        Workload("d-b16-32k", 16, (32768,) * 16),
+        Workload("d-b64-skew", 16, _skewed_lengths(64, 700, 500, 9200, 0.9, seed=2)),
+        Workload("d-h128-b32-4k", 128, (4096,) * 32),
+        Workload("d-h128-b128-4k", 128, (4096,) * 128),
+        Workload("p-1x4k", 16, (4096,), (4096,)),
+        Workload("p-8x512-prefix", 16, (4096,) * 8, (512,) * 8),
+        _p16_var(),
+        _p28_fresh(),
+    ]
+
+
+@dataclass
+class Inputs:
+    """Tensors for one workload at one page size (arguments of mla_decode / mla_prefill)."""
+
+    q_nope: torch.Tensor
+    q_pe: torch.Tensor
+    ckv_cache: torch.Tensor
+    kpe_cache: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    qo_indptr: torch.Tensor | None
+    sm_scale: float = SM_SCALE
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16,
+                device: torch.device | str = "cpu", seed: int = 0, spare_pages: int = 0,
+                poison_unused: bool = True) -> Inputs:
+    """Random inputs for ``w``: page ids a random permutation of the cache's pages, unused slots of
+    partial last pages filled with NaN (``poison_unused``) so that a leak shows."""
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pages = [-(-n // page_size) for n in w.kv_lens]
+    num_pages = sum(pages) + spare_pages
+    perm = torch.randperm(num_pages, generator=g)[: sum(pages)].to(torch.int32)
+    indptr = torch.zeros(w.batch + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.tensor(pages, dtype=torch.int64), 0).to(torch.int32)
+    last = torch.tensor([(n - 1) % page_size + 1 if n else page_size for n in w.kv_lens], dtype=torch.int32)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype)
+
+    ckv = randn(num_pages, page_size, w.head_dim_ckv)
+    kpe = randn(num_pages, page_size, w.head_dim_kpe)
+    if poison_unused and page_size > 1:
+        for b, n in enumerate(w.kv_lens):
+            if n % page_size:
+                page = int(perm[int(indptr[b + 1]) - 1])
+                ckv[page, n % page_size:] = float("nan")
+                kpe[page, n % page_size:] = float("nan")
+    qo = None
+    if w.q_lens is not None:
+        qo = torch.zeros(w.batch + 1, dtype=torch.int32)
+        qo[1:] = torch.cumsum(torch.tensor(w.q_lens, dtype=torch.int64), 0).to(torch.int32)
+    q_nope = randn(w.total_q, w.heads, w.head_dim_ckv)
+    q_pe = randn(w.total_q, w.heads, w.head_dim_kpe)
+    return Inputs(q_nope.to(device), q_pe.to(device), ckv.to(device), kpe.to(device), indptr.to(device),
+                  perm.to(device), last.to(device), None if qo is None else qo.to(device))
