@@ -3,18 +3,21 @@
 # head_dim_ckv=512, head_dim_kpe=64, page_size=64).
 """MLA decode over a paged KV cache: mla_paged_decode_h64_ckv512_kpe64_ps64.
 
-Algorithm (split-KV flash decoding, absorbed MLA):
-  stage 1, grid (batch * head groups, splits): a program owns BLOCK_H heads of one request and one
-    contiguous range of its tokens. The heads are packed into the M dimension of tl.dot, so each
-    gathered KV tile is read once per head group; the head groups of one (request, split) are adjacent
-    in the grid (the fastest-varying index), so their repeated reads of a tile come from L2. The score is
-    q_nope . ckv + q_pe . kpe (two dots, no padding to a power of two), the loaded ckv tile is reused
-    as V, and the softmax runs in base 2 with sm_scale * log2(e) folded into one multiply.
-    Each request picks its number of splits on the device from its own length:
-      n_splits = min(max_splits, max(1, cdiv(kv_len, split_tokens))), rounded so that no split is
-      empty; a request with one split writes `out` and `lse` directly.
-  stage 2, grid (batch * head blocks * column blocks): merges the splits of requests with more than one
-    by their base-2 lse. It reads nothing a one-split request wrote.
+Algorithm (balanced split-KV flash decoding, absorbed MLA):
+  stage 1, grid (num_programs * head groups): the batch's pages, kv_indices[0:kv_indptr[B]], form one
+    stream; program p takes the equal share [p * P_total // num_programs, (p + 1) * P_total //
+    num_programs) of it, whatever requests that share crosses, so every program has the same work
+    however skewed the batch is (a persistent, balanced grid; each program finds its first request by
+    binary search over kv_indptr, on the device). For each request in its share it owns BLOCK_H heads,
+    packed into the M dimension of tl.dot, so a gathered KV tile is read once per head group; the head
+    groups of one program are adjacent in the grid (the fastest-varying index), so their repeated reads
+    of a tile come from L2. The score is q_nope . ckv + q_pe . kpe (two dots, no padding), the loaded
+    ckv tile is reused as V, and the softmax runs in base 2 with sm_scale * log2(e) folded into one
+    multiply. A request wholly inside one share is written to `out`/`lse` directly; a piece of a
+    request that spans shares goes to scratch slot (program + request), unique by construction.
+  stage 2, grid (batch * head blocks * column blocks): merges the pieces of each spanning request by
+    their base-2 lse, and writes output 0 and lse -inf for requests without pages. Programs of
+    requests that stage 1 wrote directly exit at once.
 Nothing here reads host data, so a launch can be captured in a CUDA graph.
 """
 
@@ -99,17 +102,29 @@ def _softmax_finish(m_i, l_i, acc):
 
 
 @triton.jit
-def _split_plan(kv_len, max_splits, split_tokens, BLOCK_N: tl.constexpr):
-    """(number of splits, tokens per split) for one request; every split gets at least one token.
+def _share_start(p, total_pages, num_programs):
+    """First page of program p's share of the page stream (int64: p * total_pages can pass 2^31)."""
+    return (total_pages.to(tl.int64) * p) // num_programs
 
-    Tokens per split are rounded up to a multiple of BLOCK_N, then the count is recomputed, so that
-    stage 1 and stage 2 agree and no split is empty.
-    """
-    n_splits = tl.minimum(tl.maximum(tl.cdiv(kv_len, split_tokens), 1), max_splits)
-    per_split = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
-    per_split = tl.maximum(per_split, BLOCK_N)
-    n_splits = tl.maximum(tl.cdiv(kv_len, per_split), 1)
-    return n_splits, per_split
+
+@triton.jit
+def _owner(page, total_pages, num_programs):
+    """The program whose share holds `page`: the largest p with _share_start(p) <= page."""
+    return (((page.to(tl.int64) + 1) * num_programs - 1) // tl.maximum(total_pages, 1)).to(tl.int32)
+
+
+@triton.jit
+def _find_request(kv_indptr_ptr, batch, page):
+    """The request that holds `page` (page < kv_indptr[batch]): the last b with kv_indptr[b] <= page."""
+    lo = 0
+    hi = batch - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(kv_indptr_ptr + mid) <= page:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @triton.jit
@@ -117,7 +132,7 @@ def _decode_stage1(
     q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr,
     kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, max_splits, split_tokens,
+    qk_scale, batch, num_programs,
     stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h,
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
@@ -125,61 +140,65 @@ def _decode_stage1(
 ):
     N_GROUPS: tl.constexpr = (64 + BLOCK_H - 1) // BLOCK_H
     pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    seq = (pid // N_GROUPS).to(tl.int64)
+    p = pid // N_GROUPS
     pid_h = pid % N_GROUPS
-
-    first_page, kv_len = _kv_len(kv_indptr_ptr, kv_last_page_len_ptr, seq, HAS_LAST_PAGE_LEN)
-    n_splits, per_split = _split_plan(kv_len, max_splits, split_tokens, BLOCK_N)
-    if pid_s >= n_splits:
+    total_pages = tl.load(kv_indptr_ptr + batch)
+    page = _share_start(p, total_pages, num_programs)
+    share_end = _share_start(p + 1, total_pages, num_programs)
+    if page >= share_end:
         return
-    start = pid_s * per_split
-    end = tl.minimum(start + per_split, kv_len)
+    seq = _find_request(kv_indptr_ptr, batch, page)
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < 64
     offs_ckv = tl.arange(0, 512)
     offs_kpe = tl.arange(0, 64)
-    q_nope = tl.load(
-        q_nope_ptr + seq * stride_qn_b + offs_h[:, None] * stride_qn_h + offs_ckv[None, :],
-        mask=mask_h[:, None], other=0.0,
-    )
-    q_pe = tl.load(
-        q_pe_ptr + seq * stride_qp_b + offs_h[:, None] * stride_qp_h + offs_kpe[None, :],
-        mask=mask_h[:, None], other=0.0,
-    )
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        page, slot = _token_slots(kv_indices_ptr, first_page, offs_n, mask_n)
-        ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page, slot, mask_n, offs_ckv, offs_kpe,
-                                 stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
-        qk = tl.dot(q_pe, tl.trans(kpe))
-        qk = tl.dot(q_nope, tl.trans(ckv), qk)
-        s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
-
-    o, lse = _softmax_finish(m_i, l_i, acc)
-    if n_splits == 1:
-        tl.store(out_ptr + seq * stride_o_b + offs_h[:, None] * stride_o_h + offs_ckv[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
-        tl.store(lse_ptr + seq * stride_lse_b + offs_h, lse, mask=mask_h)
-    else:
-        row = (seq * max_splits + pid_s) * 64 + offs_h
-        tl.store(part_out_ptr + row[:, None] * 512 + offs_ckv[None, :], o,
-                 mask=mask_h[:, None])
-        tl.store(part_lse_ptr + row, lse, mask=mask_h)
+    while page < share_end:
+        first_page, kv_len = _kv_len(kv_indptr_ptr, kv_last_page_len_ptr, seq, HAS_LAST_PAGE_LEN)
+        seq_end = tl.load(kv_indptr_ptr + seq + 1)
+        chunk_end = tl.minimum(share_end, seq_end)
+        start = ((page - first_page) * 64).to(tl.int32)
+        end = tl.minimum((chunk_end - first_page) * 64, kv_len).to(tl.int32)
+        seq64 = seq.to(tl.int64)
+        q_nope = tl.load(
+            q_nope_ptr + seq64 * stride_qn_b + offs_h[:, None] * stride_qn_h + offs_ckv[None, :],
+            mask=mask_h[:, None], other=0.0,
+        )
+        q_pe = tl.load(
+            q_pe_ptr + seq64 * stride_qp_b + offs_h[:, None] * stride_qp_h + offs_kpe[None, :],
+            mask=mask_h[:, None], other=0.0,
+        )
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            page_id, slot = _token_slots(kv_indices_ptr, first_page, offs_n, mask_n)
+            ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
+                                     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
+            qk = tl.dot(q_pe, tl.trans(kpe))
+            qk = tl.dot(q_nope, tl.trans(ckv), qk)
+            s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
+        o, lse = _softmax_finish(m_i, l_i, acc)
+        if (page == first_page) & (chunk_end == seq_end):
+            tl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_ckv[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+            tl.store(lse_ptr + seq64 * stride_lse_b + offs_h, lse, mask=mask_h)
+        else:
+            row = (p + seq64) * 64 + offs_h
+            tl.store(part_out_ptr + row[:, None] * 512 + offs_ckv[None, :], o,
+                     mask=mask_h[:, None])
+            tl.store(part_lse_ptr + row, lse, mask=mask_h)
+        page = chunk_end
+        seq += 1
 
 
 @triton.jit
 def _decode_stage2(
-    kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    max_splits, split_tokens, stride_o_b, stride_o_h, stride_lse_b,
-    HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
+    kv_indptr_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, batch, num_programs,
+    stride_o_b, stride_o_h, stride_lse_b,
     MERGE_BLOCK_H: tl.constexpr, MERGE_BLOCK_D: tl.constexpr,
 ):
     N_H: tl.constexpr = (64 + MERGE_BLOCK_H - 1) // MERGE_BLOCK_H
@@ -189,9 +208,12 @@ def _decode_stage2(
     pid_h = (pid // N_D) % N_H
     pid_d = pid % N_D
 
-    first_page, kv_len = _kv_len(kv_indptr_ptr, kv_last_page_len_ptr, seq, HAS_LAST_PAGE_LEN)
-    n_splits, per_split = _split_plan(kv_len, max_splits, split_tokens, BLOCK_N)
-    if n_splits == 1:
+    first_page = tl.load(kv_indptr_ptr + seq)
+    seq_end = tl.load(kv_indptr_ptr + seq + 1)
+    total_pages = tl.load(kv_indptr_ptr + batch)
+    p_first = _owner(first_page, total_pages, num_programs)
+    p_last = _owner(seq_end - 1, total_pages, num_programs)
+    if (seq_end > first_page) & (p_first == p_last):
         return  # stage 1 wrote this request's output directly
 
     offs_h = pid_h * MERGE_BLOCK_H + tl.arange(0, MERGE_BLOCK_H)
@@ -200,18 +222,21 @@ def _decode_stage2(
     m = tl.full([MERGE_BLOCK_H], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([MERGE_BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([MERGE_BLOCK_H, MERGE_BLOCK_D], dtype=tl.float32)
-    for split in range(0, n_splits):
-        row = (seq * max_splits + split) * 64 + offs_h
-        part_lse = tl.load(part_lse_ptr + row, mask=mask_h, other=float("-inf"))
-        part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
-                       mask=mask_h[:, None], other=0.0)
-        m_new = tl.maximum(m, part_lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(part_lse - m_safe)
-        denom = denom * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * part
-        m = m_new
+    if seq_end > first_page:
+        for p in range(p_first, p_last + 1):
+            # A program whose share is empty (more programs than pages) wrote no piece.
+            wrote = _share_start(p + 1, total_pages, num_programs) > _share_start(p, total_pages, num_programs)
+            row = (p + seq) * 64 + offs_h
+            part_lse = tl.load(part_lse_ptr + row, mask=mask_h & wrote, other=float("-inf"))
+            part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
+                           mask=mask_h[:, None] & wrote, other=0.0)
+            m_new = tl.maximum(m, part_lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_safe)
+            w = tl.math.exp2(part_lse - m_safe)
+            denom = denom * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * part
+            m = m_new
     o, lse = _softmax_finish(m, denom, acc)
     tl.store(out_ptr + seq * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
@@ -219,46 +244,47 @@ def _decode_stage2(
         tl.store(lse_ptr + seq * stride_lse_b + offs_h, lse, mask=mask_h)
 
 
+def scratch_rows(batch: int, num_programs: int) -> int:
+    """Rows (of 64 heads) of stage-1 scratch: one slot per (program + request)."""
+    return (num_programs + batch) * 64
+
+
 def launch(
     q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
-    partial_out: torch.Tensor, partial_lse: torch.Tensor,
-    *, block_h: int, block_n: int, max_splits: int, split_tokens: int,
-    num_warps: int, num_stages: int, merge_block_h: int, merge_block_d: int, merge_num_warps: int,
+    partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
+    *, block_h: int, block_n: int, num_warps: int, num_stages: int,
+    merge_block_h: int, merge_block_d: int, merge_num_warps: int,
 ) -> None:
-    """Launch both stages. Validated tensors only (tuner.runtime checks them); no host sync.
+    """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
 
     q_nope [B, 64, 512], q_pe [B, 64, 64],
     ckv_cache [P, 64, 512], kpe_cache [P, 64, 64]
     (last dims contiguous), kv_indptr int32 [B + 1], kv_indices int32, kv_last_page_len int32 [B]
-    or None (every page full), out like q_nope, lse float32 [B, 64] (last dim contiguous),
-    partial_out float32 [B * max_splits * 64 * 512] and partial_lse float32
-    [B * max_splits * 64]: scratch, contiguous.
+    or None (every page full), out like q_nope, lse float32 [B, 64] (last dim contiguous).
+    num_programs: how many equal shares the page stream is cut into (the split count).
+    partial_out float32 [scratch_rows(B, num_programs) * 512] and partial_lse float32
+    [scratch_rows(B, num_programs)]: contiguous scratch.
     """
     batch = q_nope.shape[0]
     if batch == 0:
         return
     has_last = kv_last_page_len is not None
-    last = kv_last_page_len if has_last else kv_indptr
-    grid1 = (batch * triton.cdiv(64, block_h), max_splits)
+    grid1 = (num_programs * triton.cdiv(64, block_h),)
     _decode_stage1[grid1](
-        q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, last,
-        out, lse, partial_out, partial_lse,
-        sm_scale * LOG2E, max_splits, split_tokens,
+        q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+        kv_last_page_len if has_last else kv_indptr, out, lse, partial_out, partial_lse,
+        sm_scale * LOG2E, batch, num_programs,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if max_splits == 1:
-        return
     grid2 = (batch * triton.cdiv(64, merge_block_h) * (512 // merge_block_d),)
     _decode_stage2[grid2](
-        kv_indptr, last, out, lse, partial_out, partial_lse,
-        max_splits, split_tokens, out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n,
-        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d,
-        num_warps=merge_num_warps,
+        kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,
+        out.stride(0), out.stride(1), lse.stride(0),
+        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, num_warps=merge_num_warps,
     )

@@ -59,17 +59,19 @@ class DecodeConfig(_Config):
 
     block_h: heads per program (packed into the M dimension of tl.dot; at least 16).
     block_n: KV tokens per tile.
-    max_splits: the most KV splits of one request (the grid's split dimension).
-    split_tokens: a request gets min(max_splits, cdiv(kv_len, split_tokens)) splits.
+    programs_per_sm: stage-1 programs (all head groups together) per multiprocessor: the batch's page
+        stream is cut into num_programs equal shares (see :meth:`num_programs`).
+    split_tokens: the least KV tokens per share, so that small batches are not cut finer than pays
+        for the merge.
     num_warps, num_stages: stage-1 warps and software-pipelining depth.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     """
 
     block_h: int = 16
     block_n: int = 64
-    max_splits: int = 8
-    split_tokens: int = 512
-    num_warps: int = 4
+    programs_per_sm: int = 1
+    split_tokens: int = 256
+    num_warps: int = 8
     num_stages: int = 2
     merge_block_h: int = 16
     merge_block_d: int = 128
@@ -82,8 +84,17 @@ class DecodeConfig(_Config):
         if self.block_h < 16 or self.block_n < 16:
             raise ValueError(f"DecodeConfig.block_h/block_n: expected at least 16 (tl.dot), "
                              f"found {self.block_h}/{self.block_n}")
-        if self.max_splits > 1024:
-            raise ValueError(f"DecodeConfig.max_splits: expected at most 1024, found {self.max_splits}")
+        if self.programs_per_sm > 64:
+            raise ValueError(f"DecodeConfig.programs_per_sm: expected at most 64, found {self.programs_per_sm}")
+
+    def num_programs(self, spec: MLASpec, num_sms: int, max_tokens: int) -> int:
+        """Shares of the page stream for a batch of at most ``max_tokens`` KV tokens (host-known:
+        ``kv_indices.numel() * page_size``): about programs_per_sm programs per multiprocessor over
+        all head groups, but no share below split_tokens tokens."""
+        groups = -(-spec.num_heads // self.block_h)
+        by_sms = max(1, self.programs_per_sm * num_sms // groups)
+        by_tokens = max(1, max_tokens // self.split_tokens)
+        return min(by_sms, by_tokens)
 
     def check_spec(self, spec: MLASpec) -> None:
         """Raise ValueError when this config cannot run ``spec``."""
@@ -129,17 +140,12 @@ class PrefillConfig(_Config):
 
 
 def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms: int) -> DecodeConfig:
-    """A sensible decode config without tuning: enough (request, head group, split) programs to fill
-    about two waves of the GPU, each split at least one KV tile long."""
-    block_h = 16 if spec.num_heads <= 16 else 32
-    num_warps = 4 if block_h == 16 else 8
-    block_n = 64 if spec.head_dim_ckv <= 512 else 32
-    groups = -(-spec.num_heads // block_h)
-    max_splits = max(1, min(64, -(-2 * num_sms // max(1, batch * groups))))
-    split_tokens = max(block_n, -(-int(avg_kv_len) // max_splits))
+    """A sensible decode config without tuning (measured on an H100, perf/LOG.md): 8 warps, 64-token
+    tiles, one wave of balanced shares; 64 heads per program at 128 heads (wgmma, KV read twice)."""
+    block_h = 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
     return DecodeConfig(
-        block_h=block_h, block_n=block_n, max_splits=max_splits, split_tokens=split_tokens,
-        num_warps=num_warps, num_stages=2,
+        block_h=block_h, block_n=64, programs_per_sm=1, split_tokens=256, num_warps=8,
+        num_stages=2 if block_h <= 32 else 1,
         merge_block_h=min(16, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
         merge_num_warps=4,
     )

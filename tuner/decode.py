@@ -7,22 +7,28 @@ import torch
 from . import dispatch, validate
 from .config import DecodeConfig
 from .loader import load_module
+from .device import gpu_info
 from .spec import MLASpec
 
+_HOST_ONLY = ("programs_per_sm", "split_tokens")  # config fields the runtime turns into num_programs
 
-def _scratch(batch: int, spec: MLASpec, config: DecodeConfig,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-1 partial outputs and lse (float32); empty when no request can be split."""
-    n = batch * config.max_splits * spec.num_heads if config.max_splits > 1 else 0
-    return (torch.empty(n * spec.head_dim_ckv, dtype=torch.float32, device=device),
-            torch.empty(n, dtype=torch.float32, device=device))
+
+class _Split:
+    """The split of one batch layout: the number of shares and their scratch (float32)."""
+
+    def __init__(self, spec: MLASpec, config: DecodeConfig, batch: int, max_tokens: int,
+                 device: torch.device) -> None:
+        self.num_programs = config.num_programs(spec, gpu_info(device).num_sms, max_tokens)
+        rows = load_module(spec).scratch_rows(batch, self.num_programs)
+        self.partial_out = torch.empty(rows * spec.head_dim_ckv, dtype=torch.float32, device=device)
+        self.partial_lse = torch.empty(rows, dtype=torch.float32, device=device)
 
 
 def _launch(spec: MLASpec, config: DecodeConfig, q_nope: torch.Tensor, q_pe: torch.Tensor,
             ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None, sm_scale: float,
             out: torch.Tensor | None, lse: torch.Tensor | None,
-            scratch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            split: _Split) -> tuple[torch.Tensor, torch.Tensor]:
     batch = q_nope.shape[0]
     if out is None:
         out = torch.empty(batch, spec.num_heads, spec.head_dim_ckv, dtype=q_nope.dtype, device=q_nope.device)
@@ -30,8 +36,9 @@ def _launch(spec: MLASpec, config: DecodeConfig, q_nope: torch.Tensor, q_pe: tor
         lse = torch.empty(batch, spec.num_heads, dtype=torch.float32, device=q_nope.device)
     load_module(spec).launch(
         q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
-        kv_last_page_len if spec.page_size > 1 else None, sm_scale, out, lse, *scratch,
-        **config.to_dict(),
+        kv_last_page_len if spec.page_size > 1 else None, sm_scale, out, lse,
+        split.partial_out, split.partial_lse, split.num_programs,
+        **{k: v for k, v in config.to_dict().items() if k not in _HOST_ONLY},
     )
     return out, lse
 
@@ -62,7 +69,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
 
     No host synchronisation unless ``validate_data``: the call can be captured in a CUDA graph.
     The config is chosen from B and the average pages per request (``kv_indices.numel() / B``), both
-    known on the host without a sync.
+    known on the host without a sync; the split is balanced on the device (see the generated module).
     """
     spec = validate.spec_from_tensors("decode", q_nope, q_pe, ckv_cache, kpe_cache)
     batch, device = q_nope.shape[0], q_nope.device
@@ -77,7 +84,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
         config = dispatch.decode_config(spec, batch, avg_kv, device)
     config.check_spec(spec)
     return _launch(spec, config, q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
-                   kv_last_page_len, scale, out, lse, _scratch(batch, spec, config, device))
+                   kv_last_page_len, scale, out, lse,
+                   _Split(spec, config, batch, kv_indices.numel() * spec.page_size, device))
 
 
 class MLADecode:
@@ -119,8 +127,7 @@ class MLADecode:
         self.config = config
         self.batch, self.device = batch, device
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = kv_indptr, kv_indices, kv_last_page_len
-        self.scratch = _scratch(batch, self.spec, config, device)
-        load_module(self.spec)  # import (and on-demand render) outside the launch path
+        self.split = _Split(self.spec, config, batch, kv_indices.numel() * page_size, device)
         return self
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
@@ -134,4 +141,4 @@ class MLADecode:
             raise ValueError(f"q_nope: expected device {self.device} (the planned one), found {q_nope.device}")
         validate.check_outputs(self.batch, self.spec, q_nope.dtype, self.device, out, lse)
         return _launch(self.spec, self.config, q_nope, q_pe, ckv_cache, kpe_cache, self.kv_indptr,
-                       self.kv_indices, self.kv_last_page_len, self.sm_scale, out, lse, self.scratch)
+                       self.kv_indices, self.kv_last_page_len, self.sm_scale, out, lse, self.split)
