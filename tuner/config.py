@@ -70,7 +70,7 @@ class DecodeConfig(_Config):
     block_h: int = 16
     block_n: int = 64
     programs_per_sm: int = 1
-    split_tokens: int = 256
+    split_tokens: int = 64
     num_warps: int = 8
     num_stages: int = 2
     merge_block_h: int = 16
@@ -144,7 +144,7 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     tiles, one wave of balanced shares; 64 heads per program at 128 heads (wgmma, KV read twice)."""
     block_h = 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
     return DecodeConfig(
-        block_h=block_h, block_n=64, programs_per_sm=1, split_tokens=256, num_warps=8,
+        block_h=block_h, block_n=64, programs_per_sm=1, split_tokens=64, num_warps=8,
         num_stages=2 if block_h <= 32 else 1,
         merge_block_h=min(16, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
         merge_num_warps=4,
