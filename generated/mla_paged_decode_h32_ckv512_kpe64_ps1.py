@@ -166,10 +166,15 @@ def _decode_stage1(
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
+        offs_n = start + tl.arange(0, BLOCK_N)
+        page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < end)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            page_id, slot = _token_slots(kv_indices_ptr, first_page, offs_n, mask_n)
+            page_id = page_next
+            slot = slot_next
+            page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n + BLOCK_N,
+                                                offs_n + BLOCK_N < end)
             ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                      stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
             qk = tl.dot(q_pe, tl.trans(kpe))

@@ -149,27 +149,39 @@ def _prefill_kernel(
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, 512], dtype=tl.float32)
+    # Tiles that every row of the tile sees: no mask.
+    offs_n = 0 + tl.arange(0, BLOCK_N)
+    page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < full_end)
     for n0 in range(0, full_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < full_end
-        page, slot = _token_slots(kv_indices_ptr, first_page, offs_n, mask_n)
-        ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page, slot, mask_n, offs_ckv, offs_kpe,
+        page_id = page_next
+        slot = slot_next
+        page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n + BLOCK_N,
+                                            offs_n + BLOCK_N < full_end)
+        ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                  stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
         qk = tl.dot(q_pe, tl.trans(kpe))
         qk = tl.dot(q_nope, tl.trans(ckv), qk)
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, qk * qk_scale, ckv)
+        s = qk * qk_scale
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
+    # The remaining tiles (the partial last tile): masked.
+    offs_n = full_end + tl.arange(0, BLOCK_N)
+    page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < hi)
     for n0 in range(full_end, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
-        page, slot = _token_slots(kv_indices_ptr, first_page, offs_n, mask_n)
-        ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page, slot, mask_n, offs_ckv, offs_kpe,
+        page_id = page_next
+        slot = slot_next
+        page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n + BLOCK_N,
+                                            offs_n + BLOCK_N < hi)
+        ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                  stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
         qk = tl.dot(q_pe, tl.trans(kpe))
         qk = tl.dot(q_nope, tl.trans(ckv), qk)
         visible = mask_n[None, :]
         s = tl.where(visible, qk * qk_scale, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
-
     o, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(out_ptr + (row * stride_o_t + head * stride_o_h)[:, None] + offs_ckv[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask_r[:, None])

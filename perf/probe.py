@@ -6,7 +6,6 @@ Development tool for the performance log (perf/LOG.md); the product's benchmark 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
@@ -127,14 +126,15 @@ for w in benchmark_set():
         configs = [None]
         if SWEEP and w.is_decode:
             base = tuner.dispatch.decode_config(w.spec(ps), w.batch, sum(w.kv_lens) / w.batch, DEV).to_dict()
-            grid = ([(16, 64, 8, 2), (16, 32, 4, 2), (16, 64, 8, 3), (16, 32, 8, 3)] if w.heads <= 16 else
-                    [(64, 64, 8, 1), (64, 32, 8, 2), (64, 64, 8, 2)])
-            for (bh, bn, nw, st), pps in itertools.product(grid, (1, 2)):
+            grid = ([(16, 64, 8, 2, 1), (16, 64, 8, 3, 1), (16, 32, 4, 3, 1), (16, 32, 4, 3, 2), (16, 32, 4, 4, 1),
+                     (16, 16, 4, 4, 2)] if w.heads <= 16 else
+                    [(64, 32, 8, 3, 1), (64, 32, 8, 2, 1), (64, 64, 8, 1, 1), (64, 32, 8, 4, 1)])
+            for bh, bn, nw, st, pps in grid:
                 configs.append(DecodeConfig(**{**base, "block_h": bh, "block_n": bn, "num_warps": nw,
                                                "num_stages": st, "programs_per_sm": pps}))
         if SWEEP and not w.is_decode:
-            for bm, bh, nw, bn, st in [(4, 16, 8, 32, 2), (4, 16, 8, 64, 3), (4, 16, 8, 32, 3), (2, 16, 4, 32, 2),
-                                       (4, 16, 8, 16, 3), (2, 16, 4, 64, 2), (2, 16, 8, 64, 2)]:
+            for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
+                                       (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:
                 configs.append(PrefillConfig(block_m=bm, block_h=bh, block_n=bn, num_warps=nw, num_stages=st))
         run_row(w, ps, configs)
         if "padded" in sys.argv[2:] and w.is_decode and w.heads == 16:
