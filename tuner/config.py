@@ -140,12 +140,13 @@ class PrefillConfig(_Config):
 
 
 def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms: int) -> DecodeConfig:
-    """A sensible decode config without tuning (measured on an H100, perf/LOG.md): 8 warps, 64-token
-    tiles, one wave of balanced shares; 64 heads per program at 128 heads (wgmma, KV read twice)."""
+    """A sensible decode config without tuning (the best single config of the H100 sweep, perf/LOG.md):
+    8 warps, 64-token tiles double-buffered (3 stages), one wave of balanced shares; at more than 32
+    heads 64 heads per program (wgmma; the KV is read once per 64 heads) with 32-token tiles."""
     block_h = 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
     return DecodeConfig(
-        block_h=block_h, block_n=64, programs_per_sm=1, split_tokens=64, num_warps=8,
-        num_stages=2 if block_h <= 32 else 1,
+        block_h=block_h, block_n=64 if block_h <= 32 else 32, programs_per_sm=1, split_tokens=64,
+        num_warps=8, num_stages=3,
         merge_block_h=min(16, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
         merge_num_warps=4,
     )

@@ -1,0 +1,175 @@
+"""Decode kernels under the Triton interpreter against the float32 reference: every edge case of
+``shared/mla_paged.md`` at small sizes, several launch configs, and the plan/run API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_matches, make_case, poisoned_outputs
+
+from tuner import DecodeConfig, MLADecode, MLASpec, loader, mla_decode
+from tuner.device import gpu_info
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+def lengths(page_size: int, full_pages: bool) -> list[int]:
+    """An empty sequence, one token, partial and whole pages; whole pages only with ``full_pages``."""
+    if full_pages:
+        return [page_size * n for n in (0, 1, 3, 2)] + [page_size * 5]
+    return [0, 1, 37, 2 * page_size + 3, 90, page_size]
+
+
+def check_decode(case, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run decode into NaN-poisoned outputs and compare with the reference."""
+    out, lse = poisoned_outputs(len(case.kv_lens), case.num_heads, case.q_nope.shape[2], case.q_nope.dtype)
+    got_out, got_lse = case.decode(out=out, lse=lse, **kwargs)
+    assert got_out is out and got_lse is lse, "out=/lse= must be written in place and returned"
+    assert_matches(out, lse, *case.decode_ref())
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("last_page_len", [True, False], ids=["last_page_len", "full_pages"])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("heads", [8, 16])
+def test_matches_reference(heads: int, page_size: int, last_page_len: bool, dtype: torch.dtype) -> None:
+    kv = lengths(page_size, full_pages=not last_page_len)
+    case = make_case(heads, kv, page_size=page_size, dtype=dtype, seed=heads + page_size,
+                     last_page_len=last_page_len, spare_pages=4)
+    out, lse = check_decode(case)
+    assert bool((out[0] == 0).all()) and bool(torch.isneginf(lse[0]).all()), "empty sequence"
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_heads_128(page_size: int) -> None:
+    check_decode(make_case(128, [3, 0, 21], page_size=page_size, dtype=torch.float16, seed=5))
+
+
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_small_head_dims(page_size: int) -> None:
+    """The catalogue's ckv 256 / kpe 32 shape: the templates are not hard-wired to 512/64."""
+    check_decode(make_case(16, [0, 5, 70, 129], page_size=page_size, ckv=256, kpe=32, seed=6))
+
+
+def test_head_count_outside_catalogue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """24 heads: no module in generated/, so the loader renders one on demand into the cache folder."""
+    monkeypatch.setenv("MLA_TUNER_CACHE_DIR", str(tmp_path))
+    spec = MLASpec("decode", 24, 512, 64, 16)
+    assert spec not in set(__import__("tuner").catalogue())
+    assert loader.module_path(spec) == tmp_path / "generated" / f"{spec.name()}.py"
+    case = make_case(24, [0, 17, 40, 3], page_size=16, seed=7)
+    check_decode(case)
+    check_decode(case, config=DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=16))
+
+
+def test_all_sequences_empty() -> None:
+    case = make_case(16, [0, 0, 0], page_size=16, seed=8)
+    assert case.kv_indices.numel() == 0
+    out, lse = check_decode(case)
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def test_batch_of_zero() -> None:
+    case = make_case(16, [], page_size=16, seed=9)
+    out, lse = case.decode()
+    assert out.shape == (0, 16, 512) and lse.shape == (0, 16)
+    out, lse = case.plan_decode().run(*case.queries())
+    assert out.shape == (0, 16, 512) and lse.shape == (0, 16)
+
+
+CONFIGS = {
+    "one-split": DecodeConfig(block_h=16, block_n=32, programs_per_sm=1, split_tokens=1 << 20),
+    "many-splits": DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=16),
+    "splits-past-tokens": DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=1),
+    "merge-tiles": DecodeConfig(block_h=16, block_n=64, programs_per_sm=8, split_tokens=16,
+                                merge_block_h=32, merge_block_d=512, merge_num_warps=8),
+    "merge-narrow": DecodeConfig(block_h=16, block_n=32, programs_per_sm=8, split_tokens=8,
+                                 merge_block_h=16, merge_block_d=64),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_configs(config: DecodeConfig, page_size: int) -> None:
+    case = make_case(16, [0, 1, 37, 90, 5, 16], page_size=page_size, seed=10 + page_size)
+    check_decode(case, config=config)
+
+
+def test_more_splits_than_tokens_is_exact() -> None:
+    """Shares of one token (page_size 1) and, with 64-token pages, more shares than pages: empty
+    shares write nothing and the merge skips them."""
+    config = CONFIGS["splits-past-tokens"]
+    for page_size, kv in ((1, [1, 2, 9, 0, 3]), (64, [1, 70, 0, 5])):
+        case = make_case(16, kv, page_size=page_size, seed=20 + page_size)
+        spec = MLASpec("decode", 16, 512, 64, page_size)
+        splits = config.num_programs(spec, gpu_info(torch.device("cpu")).num_sms,
+                                     case.kv_indices.numel() * page_size)
+        assert splits > max(kv) if page_size == 1 else splits > case.kv_indices.numel()
+        check_decode(case, config=config)
+
+
+@pytest.mark.parametrize(("heads", "block_h"), [(32, 16), (32, 32), (24, 32), (64, 64)])
+def test_block_h(heads: int, block_h: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLA_TUNER_CACHE_DIR", str(tmp_path))  # 24 heads renders on demand
+    case = make_case(heads, [5, 0, 40], page_size=16, seed=heads + block_h)
+    check_decode(case, config=DecodeConfig(block_h=block_h, block_n=16, programs_per_sm=4, split_tokens=16))
+
+
+def test_strided_views_give_the_same_answer() -> None:
+    """ckv/kpe caches as [..., :512] / [..., 512:] of one 576-wide cache, q likewise."""
+    fused = make_case(16, [0, 3, 40, 17], page_size=16, seed=30, fused=True)
+    assert fused.ckv_cache.stride(1) == 576 and not fused.q_nope.is_contiguous()
+    dense = fused.replace(**{k: getattr(fused, k).contiguous()
+                             for k in ("q_nope", "q_pe", "ckv_cache", "kpe_cache")})
+    out_f, lse_f = fused.decode()
+    out_d, lse_d = dense.decode()
+    assert torch.equal(out_f, out_d) and torch.equal(lse_f, lse_d)
+    assert_matches(out_f, lse_f, *dense.decode_ref())
+
+
+def test_strided_outputs() -> None:
+    """out/lse may be views with padded strides: only their own elements are written."""
+    case = make_case(16, [4, 0, 33], page_size=1, seed=31)
+    out_buf = torch.full((3, 16, 640), 7.0)
+    lse_buf = torch.full((3, 20), 7.0)
+    out, lse = out_buf[:, :, :512], lse_buf[:, :16]
+    case.decode(out=out, lse=lse)
+    assert_matches(out, lse, *case.decode_ref())
+    assert bool((out_buf[:, :, 512:] == 7.0).all()) and bool((lse_buf[:, 16:] == 7.0).all())
+
+
+def test_plan_run_equals_functional() -> None:
+    case = make_case(16, [0, 5, 70, 33], page_size=16, seed=40)
+    config = CONFIGS["many-splits"]
+    want_out, want_lse = case.decode(config=config)
+    plan = case.plan_decode(config=config)
+    out, lse = plan.run(*case.queries())
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    # a second run on new queries reuses the plan; the default config also matches the reference
+    fresh = case.with_query(seed=41)
+    default = case.plan_decode()
+    assert default.config is not None
+    out, lse = poisoned_outputs(4, 16, 512, torch.float32)
+    got = default.run(*fresh.queries(), out=out, lse=lse)
+    assert got[0] is out and got[1] is lse
+    assert_matches(out, lse, *fresh.decode_ref())
+    out2, lse2 = plan.run(*fresh.queries())
+    assert_matches(out2, lse2, *fresh.decode_ref())
+
+
+def test_run_before_plan() -> None:
+    case = make_case(16, [3], page_size=1, seed=42)
+    with pytest.raises(RuntimeError, match="plan"):
+        MLADecode().run(*case.queries())
+
+
+def test_functional_positional_order() -> None:
+    """mla_decode's positional order is FlashInfer-Bench's: (..., sm_scale, kv_last_page_len)."""
+    case = make_case(16, [5, 20], page_size=16, seed=43)
+    out, lse = mla_decode(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, case.kv_indptr,
+                          case.kv_indices, case.sm_scale, case.kv_last_page_len)
+    assert_matches(out, lse, *case.decode_ref())
+    assert out.dtype == case.q_nope.dtype and lse.dtype == torch.float32

@@ -1,0 +1,248 @@
+"""Shared test utilities: random paged batches built for the edge cases of ``shared/mla_paged.md``,
+the contract's tolerances, and poisoned output buffers.
+
+Every case is random normal data (never zeros). Cache pages that no sequence uses, and the unused
+slots of each partial last page, are NaN: a kernel that reads a wrong page or slot shows it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+import tuner
+from tuner.reference import mla_decode_ref, mla_prefill_ref
+
+SM_SCALE = 1.0 / math.sqrt(128 + 64)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise: an element fails only if it misses both atol and rtol * |ref| (FlashInfer-Bench's
+    rule); frob: bound on ||out - ref||_F / ||ref||_F; lse: absolute bound where the lse is finite."""
+
+    atol: float
+    rtol: float
+    frob: float
+    lse: float
+
+
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(atol=1e-4, rtol=1e-4, frob=1e-5, lse=1e-4),
+    torch.float16: Tolerance(atol=2e-3, rtol=2e-3, frob=2e-3, lse=1e-3),
+    torch.bfloat16: Tolerance(atol=1e-2, rtol=1e-2, frob=1e-2, lse=1e-3),  # the contract's bar
+}
+
+
+def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor,
+                   tol: Tolerance | None = None, what: str = "") -> None:
+    """Check a kernel's (out [R, H, ckv], lse [R, H] float32) against the float32 reference.
+
+    Rows whose reference lse is -inf (they see no token) must be exactly 0 with lse -inf; nothing may
+    be NaN; the rest must meet ``tol`` (default: by ``out.dtype``).
+    """
+    tol = tol or TOLERANCES[out.dtype]
+    label = f"{what}: " if what else ""
+    assert out.shape == ref_out.shape, f"{label}out shape {tuple(out.shape)} != {tuple(ref_out.shape)}"
+    assert lse.shape == ref_lse.shape, f"{label}lse shape {tuple(lse.shape)} != {tuple(ref_lse.shape)}"
+    assert lse.dtype == torch.float32, f"{label}lse dtype {lse.dtype}"
+    assert not bool(out.isnan().any()), f"{label}NaN in out at {out.isnan().nonzero()[:5].tolist()}"
+    assert not bool(lse.isnan().any()), f"{label}NaN in lse at {lse.isnan().nonzero()[:5].tolist()}"
+    out32, ref_out, ref_lse, lse = out.float(), ref_out.float(), ref_lse.float(), lse.float()
+    empty = torch.isneginf(ref_lse)
+    if bool(empty.any()):
+        assert bool(torch.isneginf(lse[empty]).all()), f"{label}lse of rows that see nothing is not -inf"
+        assert bool((out32[empty] == 0).all()), f"{label}out of rows that see nothing is not exactly 0"
+    seen = ~empty
+    assert bool(torch.isfinite(lse[seen]).all()), f"{label}lse not finite where the reference is"
+    lse_err = (lse[seen] - ref_lse[seen]).abs()
+    if lse_err.numel():
+        assert float(lse_err.max()) <= tol.lse, f"{label}lse max error {float(lse_err.max()):.3g} > {tol.lse}"
+    err = (out32 - ref_out).abs()
+    bad = (err > tol.atol) & (err > tol.rtol * ref_out.abs())
+    assert not bool(bad.any()), (
+        f"{label}{int(bad.sum())} of {bad.numel()} elements miss atol={tol.atol} and rtol={tol.rtol} "
+        f"(first at {bad.nonzero()[0].tolist()}, max error {float(err.max()):.3g})"
+    )
+    norm = float(torch.linalg.vector_norm(ref_out))
+    if norm > 0:
+        frob = float(torch.linalg.vector_norm(out32 - ref_out)) / norm
+        assert frob < tol.frob, f"{label}relative Frobenius error {frob:.3g} >= {tol.frob}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One random paged batch: the arguments of ``mla_decode`` / ``mla_prefill``.
+
+    q_nope [R, H, ckv], q_pe [R, H, kpe] (R = batch for decode, sum(q_lens) for prefill);
+    ckv_cache [P, page_size, ckv], kpe_cache [P, page_size, kpe]; int32 kv_indptr [B + 1],
+    kv_indices [kv_indptr[-1]], kv_last_page_len [B] or None, qo_indptr [B + 1] or None.
+    """
+
+    q_nope: torch.Tensor
+    q_pe: torch.Tensor
+    ckv_cache: torch.Tensor
+    kpe_cache: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor | None
+    qo_indptr: torch.Tensor | None
+    kv_lens: tuple[int, ...]
+    q_lens: tuple[int, ...] | None
+    sm_scale: float = SM_SCALE
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_nope.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.ckv_cache.shape[1]
+
+    @property
+    def head_dims(self) -> dict[str, int]:
+        return {"head_dim_ckv": self.q_nope.shape[2], "head_dim_kpe": self.q_pe.shape[2]}
+
+    def replace(self, **changes: Any) -> Case:
+        return replace(self, **changes)
+
+    def with_query(self, seed: int) -> Case:
+        """The same layout with fresh random queries."""
+        g = _generator(self.q_nope.device, seed)
+        return replace(self, q_nope=_randn(self.q_nope.shape, self.q_nope.dtype, g, self.q_nope.device),
+                       q_pe=_randn(self.q_pe.shape, self.q_pe.dtype, g, self.q_pe.device))
+
+    def decode(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuner.mla_decode(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.kv_indptr,
+                                self.kv_indices, self.sm_scale, self.kv_last_page_len, **kwargs)
+
+    def prefill(self, causal: bool = True, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.qo_indptr is not None, "a decode case has no qo_indptr"
+        return tuner.mla_prefill(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.qo_indptr,
+                                 self.kv_indptr, self.kv_indices, self.sm_scale, self.kv_last_page_len,
+                                 causal=causal, **kwargs)
+
+    def decode_ref(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return mla_decode_ref(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.kv_indptr,
+                              self.kv_indices, self.sm_scale, self.kv_last_page_len)
+
+    def prefill_ref(self, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.qo_indptr is not None, "a decode case has no qo_indptr"
+        return mla_prefill_ref(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.qo_indptr,
+                               self.kv_indptr, self.kv_indices, self.sm_scale, self.kv_last_page_len,
+                               causal=causal)
+
+    def plan_decode(self, **kwargs: Any) -> tuner.MLADecode:
+        return tuner.MLADecode().plan(
+            self.kv_indptr, self.kv_indices, self.kv_last_page_len, num_heads=self.num_heads,
+            page_size=self.page_size, sm_scale=self.sm_scale, num_pages=self.ckv_cache.shape[0],
+            **self.head_dims, **kwargs)
+
+    def plan_prefill(self, causal: bool = True, **kwargs: Any) -> tuner.MLAPrefill:
+        assert self.qo_indptr is not None, "a decode case has no qo_indptr"
+        return tuner.MLAPrefill().plan(
+            self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len,
+            num_heads=self.num_heads, page_size=self.page_size, sm_scale=self.sm_scale, causal=causal,
+            num_pages=self.ckv_cache.shape[0], **self.head_dims, **kwargs)
+
+    def queries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q_nope, q_pe, ckv_cache, kpe_cache): the arguments of a planned ``run()``."""
+        return self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _randn(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, g: torch.Generator,
+           device: torch.device) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+def _int32(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def make_case(heads: int, kv_lens: list[int] | tuple[int, ...], q_lens: list[int] | tuple[int, ...] | None = None,
+              *, page_size: int = 1, ckv: int = 512, kpe: int = 64, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu", seed: int = 0, spare_pages: int = 3,
+              last_page_len: bool = True, fused: bool = False, num_pages: int | None = None,
+              top_pages: bool = False) -> Case:
+    """A random batch (decode when ``q_lens`` is None, else prefill with those query counts).
+
+    Page ids are a random permutation drawn from the cache's pages (``spare_pages`` more than used, or
+    ``num_pages`` in all); with ``top_pages`` they come from the highest page ids. Unused pages and the
+    unused slots of partial last pages are NaN. ``last_page_len=False`` passes None (every page full;
+    then every kv length must be a multiple of page_size). ``fused`` makes the caches and queries
+    views [..., :ckv] and [..., ckv:] of one (ckv + kpe)-wide tensor. Empty sequences get
+    kv_last_page_len 0 (FlashInfer's convention; the value is ignored without pages).
+    """
+    device = torch.device(device)
+    kv_lens = tuple(int(n) for n in kv_lens)
+    pages = [-(-n // page_size) for n in kv_lens]
+    used = sum(pages)
+    total = num_pages if num_pages is not None else used + spare_pages
+    assert total >= used, f"num_pages {total} < pages used {used}"
+    g_host = torch.Generator().manual_seed(seed)
+    if top_pages:
+        pool = min(total, used + spare_pages)
+        ids = (total - pool) + torch.randperm(pool, generator=g_host)[:used]
+    else:
+        ids = torch.randperm(total, generator=g_host)[:used]
+    ids = ids.to(device=device, dtype=torch.int64)
+
+    g = _generator(device, seed)
+    width = ckv + kpe
+    cache = torch.full((total, page_size, width), float("nan"), dtype=dtype, device=device)
+    if used:
+        cache[ids] = _randn((used, page_size, width), dtype, g, device)
+    indptr = [0]
+    for p in pages:
+        indptr.append(indptr[-1] + p)
+    for b, n in enumerate(kv_lens):
+        if n % page_size:
+            cache[int(ids[indptr[b + 1] - 1]), n % page_size:] = float("nan")
+
+    if last_page_len:
+        last = _int32([(n - 1) % page_size + 1 if n else 0 for n in kv_lens], device)
+    else:
+        assert all(n % page_size == 0 for n in kv_lens), "kv_last_page_len=None needs full pages"
+        last = None
+    rows = len(kv_lens) if q_lens is None else sum(q_lens)
+    q = _randn((rows, heads, width), dtype, g, device)
+    if not fused:
+        cache_ckv, cache_kpe = cache[..., :ckv].contiguous(), cache[..., ckv:].contiguous()
+        del cache
+        q_nope, q_pe = q[..., :ckv].contiguous(), q[..., ckv:].contiguous()
+    else:
+        cache_ckv, cache_kpe = cache[..., :ckv], cache[..., ckv:]
+        q_nope, q_pe = q[..., :ckv], q[..., ckv:]
+    qo = None
+    if q_lens is not None:
+        assert len(q_lens) == len(kv_lens), "q_lens and kv_lens differ in length"
+        qo_list = [0]
+        for n in q_lens:
+            qo_list.append(qo_list[-1] + n)
+        qo = _int32(qo_list, device)
+    return Case(q_nope=q_nope, q_pe=q_pe, ckv_cache=cache_ckv, kpe_cache=cache_kpe,
+                kv_indptr=_int32(indptr, device), kv_indices=ids.to(torch.int32), kv_last_page_len=last,
+                qo_indptr=qo, kv_lens=kv_lens, q_lens=None if q_lens is None else tuple(q_lens))
+
+
+def poisoned_outputs(rows: int, heads: int, ckv: int, dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """out [rows, heads, ckv] and lse [rows, heads] float32, filled with NaN (a row left unwritten shows)."""
+    out = torch.full((rows, heads, ckv), float("nan"), dtype=dtype, device=device)
+    lse = torch.full((rows, heads), float("nan"), dtype=torch.float32, device=device)
+    return out, lse
+
+
+def skewed_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
+    """n serving-like lengths: lognormal around the geometric middle of [lo, hi], clipped to it."""
+    g = torch.Generator().manual_seed(seed)
+    mid = math.sqrt(lo * hi)
+    x = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 0.9 + math.log(mid))
+    return [int(v) for v in x.clamp(lo, hi).round()]
