@@ -6,6 +6,7 @@ Development tool for the performance log (perf/LOG.md); the product's benchmark 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -90,7 +91,7 @@ def run_row(w, ps, configs, padded=False):
             o, lse = fn(cfg)
             torch.cuda.synchronize()
             ok = check(o[sub], lse[sub], ro, rl, f"{w.name} ps{ps} {cfg.short() if cfg else 'default'}")
-            t = time_call(lambda: fn(cfg), runs=50)
+            t = time_call(lambda: fn(cfg), runs=50)  # noqa: B023
             results.append((t.median_us, cfg, ok))
             print(f"  {w.name:16s} ps{ps:<3d} {t.median_us:9.1f} us  floor {floor_us:7.1f}  "
                   f"{'default' if cfg is None else cfg.short()}", flush=True)
@@ -132,6 +133,11 @@ for w in benchmark_set():
             for bh, bn, nw, st, pps in grid:
                 configs.append(DecodeConfig(**{**base, "block_h": bh, "block_n": bn, "num_warps": nw,
                                                "num_stages": st, "programs_per_sm": pps}))
+        if "small" in sys.argv[2:] and w.is_decode:
+            base = tuner.dispatch.decode_config(w.spec(ps), w.batch, sum(w.kv_lens) / w.batch, DEV).to_dict()
+            for st, mbh, mbd in itertools.product((32, 64, 128), (4, 16), (32, 128)):
+                configs.append(DecodeConfig(**{**base, "split_tokens": st, "merge_block_h": mbh,
+                                               "merge_block_d": mbd}))
         if SWEEP and not w.is_decode:
             for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
                                        (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:

@@ -30,6 +30,11 @@ for _path in (str(TESTS_DIR), str(REPO_ROOT)):  # REPO_ROOT ends up first: `impo
     sys.path.insert(0, _path)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The Triton interpreter converts 1-element arrays to scalars, which NumPy deprecates: noise only.
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_pg = pytest.mark.skip(reason=f"needs a PostgreSQL server: set {PG_URL_ENV}")

@@ -7,9 +7,10 @@ slots of each partial last page, are NaN: a kernel that reads a wrong page or sl
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,6 +18,7 @@ import tuner
 from tuner.reference import mla_decode_ref, mla_prefill_ref
 
 SM_SCALE = 1.0 / math.sqrt(128 + 64)
+Outputs = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -192,19 +194,24 @@ def make_case(heads: int, kv_lens: list[int] | tuple[int, ...], q_lens: list[int
         ids = (total - pool) + torch.randperm(pool, generator=g_host)[:used]
     else:
         ids = torch.randperm(total, generator=g_host)[:used]
+    indptr = list(itertools.accumulate(pages, initial=0))
+    partial = [(int(ids[indptr[b + 1] - 1]), n % page_size) for b, n in enumerate(kv_lens) if n % page_size]
     ids = ids.to(device=device, dtype=torch.int64)
-
     g = _generator(device, seed)
-    width = ckv + kpe
-    cache = torch.full((total, page_size, width), float("nan"), dtype=dtype, device=device)
-    if used:
-        cache[ids] = _randn((used, page_size, width), dtype, g, device)
-    indptr = [0]
-    for p in pages:
-        indptr.append(indptr[-1] + p)
-    for b, n in enumerate(kv_lens):
-        if n % page_size:
-            cache[int(ids[indptr[b + 1] - 1]), n % page_size:] = float("nan")
+
+    def paged(width: int) -> torch.Tensor:
+        cache = torch.full((total, page_size, width), float("nan"), dtype=dtype, device=device)
+        if used:
+            cache[ids] = _randn((used, page_size, width), dtype, g, device)
+        for page, slot in partial:
+            cache[page, slot:] = float("nan")
+        return cache
+
+    if fused:
+        cache = paged(ckv + kpe)
+        cache_ckv, cache_kpe = cache[..., :ckv], cache[..., ckv:]
+    else:
+        cache_ckv, cache_kpe = paged(ckv), paged(kpe)
 
     if last_page_len:
         last = _int32([(n - 1) % page_size + 1 if n else 0 for n in kv_lens], device)
@@ -212,21 +219,14 @@ def make_case(heads: int, kv_lens: list[int] | tuple[int, ...], q_lens: list[int
         assert all(n % page_size == 0 for n in kv_lens), "kv_last_page_len=None needs full pages"
         last = None
     rows = len(kv_lens) if q_lens is None else sum(q_lens)
-    q = _randn((rows, heads, width), dtype, g, device)
+    q = _randn((rows, heads, ckv + kpe), dtype, g, device)
+    q_nope, q_pe = q[..., :ckv], q[..., ckv:]
     if not fused:
-        cache_ckv, cache_kpe = cache[..., :ckv].contiguous(), cache[..., ckv:].contiguous()
-        del cache
-        q_nope, q_pe = q[..., :ckv].contiguous(), q[..., ckv:].contiguous()
-    else:
-        cache_ckv, cache_kpe = cache[..., :ckv], cache[..., ckv:]
-        q_nope, q_pe = q[..., :ckv], q[..., ckv:]
+        q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
     qo = None
     if q_lens is not None:
         assert len(q_lens) == len(kv_lens), "q_lens and kv_lens differ in length"
-        qo_list = [0]
-        for n in q_lens:
-            qo_list.append(qo_list[-1] + n)
-        qo = _int32(qo_list, device)
+        qo = _int32(list(itertools.accumulate(q_lens, initial=0)), device)
     return Case(q_nope=q_nope, q_pe=q_pe, ckv_cache=cache_ckv, kpe_cache=cache_kpe,
                 kv_indptr=_int32(indptr, device), kv_indices=ids.to(torch.int32), kv_last_page_len=last,
                 qo_indptr=qo, kv_lens=kv_lens, q_lens=None if q_lens is None else tuple(q_lens))
@@ -246,3 +246,38 @@ def skewed_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
     mid = math.sqrt(lo * hi)
     x = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 0.9 + math.log(mid))
     return [int(v) for v in x.clamp(lo, hi).round()]
+
+
+def capture(fn: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]:
+    """Warm ``fn`` up on a side stream, then capture one call in a CUDA graph: (graph, its result)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
+def check_graph_replay(case: Case, call: Callable[[], Outputs], eager: Callable[[], Outputs],
+                       reference: Callable[[], Outputs]) -> None:
+    """Capture ``call()`` and replay it: the result equals ``eager()`` bit for bit. Then overwrite the
+    case's q_nope/q_pe in place and replay again: equal to ``eager()`` on the new values, and within
+    tolerance of ``reference()``."""
+    want = [t.clone() for t in eager()]
+    graph, result = capture(call)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(result[0], want[0]) and torch.equal(result[1], want[1]), "replay differs from eager"
+    before = result[0].clone()
+    fresh = case.with_query(seed=999)
+    case.q_nope.copy_(fresh.q_nope)
+    case.q_pe.copy_(fresh.q_pe)
+    graph.replay()
+    want = eager()
+    torch.cuda.synchronize()
+    assert not torch.equal(result[0], before), "the replay did not read the new q"
+    assert torch.equal(result[0], want[0]) and torch.equal(result[1], want[1]), "replay on new q differs"
+    assert_matches(result[0], result[1], *reference())

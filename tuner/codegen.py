@@ -7,9 +7,9 @@ this module; it is the only place jinja2 is imported.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
 
 from . import paths
 from .fileio import write_atomic

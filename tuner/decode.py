@@ -6,8 +6,8 @@ import torch
 
 from . import dispatch, validate
 from .config import DecodeConfig
-from .loader import load_module
 from .device import gpu_info
+from .loader import load_module
 from .spec import MLASpec
 
 _HOST_ONLY = ("programs_per_sm", "split_tokens")  # config fields the runtime turns into num_programs

@@ -32,7 +32,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_info(device_index: int | None) -> GPUInfo:
     if device_index is None:
         key = os.environ.get(paths.ENV_GPU_KEY, "cpu-interpreter")

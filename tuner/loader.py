@@ -44,7 +44,7 @@ def _render_on_demand(spec: MLASpec, target: Path) -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_module(spec: MLASpec) -> ModuleType:
     """Import the generated module of ``spec``; its ``launch()`` runs the kernels."""
     path = module_path(spec)
@@ -60,7 +60,7 @@ def load_module(spec: MLASpec) -> ModuleType:
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_hash(spec: MLASpec) -> str:
     """Hash of the generated module's source (dispatch entries are stamped with it)."""
     return source_hash(module_path(spec).read_text())

@@ -50,6 +50,12 @@ def dispatch_dir() -> Path:
     return generated_dir() / DISPATCH_SUBDIR
 
 
+def results_dir() -> Path:
+    """Where ``mla-tune bench`` writes ``<gpu-key>/bench.*`` by default: the checkout's committed
+    ``results/`` folder, or ``./results`` outside a checkout."""
+    return REPO_ROOT / "results" if TEMPLATES_DIR.is_dir() else Path.cwd() / "results"
+
+
 def cache_dir() -> Path:
     override = os.environ.get(ENV_CACHE_DIR)
     if override:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -76,7 +76,7 @@ def time_call(fn: Callable[[], object], *, device: torch.device | None = None, r
             call()
             ends[i].record()
         torch.cuda.synchronize()
-        samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+        samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
     return _summarize(samples, graph=graph)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequ
     t = _need_tensor(name, x)
     if t.dim() != len(shape):
         raise ValueError(f"{name}: expected {len(shape)} dimensions, found {t.dim()} (shape {tuple(t.shape)})")
-    for axis, (want, got) in enumerate(zip(shape, t.shape)):
+    for axis, (want, got) in enumerate(zip(shape, t.shape, strict=True)):
         if want is not None and want != got:
             expect = tuple("*" if s is None else s for s in shape)
             raise ValueError(f"{name}: expected shape {expect}, found {tuple(t.shape)} (axis {axis})")

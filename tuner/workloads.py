@@ -49,8 +49,8 @@ class Workload:
         if self.q_lens is None:
             return sum(self.kv_lens)
         if not self.causal:
-            return sum(q * kv for q, kv in zip(self.q_lens, self.kv_lens))
-        return sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(self.q_lens, self.kv_lens))
+            return sum(q * kv for q, kv in zip(self.q_lens, self.kv_lens, strict=True))
+        return sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(self.q_lens, self.kv_lens, strict=True))
 
     def bytes_moved(self, itemsize: int = 2) -> int:
         """Each KV token read once, plus q, output (input dtype) and lse (float32)."""
@@ -79,14 +79,14 @@ def _p16_var() -> Workload:
     g = torch.Generator().manual_seed(0)
     q = _uniform(16, 64, 1024, g)
     extra = _uniform(16, 0, 4096, g)
-    return Workload("p-16-var", 16, tuple(a + b for a, b in zip(q, extra)), tuple(q))
+    return Workload("p-16-var", 16, tuple(a + b for a, b in zip(q, extra, strict=True)), tuple(q))
 
 
 def _p28_fresh() -> Workload:
     """28 fresh prompts, lognormal lengths clipped to 16..420 (about 1950 queries), 1..8-token prefixes."""
     q = _skewed_lengths(28, 38, 16, 420, 0.9, seed=1)
     prefix = _uniform(28, 1, 8, torch.Generator().manual_seed(1))
-    return Workload("p-28-fresh", 16, tuple(a + b for a, b in zip(q, prefix)), q)
+    return Workload("p-28-fresh", 16, tuple(a + b for a, b in zip(q, prefix, strict=True)), q)
 
 
 def benchmark_set() -> list[Workload]:

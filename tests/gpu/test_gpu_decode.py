@@ -1,0 +1,100 @@
+"""Decode on a CUDA GPU in bf16: every catalogue specialization at realistic sizes against the
+float32 reference with the contract's tolerances, CUDA-graph capture and replay, a cache of more
+than 2^31 elements, fp16. Run: ``python -m pytest tests/gpu -n 8``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs,
+                     skewed_lengths)
+
+from tuner import DecodeConfig, MLASpec, catalogue
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = torch.device("cuda")
+DTYPE = torch.bfloat16
+KV_RANGE = (500, 5000)  # realistic, skewed kv lengths
+EDGE_LENGTHS = [0, 1, 7]  # an empty sequence and short ones (partial first pages) in every batch
+BIG_ELEMENTS = 1 << 31  # the ckv cache of the big-cache test holds more elements than this
+SPECS = [s for s in catalogue() if s.is_decode]
+
+
+def realistic_case(spec: MLASpec, batch: int, seed: int, dtype: torch.dtype | None = None) -> Case:
+    kv = skewed_lengths(batch - len(EDGE_LENGTHS), *KV_RANGE, seed=seed) + EDGE_LENGTHS
+    kv = [kv[i] for i in torch.randperm(len(kv), generator=torch.Generator().manual_seed(seed)).tolist()]
+    return make_case(spec.num_heads, kv, page_size=spec.page_size, ckv=spec.head_dim_ckv,
+                     kpe=spec.head_dim_kpe, dtype=dtype or DTYPE, device=DEVICE, seed=seed, spare_pages=64)
+
+
+def run_and_check(case: Case, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode into NaN-poisoned outputs (so every element must be written) and compare."""
+    out, lse = poisoned_outputs(len(case.kv_lens), case.num_heads, case.q_nope.shape[2], case.q_nope.dtype,
+                                DEVICE)
+    case.decode(out=out, lse=lse, **kwargs)
+    torch.cuda.synchronize()
+    assert_matches(out, lse, *case.decode_ref(), TOLERANCES[case.q_nope.dtype])
+    return out, lse
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_catalogue_spec(spec: MLASpec) -> None:
+    index = SPECS.index(spec)
+    run_and_check(realistic_case(spec, batch=(8, 16, 32)[index % 3], seed=100 + index))
+
+
+@pytest.mark.parametrize("spec", [MLASpec("decode", 16, 512, 64, 1), MLASpec("decode", 64, 512, 64, 64)],
+                         ids=str)
+def test_fp16(spec: MLASpec) -> None:
+    run_and_check(realistic_case(spec, batch=16, seed=200, dtype=torch.float16))
+
+
+CONFIGS = {
+    "bn32-w4-s2": DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=2),
+    "bn64-w4-s2": DecodeConfig(block_h=16, block_n=64, num_warps=4, num_stages=2),
+    "many-splits": DecodeConfig(block_h=16, block_n=64, programs_per_sm=4, split_tokens=16),
+    "one-split": DecodeConfig(block_h=16, block_n=64, programs_per_sm=1, split_tokens=1 << 24),
+    "merge-wide": DecodeConfig(block_h=16, merge_block_h=16, merge_block_d=512, merge_num_warps=8),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_configs(page_size: int, config: DecodeConfig) -> None:
+    run_and_check(realistic_case(MLASpec("decode", 16, 512, 64, page_size), batch=24, seed=300), config=config)
+
+
+def test_config_128_heads() -> None:
+    config = DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=1)
+    run_and_check(realistic_case(MLASpec("decode", 128, 512, 64, 16), batch=8, seed=301), config=config)
+
+
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_cuda_graph_plan_run(page_size: int) -> None:
+    case = realistic_case(MLASpec("decode", 16, 512, 64, page_size), batch=16, seed=400)
+    plan = case.plan_decode()
+    out, lse = poisoned_outputs(16, 16, 512, DTYPE, DEVICE)
+    check_graph_replay(case, lambda: plan.run(*case.queries(), out=out, lse=lse),
+                       lambda: plan.run(*case.queries()), case.decode_ref)
+    check_graph_replay(case, lambda: plan.run(*case.queries()), lambda: plan.run(*case.queries()),
+                       case.decode_ref)
+
+
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_cuda_graph_functional(page_size: int) -> None:
+    case = realistic_case(MLASpec("decode", 128, 512, 64, page_size), batch=8, seed=401)
+    check_graph_replay(case, case.decode, case.decode, case.decode_ref)
+
+
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_cache_past_2_31_elements(page_size: int) -> None:
+    """ckv_cache [P, page_size, 512] with P * page_size * 512 > 2^31 and the batch's pages at the top
+    of the cache: page offsets must be computed in 64 bits. Pages no sequence uses are NaN."""
+    pages = BIG_ELEMENTS // (page_size * 512) + 64
+    kv = [3000, 0, 1, 700, 64 * 40 + 5]
+    case = make_case(16, kv, page_size=page_size, dtype=DTYPE, device=DEVICE, seed=500, num_pages=pages,
+                     top_pages=True)
+    assert case.ckv_cache.numel() > BIG_ELEMENTS
+    assert int(case.kv_indices.max()) * page_size * 512 >= BIG_ELEMENTS
+    run_and_check(case)

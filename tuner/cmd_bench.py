@@ -1,0 +1,138 @@
+"""Time the tuned dispatch against the peers on the public benchmark set (shared/benchmark_set.md).
+
+Every row runs at page sizes 1 and 64 with our kernels (no explicit config: the dispatch table
+decides) beside every peer that imports: FlashInfer's MLA wrapper (fa3, fa2), SGLang's Triton decode
+kernel (decode rows) and a plain PyTorch implementation. Each output is checked against the float32
+reference before it is timed. Prints a table and writes bench.json, bench.csv and bench.png into
+OUT/<gpu-key>/ (default OUT: the checkout's results/).
+
+Without CUDA, or with --dry-run, the same pipeline runs under the Triton interpreter on tiny shapes
+(fp16) with the PyTorch peer only, writing into a temporary folder unless --out: its timings mean
+nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PEERS = ("fa3", "fa2", "sglang", "torch")  # tuner.peers.PEER_KEYS (kept literal: nothing heavy at import)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    what = p.add_argument_group("what to run")
+    what.add_argument("--rows", nargs="+", metavar="ID",
+                      help="benchmark-set rows by id, e.g. d-b1-1k p-1x4k (default: all 13)")
+    what.add_argument("--heads", type=int, help="a shape of your own: query heads (with --batch, --kv-len)")
+    what.add_argument("--batch", type=int, help="a shape of your own: sequences")
+    what.add_argument("--kv-len", type=int, help="a shape of your own: KV tokens per sequence")
+    what.add_argument("--q-len", type=int, help="a shape of your own: causal prefill of Q queries per "
+                                                "sequence (default: decode)")
+    what.add_argument("--page-size", type=int, nargs="+", metavar="PS", help="page sizes (default: 1 64)")
+    what.add_argument("--peers", nargs="+", choices=PEERS, metavar="PEER",
+                      help=f"peers to run, of {' '.join(PEERS)} (default: all that import; dry run: torch)")
+    how = p.add_argument_group("how")
+    how.add_argument("--runs", type=int,
+                     help="timed runs per implementation and row (default: 40; dry run: 2)")
+    how.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default: 5)")
+    how.add_argument("--check-seqs", type=int, default=32, metavar="N",
+                     help="check the first N sequences of each row against the reference "
+                          "(0: all; default 32)")
+    how.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
+    how.add_argument("--dry-run", action="store_true",
+                     help="Triton interpreter on the CPU, tiny shapes, PyTorch peer only "
+                          "(timings mean nothing)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help="write into DIR/<gpu-key>/ (default: the checkout's "
+                                                  "results/; dry run and --compare: a temporary folder)")
+    out.add_argument("--no-figure", action="store_true", help="do not draw bench.png")
+    out.add_argument("--compare", metavar="FILE", help="rerun the rows of a committed bench.json and report "
+                                                       "each one's deviation from it")
+    out.add_argument("--tolerance", type=float, default=0.05,
+                     help="--compare: allowed relative deviation of our times (default: 0.05)")
+
+
+def _custom_shape(args: argparse.Namespace) -> tuple[int, int, int, int | None] | None:
+    given = {"--heads": args.heads, "--batch": args.batch, "--kv-len": args.kv_len}
+    if all(v is None for v in given.values()) and args.q_len is None:
+        return None
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ValueError(f"a shape of your own needs --heads, --batch and --kv-len; "
+                         f"missing {' '.join(missing)}")
+    if args.rows:
+        raise ValueError("--rows and a shape of your own (--heads/--batch/--kv-len) exclude each other")
+    return args.heads, args.batch, args.kv_len, args.q_len
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    dry_run = bool(args.dry_run)
+    if not dry_run and not torch.cuda.is_available():
+        dry_run = True
+        print("no CUDA device: this is a dry run (Triton interpreter, tiny shapes, timings mean nothing)")
+    if dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are loaded (triton reads it per jit)
+
+    from . import bench, paths
+
+    try:
+        old = bench.load_results(Path(args.compare)) if args.compare else None
+        if old is not None and old["dry_run"] != dry_run:
+            raise ValueError(f"compare: {args.compare} is {'a dry run' if old['dry_run'] else 'a GPU run'}; "
+                             f"this is {'a dry run' if dry_run else 'a GPU run'}")
+        shape = _custom_shape(args)
+        if shape is not None:
+            rows = [bench.custom_workload(*shape)]
+        elif old is not None and not args.rows:
+            rows = bench.rows_of(old)
+        else:
+            rows = bench.select_rows(args.rows, dry_run)
+        page_sizes = args.page_size or (old["settings"]["page_sizes"] if old else [1, 64])
+        for ps in page_sizes:
+            if ps < 1 or ps & (ps - 1):
+                raise ValueError(f"page-size: expected powers of two, found {ps}")
+        runs = args.runs or (bench.DRY_RUN_RUNS if dry_run else bench.DEFAULT_RUNS)
+        if runs < 1:
+            raise ValueError(f"runs: expected at least 1, found {runs}")
+    except (ValueError, OSError) as err:
+        print(f"mla-tune bench: {err}", file=sys.stderr)
+        return 2
+
+    peers = list(args.peers or PEERS)
+    skip = {}
+    if dry_run and not args.peers:
+        skip = {k: "dry run: only the PyTorch peer runs on the interpreter" for k in PEERS if k != "torch"}
+    settings = bench.Settings(
+        device=torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device()),
+        dtype=torch.float16 if dry_run else torch.bfloat16, runs=runs, warmup=args.warmup,
+        check_seqs=args.check_seqs, seed=args.seed, dry_run=dry_run)
+    doc = bench.run_bench(rows, page_sizes, peers, settings, skip=skip,
+                          log=lambda line: print(line, flush=True))
+
+    if args.out:
+        root = Path(args.out)
+    elif dry_run or old is not None:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="mla-tune-bench-"))
+    else:
+        root = paths.results_dir()
+    written, message = bench.write_results(doc, root / doc["env"]["gpu_key"], figure=not args.no_figure)
+    for line in bench.summary(doc):
+        print(line)
+    if message:
+        print(message)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+    status = 0 if bench.ours_ok(doc) else 1
+    if status:
+        print("ours FAILED the reference check or errored on some rows (see above)", file=sys.stderr)
+    if old is not None:
+        lines, within = bench.compare(old, doc, args.tolerance)
+        print("\n".join(lines))
+        status = status or (0 if within else 1)
+    return status

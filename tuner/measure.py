@@ -1,0 +1,178 @@
+"""Measuring one candidate config on one bucket: its inputs, the correctness gate and the timing.
+
+:class:`Bench` holds a bucket's representative workload on the device twice: the timing inputs, and
+fresh inputs (another seed: other values and another page permutation) with their float32 reference
+for the correctness gate. A candidate runs through the public runtime API (``tuner.mla_decode`` /
+``tuner.mla_prefill`` with ``config=``), so it is measured exactly as it will run, host-side split
+policy included. No optuna here: :mod:`tuner.search` drives it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from .decode import mla_decode
+from .device import gpu_info
+from .prefill import mla_prefill
+from .reference import mla_decode_ref, mla_prefill_ref
+from .space import Limits
+from .spec import MLASpec
+from .timing import Timing, time_call
+from .workloads import Inputs, Workload, make_inputs
+
+Config = Union[DecodeConfig, PrefillConfig]
+
+OUT_TOL = 1e-2
+"""Elementwise: an output element fails only if it misses both atol and rtol (FlashInfer-Bench's bar)."""
+REL_L2_TOL = 1e-2
+LSE_TOL = 1e-3
+
+
+def device_limits(device: torch.device) -> Limits:
+    """Shared memory a block may use on ``device`` (the number Triton checks at load time); the
+    H100's figure under the interpreter, so that pruning behaves as on an H100."""
+    if device.type != "cuda":
+        return Limits()
+    from triton.runtime.driver import driver
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = driver.active.utils.get_device_properties(index)
+    return Limits(shared_bytes=int(props["max_shared_mem"]))
+
+
+@dataclass(frozen=True)
+class Floors:
+    """Measured ceilings: device-to-device copy bandwidth (bytes/s) and bf16 matmul rate (FLOP/s)."""
+
+    copy_bytes_per_s: float
+    matmul_flops_per_s: float
+
+    def floor_us(self, workload: Workload, itemsize: int = 2) -> float:
+        """The larger of bytes / bandwidth and FLOPs / matmul rate, in microseconds."""
+        return max(workload.bytes_moved(itemsize) / self.copy_bytes_per_s,
+                   workload.flops() / self.matmul_flops_per_s) * 1e6
+
+
+def measure_floors(device: torch.device) -> Floors | None:
+    """Copy a 1 GiB buffer and multiply two bf16 8192x8192 matrices (a few seconds); None on CPU."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    copy = time_call(lambda: y.copy_(x), device=device, runs=20, graph=False)
+    del x, y
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    c = torch.empty_like(a)
+    mm = time_call(lambda: torch.mm(a, b, out=c), device=device, runs=20, graph=False, flush_l2=False)
+    del a, b, c
+    torch.cuda.empty_cache()
+    return Floors(copy_bytes_per_s=2 * (1 << 30) / (copy.median_us * 1e-6),
+                  matmul_flops_per_s=2 * n**3 / (mm.median_us * 1e-6))
+
+
+def compare(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor) -> str | None:
+    """Why ``out``/``lse`` fail the gate of ``shared/mla_paged.md`` against the float32 reference, or None."""
+    o, r = out.float(), ref_out
+    if not torch.isfinite(o).all():
+        return f"output has {int((~torch.isfinite(o)).sum())} non-finite values"
+    diff = (o - r).abs()
+    bad = (diff > OUT_TOL) & (diff > OUT_TOL * r.abs())
+    if bad.any():
+        return f"{int(bad.sum())} output elements miss atol=rtol={OUT_TOL} (max abs error {diff.max().item():.3g})"
+    rel = ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+    if rel > REL_L2_TOL:
+        return f"relative L2 error {rel:.3g} > {REL_L2_TOL}"
+    finite = torch.isfinite(ref_lse)
+    if not torch.equal(torch.isfinite(lse), finite) or (lse[~finite] != ref_lse[~finite]).any():
+        return "lse is not -inf exactly where the reference is"
+    if finite.any():
+        err = (lse[finite] - ref_lse[finite]).abs().max().item()
+        if not err <= LSE_TOL:
+            return f"lse error {err:.3g} > {LSE_TOL}"
+    return None
+
+
+class Bench:
+    """One kernel specialization on one workload.
+
+    Args:
+        spec: the kernel; workload: its batch (heads and head dims must match the spec).
+        device: where to run; dtype: bf16 on a GPU (fp16 under the interpreter, which has no bf16 dot).
+        seed: the timing inputs' seed (the gate uses seed + 1).
+    """
+
+    def __init__(self, spec: MLASpec, workload: Workload, device: torch.device,
+                 dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
+        if workload.spec(spec.page_size) != spec:
+            raise ValueError(f"workload: expected one of {spec.name()}, found {workload.spec(spec.page_size).name()}")
+        self.spec, self.workload, self.device = spec, workload, device
+        self.num_sms = gpu_info(device).num_sms
+        self.inputs = make_inputs(workload, spec.page_size, dtype, device, seed)
+        self.gate_inputs = make_inputs(workload, spec.page_size, dtype, device, seed + 1)
+        g = self.gate_inputs
+        if spec.is_decode:
+            self.ref = mla_decode_ref(g.q_nope, g.q_pe, g.ckv_cache, g.kpe_cache, g.kv_indptr, g.kv_indices,
+                                      g.sm_scale, g.kv_last_page_len)
+        else:
+            assert g.qo_indptr is not None
+            self.ref = mla_prefill_ref(g.q_nope, g.q_pe, g.ckv_cache, g.kpe_cache, g.qo_indptr, g.kv_indptr,
+                                       g.kv_indices, g.sm_scale, g.kv_last_page_len, causal=spec.causal)
+        rows, heads = self.inputs.q_nope.shape[:2]
+        self.out = torch.empty(rows, heads, spec.head_dim_ckv, dtype=dtype, device=device)
+        self.lse = torch.empty(rows, heads, dtype=torch.float32, device=device)
+
+    @property
+    def avg_kv(self) -> float:
+        return sum(self.workload.kv_lens) / max(1, self.workload.batch)
+
+    def default_config(self) -> Config:
+        """The runtime's default for this workload (what an untuned GPU runs)."""
+        if self.spec.is_decode:
+            return default_decode_config(self.spec, self.workload.batch, self.avg_kv, self.num_sms)
+        return default_prefill_config(self.spec)
+
+    def _call(self, config: Config, x: Inputs, out: torch.Tensor, lse: torch.Tensor) -> object:
+        if self.spec.is_decode:
+            assert isinstance(config, DecodeConfig)
+            return mla_decode(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.kv_indptr, x.kv_indices, x.sm_scale,
+                              x.kv_last_page_len, out=out, lse=lse, config=config)
+        assert isinstance(config, PrefillConfig) and x.qo_indptr is not None
+        return mla_prefill(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.qo_indptr, x.kv_indptr, x.kv_indices,
+                           x.sm_scale, x.kv_last_page_len, causal=self.spec.causal, out=out, lse=lse, config=config)
+
+    def launcher(self, config: Config) -> Callable[[], object]:
+        """A closure that launches ``config`` on the timing inputs (graph-capturable)."""
+        return lambda: self._call(config, self.inputs, self.out, self.lse)
+
+    def effective_key(self, config: Config) -> tuple[int, ...]:
+        """What the device runs: configs with equal keys launch identical work on this workload (the
+        decode split policy reaches the device only as the number of shares)."""
+        data = config.to_dict()
+        if isinstance(config, DecodeConfig):
+            max_tokens = self.inputs.kv_indices.numel() * self.spec.page_size
+            data["programs_per_sm"] = config.num_programs(self.spec, self.num_sms, max_tokens)
+            data["split_tokens"] = 0
+        return tuple(data.values())
+
+    def check(self, config: Config) -> str | None:
+        """Run ``config`` on the fresh inputs into NaN-filled outputs; None when it matches the reference."""
+        out = torch.full_like(self.out, float("nan"))
+        lse = torch.full_like(self.lse, float("nan"))
+        self._call(config, self.gate_inputs, out, lse)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return compare(out, lse, *self.ref)
+
+    def time(self, config: Config, runs: int, warmup: int = 3) -> Timing:
+        """Median of ``runs`` CUDA-graph replays with L2 flushed (wall time under the interpreter)."""
+        return time_call(self.launcher(config), device=self.device, runs=runs, warmup=warmup)
+
+    def floor_us(self, floors: Floors | None) -> float:
+        return math.nan if floors is None else floors.floor_us(self.workload, self.inputs.q_nope.element_size())

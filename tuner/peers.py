@@ -1,0 +1,399 @@
+"""Adapters that run the other implementations on the benchmark's inputs (``mla-tune bench``).
+
+Every adapter turns one :class:`tuner.workloads.Inputs` into a :class:`Prepared` call: the host work
+(planning, index conversion, layout changes a peer's engine would already have) is done once, outside
+the timed region, and the call only launches work and returns ``(output, lse or None)`` with the
+output [total_q, H, ckv] in the input dtype and lse [total_q, H] float32 in base 2.
+
+The peers, called the way their own engines call them (``shared/peers/README.md``):
+
+- ``fa3`` / ``fa2``: FlashInfer's ``BatchMLAPagedAttentionWrapper`` with that backend, planned once.
+- ``sglang``: SGLang's Triton MLA decode kernel ``decode_attention_fwd`` (decode rows only); it reads a
+  combined [slots, 1, ckv + kpe] cache by token slot and returns no lse.
+- ``torch``: a plain PyTorch implementation (gather, batched matmuls, float32 softmax): the floor of
+  effort, and the only peer that runs without CUDA.
+
+The project never depends on the peers: FlashInfer and SGLang are imported inside the adapters only,
+and an adapter that cannot import its library says why (:meth:`Impl.unavailable`) instead of failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .reference import kv_lengths
+from .workloads import Inputs, Workload
+
+LOG2E = 1.0 / math.log(2.0)
+FLASHINFER_WORKSPACE_BYTES = 256 << 20  # what FlashInfer's own examples and SGLang allocate
+SGLANG_MODULE = "decode_attention"  # SGLang's triton_ops/decode_attention.py, staged by shared/peers
+SGLANG_MAX_KV_SPLITS = 8  # SGLang's default (--triton-attention-num-kv-splits)
+PEER_KEYS = ("fa3", "fa2", "sglang", "torch")
+
+Call = Callable[[], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass
+class Prepared:
+    """A planned call and what is worth recording about the plan (chosen config, splits, ...)."""
+
+    call: Call
+    info: dict[str, object] = field(default_factory=dict)
+
+
+class Impl:
+    """One implementation in the benchmark: a short key (table column, JSON key), a label, and
+    ``prepare(workload, inputs, page_size) -> Prepared``."""
+
+    key: str = ""
+    label: str = ""
+    returns_lse: bool = True
+    library: str | None = None  # the package whose version the results record
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this implementation cannot run here at all (None: it can)."""
+        return None
+
+    def not_applicable(self, w: Workload, page_size: int) -> str | None:
+        """Why this implementation does not run this row (None: it does)."""
+        return None
+
+    def version(self) -> str | None:
+        return None
+
+    def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
+        raise NotImplementedError
+
+
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - any failure to import means "not available", with the reason
+        return f"not importable: {type(err).__name__}: {err}"
+    return None
+
+
+def token_slots(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_lens: torch.Tensor,
+                page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level view of a paged layout.
+
+    Args:
+        kv_indptr: int32 [B + 1] page offsets; kv_indices: int32 page ids; kv_lens: [B] tokens per
+            sequence (:func:`tuner.reference.kv_lengths`).
+
+    Returns:
+        (slot_indptr int32 [B + 1], slots int64 [total tokens]): the tokens of sequence b are
+        ``slots[slot_indptr[b]:slot_indptr[b + 1]]``, in order, where slot = page * page_size + offset
+        is the row of the cache seen as [num_pages * page_size, D]. Unused slots of partial last pages
+        never appear. Synchronizes with the device (setup only).
+    """
+    device = kv_indptr.device
+    lens = kv_lens.to(device=device, dtype=torch.int64)
+    batch = lens.numel()
+    slot_indptr = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+    slot_indptr[1:] = torch.cumsum(lens, 0)
+    total = int(slot_indptr[-1])
+    seq = torch.repeat_interleave(torch.arange(batch, device=device), lens, output_size=total)
+    pos = torch.arange(total, device=device) - slot_indptr[seq]
+    page = kv_indices.long()[kv_indptr.long()[seq] + pos // page_size]
+    return slot_indptr.to(torch.int32), page * page_size + pos % page_size
+
+
+def _kv_lens(inp: Inputs, page_size: int) -> torch.Tensor:
+    return kv_lengths(inp.kv_indptr, page_size, inp.kv_last_page_len)
+
+
+def _flat(cache: torch.Tensor) -> torch.Tensor:
+    """[num_pages, page_size, D] -> [num_pages * page_size, D] (a view when the cache is contiguous)."""
+    return cache.reshape(-1, cache.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# FlashInfer
+# ---------------------------------------------------------------------------------------------------
+
+class FlashInferPeer(Impl):
+    """FlashInfer's ``BatchMLAPagedAttentionWrapper`` with one backend (``fa3`` or ``fa2``).
+
+    plan() (which copies the index arrays to the host) runs once per row in :meth:`prepare`; the timed
+    call is run() with split query and cache, base-2 lse, into preallocated out/lse. Decode rows are
+    planned with qo_indptr = arange(B + 1) and causal=False (one query that sees every token, as
+    SGLang's FlashInfer MLA backend plans decode); prefill rows with their qo_indptr and causal flag.
+    """
+
+    library = "flashinfer"
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.key = backend
+        self.label = f"FlashInfer BatchMLAPagedAttentionWrapper ({backend})"
+        self._workspace: torch.Tensor | None = None
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return "needs CUDA"
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"needs bf16 or fp16 inputs, not {dtype}"
+        return _import_error("flashinfer.mla")
+
+    def version(self) -> str | None:
+        try:
+            return str(importlib.import_module("flashinfer").__version__)
+        except Exception:  # noqa: BLE001
+            return None
+
+    def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
+        from flashinfer.mla import BatchMLAPagedAttentionWrapper
+
+        device = inp.q_nope.device
+        if self._workspace is None or self._workspace.device != device:
+            self._workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        total_q, heads, ckv = inp.q_nope.shape
+        qo_indptr = inp.qo_indptr
+        if qo_indptr is None:
+            qo_indptr = torch.arange(total_q + 1, dtype=torch.int32, device=device)
+        kv_len = _kv_lens(inp, page_size).to(torch.int32)
+        causal = inp.qo_indptr is not None and w.causal
+        wrapper = BatchMLAPagedAttentionWrapper(self._workspace, backend=self.backend)
+        shape = dict(num_heads=heads, head_dim_ckv=ckv, head_dim_kpe=inp.q_pe.shape[2], page_size=page_size,
+                     causal=causal, sm_scale=inp.sm_scale, q_data_type=inp.q_nope.dtype,
+                     kv_data_type=inp.ckv_cache.dtype)
+        try:
+            from flashinfer.mla import MLAPlanMetadata
+        except ImportError:  # releases before the metadata object: the flat CSR form
+            wrapper.plan(qo_indptr, inp.kv_indptr, inp.kv_indices, kv_len, *shape.values())
+        else:
+            wrapper.plan(metadata=MLAPlanMetadata.csr(qo_indptr, inp.kv_indptr, inp.kv_indices, kv_len),
+                         query_layout="split", kv_cache_layout="split", lse_mode="base2", **shape)
+        out, lse = output_buffers(inp)
+        q_nope, q_pe, ckv_cache, kpe_cache = inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache
+        if "query" in inspect.signature(wrapper.run).parameters:  # 0.7: structural inputs, no warning
+
+            def call() -> tuple[torch.Tensor, torch.Tensor | None]:
+                return wrapper.run(query=(q_nope, q_pe), kv_cache=(ckv_cache, kpe_cache), out=out, lse=lse,
+                                   return_lse=True)
+        else:
+
+            def call() -> tuple[torch.Tensor, torch.Tensor | None]:
+                return wrapper.run(q_nope, q_pe, ckv_cache, kpe_cache, out=out, lse=lse, return_lse=True)
+
+        return Prepared(call, {"backend": self.backend, "causal": causal})
+
+
+# ---------------------------------------------------------------------------------------------------
+# SGLang
+# ---------------------------------------------------------------------------------------------------
+
+def sglang_kv_splits(kv_lens: list[int], num_heads: int, num_sms: int,
+                     max_kv_splits: int = SGLANG_MAX_KV_SPLITS) -> list[int]:
+    """KV splits per sequence for SGLang's decode kernel, chosen by the rule that SGLang's Triton
+    attention backend applies before each decode step (its ``get_num_kv_splits``, which lives in the
+    backend rather than in the kernel module, so it is restated here):
+
+    - balance: cut the longest sequence into about longest / shortest chunks (lengths within 25% of
+      each other count as equal: one chunk);
+    - fill: aim for ``num_sms * max(1, log2(longest / 64))`` programs over the kernel's grid of
+      batch x ceil(heads / 16) head groups;
+
+    each capped at ``max_kv_splits``. Every sequence gets the larger of its chunk counts at the two chunk
+    sizes (the longest sequence divided by each count), and at least 1.
+    """
+    if not kv_lens:
+        return []
+    longest = max(1, max(kv_lens))
+    shortest = max(1, min(kv_lens))
+    if longest * 8 < shortest * 10:
+        shortest = longest
+    balance_chunk = -(-longest // min(-(-longest // shortest), max_kv_splits))
+    target_programs = int(num_sms * max(math.log2(longest / 64.0), 1.0))
+    grid = len(kv_lens) * -(-num_heads // min(16, num_heads))
+    fill_chunk = -(-longest // max(1, min(-(-target_programs // grid), max_kv_splits)))
+    return [max(1, -(-n // balance_chunk), -(-n // fill_chunk)) for n in kv_lens]
+
+
+class SGLangPeer(Impl):
+    """SGLang's Triton MLA decode kernel (``decode_attention_fwd``), decode rows only.
+
+    Its engine keeps one [slots, 1, ckv + kpe] buffer and token-slot indices; :meth:`prepare` builds
+    that buffer from our split caches once (slot = page * page_size + offset, so both page sizes run),
+    the query as cat(q_nope, q_pe) [B, H, ckv + kpe], and the stage-1 scratch. It returns no lse.
+    """
+
+    key = "sglang"
+    label = "SGLang Triton decode_attention_fwd"
+    returns_lse = False
+    library = "sglang"
+
+    def __init__(self, max_kv_splits: int = SGLANG_MAX_KV_SPLITS) -> None:
+        self.max_kv_splits = max_kv_splits
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "needs CUDA (or the Triton interpreter)"
+        return _import_error(SGLANG_MODULE)
+
+    def not_applicable(self, w: Workload, page_size: int) -> str | None:
+        return None if w.is_decode else "decode kernel only"
+
+    def version(self) -> str | None:
+        try:
+            return importlib.metadata.version("sglang")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        try:
+            source = Path(importlib.import_module(SGLANG_MODULE).__file__ or "").read_bytes()
+        except Exception:  # noqa: BLE001
+            return None
+        return f"unknown (decode_attention.py sha256 {hashlib.sha256(source).hexdigest()[:12]})"
+
+    def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
+        from .device import gpu_info
+
+        fwd = importlib.import_module(SGLANG_MODULE).decode_attention_fwd
+        batch, heads, ckv = inp.q_nope.shape
+        device = inp.q_nope.device
+        kv_lens = _kv_lens(inp, page_size)
+        slot_indptr, slots = token_slots(inp.kv_indptr, inp.kv_indices, kv_lens, page_size)
+        splits = sglang_kv_splits(kv_lens.tolist(), heads, gpu_info(device).num_sms, self.max_kv_splits)
+        num_kv_splits = torch.tensor(splits, dtype=torch.int32, device=device)
+        q = torch.cat([inp.q_nope, inp.q_pe], dim=-1).contiguous()
+        k_buffer = torch.cat([inp.ckv_cache, inp.kpe_cache], dim=-1).reshape(-1, 1, q.shape[-1])
+        v_buffer = k_buffer[..., :ckv]
+        attn_logits = torch.empty(batch, heads, self.max_kv_splits, ckv, dtype=torch.float32, device=device)
+        attn_lse = torch.empty(batch, heads, self.max_kv_splits, dtype=torch.float32, device=device)
+        out = output_buffers(inp)[0]
+        scale, max_splits = inp.sm_scale, self.max_kv_splits
+
+        def call() -> tuple[torch.Tensor, torch.Tensor | None]:
+            fwd(q, k_buffer, v_buffer, out, slot_indptr, slots, attn_logits, attn_lse, num_kv_splits,
+                max_splits, scale, k_scale=1.0, v_scale=1.0)
+            return out, None
+
+        splits_range = [min(splits, default=0), max(splits, default=0)]
+        return Prepared(call, {"max_kv_splits": max_splits, "num_kv_splits": splits_range})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain PyTorch
+# ---------------------------------------------------------------------------------------------------
+
+def _softmax_pv(scores: torch.Tensor, hidden: torch.Tensor | None,
+                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores float32 [..., R, T], hidden bool broadcastable to it (True: masked), values float32
+    [..., T, D] -> (output float32 [..., R, D], lse float32 [..., R] in base 2); a row that sees no
+    token gets output 0 and lse -inf."""
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - shift[..., None])
+    return torch.matmul(probs, values), lse * LOG2E
+
+
+class TorchPeer(Impl):
+    """Plain PyTorch: gather the tokens, batched matmuls in float32, float32 softmax.
+
+    Decode: one padded batch ([B, longest, D] gathers, three bmm: q_nope.ckv^T + q_pe.kpe^T, then P.ckv).
+    Prefill: per sequence, batched over heads, with a causal mask built at prepare time. The matmuls
+    run in float32 (bf16 score matmuls miss the 1e-3 lse bar by about 2x at 4k tokens).
+    """
+
+    key = "torch"
+    label = "PyTorch (gather, batched matmuls, fp32 softmax)"
+
+    def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
+        kv_lens = _kv_lens(inp, page_size)
+        slot_indptr, slots = token_slots(inp.kv_indptr, inp.kv_indices, kv_lens, page_size)
+        caches = _flat(inp.ckv_cache), _flat(inp.kpe_cache)
+        if inp.qo_indptr is None:
+            return Prepared(_torch_decode(inp, caches, kv_lens, slot_indptr, slots))
+        return Prepared(_torch_prefill(inp, caches, slot_indptr, slots, w.causal))
+
+
+def output_buffers(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [total_q, H, ckv] in the input dtype, lse [total_q, H] float32), filled as a row without
+    queries or tokens leaves them: 0 and -inf."""
+    out = torch.zeros_like(inp.q_nope)
+    lse = torch.full(inp.q_nope.shape[:2], float("-inf"), dtype=torch.float32, device=inp.q_nope.device)
+    return out, lse
+
+
+def _torch_decode(inp: Inputs, caches: tuple[torch.Tensor, torch.Tensor], kv_lens: torch.Tensor,
+                  slot_indptr: torch.Tensor, slots: torch.Tensor) -> Call:
+    """Padded batch: [B, longest] token slots (padding repeats a real token and is masked)."""
+    device = inp.q_nope.device
+    lens = kv_lens.to(device)
+    longest = int(lens.max()) if lens.numel() else 0
+    pos = torch.arange(longest, device=device)
+    valid = pos[None, :] < lens[:, None]  # [B, longest]
+    if slots.numel():
+        flat = (slot_indptr[:-1].long()[:, None] + pos[None, :]).clamp(max=slots.numel() - 1)
+        idx = torch.where(valid, slots[flat], slots[0])  # padding reads a real token, then is masked
+    else:
+        idx = torch.zeros(lens.numel(), 0, dtype=torch.long, device=device)
+    hidden = ~valid[:, None, :]  # [B, 1, longest]
+    ckv, kpe = caches
+    q_nope, q_pe, scale = inp.q_nope, inp.q_pe, inp.sm_scale
+    out, lse = output_buffers(inp)
+
+    def call() -> tuple[torch.Tensor, torch.Tensor | None]:
+        k = ckv[idx].float()  # [B, longest, ckv]
+        kp = kpe[idx].float()  # [B, longest, kpe]
+        scores = (torch.bmm(q_nope.float(), k.transpose(1, 2)) + torch.bmm(q_pe.float(), kp.transpose(1, 2)))
+        o, l2 = _softmax_pv(scores * scale, hidden, k)
+        out.copy_(o)
+        lse.copy_(l2)
+        return out, lse
+
+    return call
+
+
+def _torch_prefill(inp: Inputs, caches: tuple[torch.Tensor, torch.Tensor], slot_indptr: torch.Tensor,
+                   slots: torch.Tensor, causal: bool) -> Call:
+    """Per sequence with queries, batched over heads; causal masks built here, outside the call."""
+    assert inp.qo_indptr is not None
+    device = inp.q_nope.device
+    qo, sp = inp.qo_indptr.tolist(), slot_indptr.tolist()
+    plan: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+    for b in range(len(qo) - 1):
+        q0, q1, s0, s1 = qo[b], qo[b + 1], sp[b], sp[b + 1]
+        if q1 == q0:
+            continue
+        n, q = s1 - s0, q1 - q0
+        hidden = None
+        if causal:  # query i sits at position n - q + i and sees tokens 0 .. that position
+            position = n - q + torch.arange(q, device=device)
+            hidden = torch.arange(n, device=device)[None, :] > position[:, None]
+        plan.append((q0, q1, slots[s0:s1], hidden))
+    ckv, kpe = caches
+    q_nope, q_pe, scale = inp.q_nope, inp.q_pe, inp.sm_scale
+    out, lse = output_buffers(inp)
+
+    def call() -> tuple[torch.Tensor, torch.Tensor | None]:
+        for q0, q1, seq_slots, hidden in plan:
+            k = ckv[seq_slots].float()  # [n, ckv]
+            kp = kpe[seq_slots].float()  # [n, kpe]
+            qn = q_nope[q0:q1].float().transpose(0, 1)  # [H, q, ckv]
+            qp = q_pe[q0:q1].float().transpose(0, 1)  # [H, q, kpe]
+            o, l2 = _softmax_pv((qn @ k.T + qp @ kp.T) * scale, hidden, k)  # [H, q, ckv], [H, q]
+            out[q0:q1] = o.transpose(0, 1)
+            lse[q0:q1] = l2.transpose(0, 1)
+        return out, lse
+
+    return call
+
+
+def all_peers(max_kv_splits: int = SGLANG_MAX_KV_SPLITS) -> dict[str, Impl]:
+    """Every peer adapter, by key, in table order."""
+    peers: list[Impl] = [FlashInferPeer("fa3"), FlashInferPeer("fa2"), SGLangPeer(max_kv_splits), TorchPeer()]
+    return {p.key: p for p in peers}

@@ -1,0 +1,241 @@
+"""Search spaces: each kernel's tunable launch parameters as data, and a feasibility predicate.
+
+A :class:`Space` is a small table of categorical choices per parameter (every parameter is a field of
+:class:`~tuner.config.DecodeConfig` / :class:`~tuner.config.PrefillConfig`, except prefill's ``rows``,
+the M dimension ``block_m * block_h`` of its tl.dot, which is searched instead of ``block_m``). The
+default config of a shape is always in the space (its values are added to the choices), so the tuner
+can try it first. Fields that are not searched take the default's value.
+
+:func:`check` is the feasibility predicate that prunes a candidate before it is compiled. Its resource
+model was calibrated against Triton 3.6 compiles for sm_90 (``metadata.shared`` and cuobjdump's
+register/stack counts, ckv 512 + kpe 64, bf16) and is a lower bound of the shared memory the compiled
+kernel asks for; the tuner checks the compiled kernel's exact figure before it runs anything:
+
+- a tile whose M dimension (rows: decode's block_h, prefill's block_m * block_h) is at least 64 is
+  lowered to wgmma, which keeps ``num_stages`` KV tiles in flight; smaller tiles use mma.sync with
+  ``num_stages - 1``; either way the query tile (rows x (ckv + kpe)) stays in shared memory, and
+  decode at 64 rows also stages its fp32 partial output (rows x ckv x 4 bytes) there;
+- the fp32 accumulator (rows x ckv) is spread over num_warps * 32 threads: above 128 registers per
+  thread it spills kilobytes (measured), so such configs are pruned.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Union
+
+from .config import DecodeConfig, PrefillConfig, next_pow2
+from .spec import MLASpec
+
+Config = Union[DecodeConfig, PrefillConfig]
+
+H100_SHARED_BYTES = 232448
+"""Shared memory one program may use on an H100 (227 KB, the opt-in maximum per block)."""
+
+MAX_ACC_REGS = 128
+"""fp32 accumulator registers per thread above which a config is pruned (of 255)."""
+
+DECODE_CHOICES: dict[str, tuple[int, ...]] = {
+    "block_h": (16, 32, 64),
+    "block_n": (16, 32, 64, 128),
+    "num_warps": (4, 8),
+    "num_stages": (1, 2, 3, 4),
+    "programs_per_sm": (1, 2, 3, 4),
+    "split_tokens": (64, 128, 256, 512, 1024, 2048, 4096),
+    "merge_block_d": (64, 128, 256),
+    "merge_num_warps": (2, 4, 8),
+}
+"""Candidate values of the decode kernel's parameters (merge_block_h is not searched)."""
+
+PREFILL_CHOICES: dict[str, tuple[int, ...]] = {
+    "rows": (16, 32, 64, 128),
+    "block_h": (2, 4, 8, 16, 32, 64),
+    "block_n": (16, 32, 64),
+    "num_warps": (4, 8),
+    "num_stages": (1, 2, 3),
+}
+"""Candidate values of the prefill kernel's parameters (block_m = rows // block_h)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one program may use on the target GPU.
+
+    shared_bytes: shared memory per block (opt-in maximum); itemsize: bytes per element of q and the
+    KV cache (the tuner tunes bf16).
+    """
+
+    shared_bytes: int = H100_SHARED_BYTES
+    itemsize: int = 2
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter and its categorical choices."""
+
+    name: str
+    choices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Space:
+    """The search space of one kernel specialization.
+
+    params: the searched parameters; fixed: (field, value) pairs of the config that are not searched.
+    """
+
+    spec: MLASpec
+    params: tuple[Param, ...]
+    fixed: tuple[tuple[str, int], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def size(self) -> int:
+        """Points in the grid (feasible or not)."""
+        n = 1
+        for p in self.params:
+            n *= len(p.choices)
+        return n
+
+    def grid(self) -> Iterator[dict[str, int]]:
+        """Every point of the grid, in a fixed order."""
+        for values in itertools.product(*(p.choices for p in self.params)):
+            yield dict(zip(self.names, values))
+
+    def values_of(self, config: Config) -> dict[str, int]:
+        """The parameter values of ``config`` (the inverse of :meth:`to_config`)."""
+        data = config.to_dict()
+        if isinstance(config, PrefillConfig):
+            data["rows"] = config.block_m * config.block_h
+        return {name: data[name] for name in self.names}
+
+    def contains(self, config: Config) -> bool:
+        values = self.values_of(config)
+        fixed_ok = all(config.to_dict()[k] == v for k, v in self.fixed)
+        return fixed_ok and all(values[p.name] in p.choices for p in self.params)
+
+    def to_config(self, values: Mapping[str, int]) -> Config:
+        """Build the config of a point; ValueError if the point is not a valid config."""
+        missing = sorted(set(self.names) - set(values))
+        if missing:
+            raise ValueError(f"values: missing parameters {missing}")
+        data = dict(self.fixed)
+        data.update({k: int(values[k]) for k in self.names})
+        if self.spec.is_decode:
+            config: Config = DecodeConfig.from_dict(data)
+        else:
+            rows, block_h = data.pop("rows"), data["block_h"]
+            if rows % block_h:
+                raise ValueError(f"rows: expected a multiple of block_h={block_h}, found {rows}")
+            data["block_m"] = rows // block_h
+            config = PrefillConfig.from_dict(data)
+        config.check_spec(self.spec)
+        return config
+
+
+def _choices(table: Mapping[str, tuple[int, ...]], default: Mapping[str, int],
+             keep: Mapping[str, int]) -> tuple[Param, ...]:
+    """Params from a choices table, each capped at keep[name] (if given) and always holding the default."""
+    params = []
+    for name, values in table.items():
+        cap = keep.get(name)
+        chosen = {v for v in values if cap is None or v <= cap} | {default[name]}
+        params.append(Param(name, tuple(sorted(chosen))))
+    return tuple(params)
+
+
+def decode_space(spec: MLASpec, default: DecodeConfig) -> Space:
+    """The decode search space of ``spec`` around its default config ``default``."""
+    if not spec.is_decode:
+        raise ValueError(f"spec: expected a decode spec, found {spec.name()}")
+    caps = {"block_h": max(16, next_pow2(spec.num_heads)), "merge_block_d": spec.head_dim_ckv}
+    params = _choices(DECODE_CHOICES, default.to_dict(), caps)
+    searched = {p.name for p in params}
+    fixed = tuple((k, v) for k, v in default.to_dict().items() if k not in searched)
+    return Space(spec, params, fixed)
+
+
+def prefill_space(spec: MLASpec, default: PrefillConfig) -> Space:
+    """The prefill search space of ``spec`` around its default config ``default``."""
+    if spec.is_decode:
+        raise ValueError(f"spec: expected a prefill spec, found {spec.name()}")
+    values = dict(default.to_dict(), rows=default.block_m * default.block_h)
+    params = _choices(PREFILL_CHOICES, values, {"block_h": next_pow2(spec.num_heads)})
+    return Space(spec, params, ())
+
+
+def space_for(spec: MLASpec, default: Config) -> Space:
+    if spec.is_decode:
+        if not isinstance(default, DecodeConfig):
+            raise TypeError(f"default: expected a DecodeConfig for {spec.name()}, found {type(default).__name__}")
+        return decode_space(spec, default)
+    if not isinstance(default, PrefillConfig):
+        raise TypeError(f"default: expected a PrefillConfig for {spec.name()}, found {type(default).__name__}")
+    return prefill_space(spec, default)
+
+
+def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> int:
+    """Shared memory of the main kernel (a lower bound; see the module docstring)."""
+    width = spec.head_dim_ckv + spec.head_dim_kpe
+    rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
+    wgmma = rows >= 64
+    buffers = max(1, config.num_stages if wgmma else config.num_stages - 1)
+    smem = (rows + buffers * config.block_n) * width * itemsize
+    if wgmma and isinstance(config, DecodeConfig):
+        smem = max(smem, rows * spec.head_dim_ckv * 4)
+    return smem
+
+
+def acc_registers(spec: MLASpec, config: Config) -> float:
+    """fp32 accumulator registers per thread of the main kernel."""
+    rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
+    return rows * spec.head_dim_ckv / (config.num_warps * 32)
+
+
+def check(spec: MLASpec, config: Config, limits: Limits = Limits()) -> str | None:
+    """Why ``config`` cannot run well on ``spec`` under ``limits``, or None when it is feasible."""
+    try:
+        config.check_spec(spec)
+    except ValueError as err:
+        return str(err)
+    smem = shared_bytes_estimate(spec, config, limits.itemsize)
+    if smem > limits.shared_bytes:
+        return f"shared memory: needs at least {smem} bytes, the GPU allows {limits.shared_bytes}"
+    regs = acc_registers(spec, config)
+    if regs > MAX_ACC_REGS:
+        return f"registers: the fp32 accumulator needs {regs:.0f} per thread (> {MAX_ACC_REGS}: spills)"
+    if isinstance(config, DecodeConfig):
+        merge_regs = 2 * config.merge_block_h * config.merge_block_d / (config.merge_num_warps * 32)
+        if merge_regs > MAX_ACC_REGS:
+            return f"registers: the merge tile needs {merge_regs:.0f} per thread (> {MAX_ACC_REGS})"
+    return None
+
+
+def check_values(space: Space, values: Mapping[str, int], limits: Limits = Limits()
+                 ) -> tuple[Config | None, str | None]:
+    """(config, None) for a feasible point of ``space``, else (None or the config, the reason)."""
+    try:
+        config = space.to_config(values)
+    except ValueError as err:
+        return None, str(err)
+    return config, check(space.spec, config, limits)
+
+
+def feasible_grid(space: Space, limits: Limits = Limits()) -> list[dict[str, int]]:
+    """The feasible points of the whole grid (for an exhaustive sweep)."""
+    return [v for v in space.grid() if check_values(space, v, limits)[1] is None]
+
+
+_SHORT = {
+    "block_h": "h", "block_n": "n", "block_m": "m", "programs_per_sm": "p", "split_tokens": "s",
+    "num_warps": "w", "num_stages": "st", "merge_block_h": "mh", "merge_block_d": "md",
+    "merge_num_warps": "mw",
+}
+
+
+def compact(config: Config) -> str:
+    """A short one-line form for tables: ``h16 n64 p1 s256 w8 st2 mh16 md128 mw4``."""
+    return " ".join(f"{_SHORT.get(k, k)}{v}" for k, v in config.to_dict().items())
