@@ -80,7 +80,7 @@ class Bucket:
             return Workload(f"{self.name}", spec.num_heads, lengths, head_dim_ckv=spec.head_dim_ckv,
                             head_dim_kpe=spec.head_dim_kpe)
         prefix = self.prefix.draw() if self.prefix is not None else (0,) * len(lengths)
-        return Workload(self.name, spec.num_heads, tuple(q + p for q, p in zip(lengths, prefix)), lengths,
+        return Workload(self.name, spec.num_heads, tuple(q + p for q, p in zip(lengths, prefix, strict=True)), lengths,
                         causal=spec.causal, head_dim_ckv=spec.head_dim_ckv, head_dim_kpe=spec.head_dim_kpe)
 
     def tiny_workload(self, spec: MLASpec) -> Workload:

@@ -147,7 +147,7 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     return DecodeConfig(
         block_h=block_h, block_n=64 if block_h <= 32 else 32, programs_per_sm=1, split_tokens=64,
         num_warps=8, num_stages=3,
-        merge_block_h=min(16, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
+        merge_block_h=min(4, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
         merge_num_warps=4,
     )
 

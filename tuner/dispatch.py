@@ -45,9 +45,10 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import torch
 
@@ -56,9 +57,8 @@ from .buckets import by_name, decode_bucket, prefill_bucket
 from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
 from .device import GPUInfo, gpu_info
 from .loader import module_hash
+from .space import Config
 from .spec import MLASpec
-
-Config = Union[DecodeConfig, PrefillConfig]
 
 SCHEMA_VERSION = 1
 INTERPRETER_CAPABILITY = "cpu"

@@ -10,8 +10,8 @@ policy included. No optuna here: :mod:`tuner.search` drives it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 
@@ -20,12 +20,10 @@ from .decode import mla_decode
 from .device import gpu_info
 from .prefill import mla_prefill
 from .reference import mla_decode_ref, mla_prefill_ref
-from .space import Limits
+from .space import Config, Limits
 from .spec import MLASpec
 from .timing import Timing, time_call
 from .workloads import Inputs, Workload, make_inputs
-
-Config = Union[DecodeConfig, PrefillConfig]
 
 OUT_TOL = 1e-2
 """Elementwise: an output element fails only if it misses both atol and rtol (FlashInfer-Bench's bar)."""
@@ -62,19 +60,15 @@ def measure_floors(device: torch.device) -> Floors | None:
     """Copy a 1 GiB buffer and multiply two bf16 8192x8192 matrices (a few seconds); None on CPU."""
     if device.type != "cuda":
         return None
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    copy = time_call(lambda: y.copy_(x), device=device, runs=20, graph=False)
-    del x, y
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = time_call(lambda: dst.copy_(src), device=device, runs=20, graph=False)
     n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    c = torch.empty_like(a)
+    a, b, c = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(3))
     mm = time_call(lambda: torch.mm(a, b, out=c), device=device, runs=20, graph=False, flush_l2=False)
-    del a, b, c
-    torch.cuda.empty_cache()
-    return Floors(copy_bytes_per_s=2 * (1 << 30) / (copy.median_us * 1e-6),
-                  matmul_flops_per_s=2 * n**3 / (mm.median_us * 1e-6))
+    floors = Floors(copy_bytes_per_s=2 * src.numel() / (copy.median_us * 1e-6),
+                    matmul_flops_per_s=2 * n**3 / (mm.median_us * 1e-6))
+    return floors
 
 
 def compare(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor) -> str | None:

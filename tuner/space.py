@@ -22,13 +22,13 @@ kernel asks for; the tuner checks the compiled kernel's exact figure before it r
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Union
 
 from .config import DecodeConfig, PrefillConfig, next_pow2
 from .spec import MLASpec
 
-Config = Union[DecodeConfig, PrefillConfig]
+Config = DecodeConfig | PrefillConfig
 
 H100_SHARED_BYTES = 232448
 """Shared memory one program may use on an H100 (227 KB, the opt-in maximum per block)."""
@@ -103,7 +103,7 @@ class Space:
     def grid(self) -> Iterator[dict[str, int]]:
         """Every point of the grid, in a fixed order."""
         for values in itertools.product(*(p.choices for p in self.params)):
-            yield dict(zip(self.names, values))
+            yield dict(zip(self.names, values, strict=True))
 
     def values_of(self, config: Config) -> dict[str, int]:
         """The parameter values of ``config`` (the inverse of :meth:`to_config`)."""

@@ -1,0 +1,735 @@
+"""The tuning search: one Optuna study per (GPU, kernel, bucket), a pipelined objective, workers.
+
+Flow of one study (:func:`run_study`), in Optuna's ask/tell form so that the GPU never waits for the
+compiler:
+
+    ask -> suggest a point of the space (tuner.space) -> prune if infeasible
+        -> reuse the value of an identical launch already measured (a duplicate)
+        -> capture the kernels to compile and hand them to a compile worker (tuner.precompile)
+    ... while workers compile, the GPU process takes the first candidate whose compile is done:
+        compile error / out of resources -> pruned, the reason in the trial's user attrs
+        -> correctness gate on fresh inputs against the float32 reference (tuner.measure)
+        -> time (CUDA-graph replay, L2 flushed, median) -> tell
+
+The default config is the first trial of every study (``enqueue_trial``). ``--trials N`` counts the
+candidates measured (trial outcome ``ok``, ``compile_error``, ``out_of_resources``, ``incorrect``,
+``launch_error``, ``timeout``); infeasible points and duplicates are recorded but cost nothing and do
+not count. :func:`finalize` re-times the best few and the default with more runs and makes the
+dispatch entry.
+
+Storage (:func:`make_storage`): an Optuna JournalStorage file in ``tuner.paths.cache_dir()`` by
+default, or any Optuna storage URL. Studies are named by GPU key, kernel, bucket, kernel hash and
+search-space hash, so a study resumes after an interrupt and starts afresh when the kernel or the
+space changes. Several worker processes (one per GPU, or many hosts on one PostgreSQL database) share
+a study: each takes trials until the study's budget is reached. A worker that dies leaves RUNNING
+trials behind; they are failed and re-queued with their parameters (RDB storage: Optuna heartbeats
+and its retry callback; any storage: trials of a dead process on this host), so nothing is lost and
+the study still ends with the full count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from . import paths
+from .buckets import Bucket
+from .config import default_decode_config, default_prefill_config
+from .device import gpu_info
+from .dispatch import Entry, versions
+from .loader import module_hash
+from .measure import Bench, Floors
+from .precompile import CompilePool, CompileResult, capture, current_target, interpreting
+from .space import Config, Limits, Space, check_values, feasible_grid, space_for
+from .spec import MLASpec
+
+COUNTED = frozenset({"ok", "compile_error", "out_of_resources", "incorrect", "launch_error", "timeout"})
+"""Trial outcomes that count toward a study's budget (candidates that cost a compile or GPU time)."""
+
+JOURNAL_NAME = "studies.journal"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One study: a kernel specialization and a bucket, tuned on ``workload_kind``'s workload
+    (``"bucket"``: the representative batch; ``"tiny"``: the interpreter's few tokens)."""
+
+    spec: MLASpec
+    bucket: Bucket
+    tiny: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name()} {self.bucket.name}"
+
+    def workload(self):  # -> tuner.workloads.Workload
+        return self.bucket.tiny_workload(self.spec) if self.tiny else self.bucket.workload(self.spec)
+
+
+@dataclass
+class Settings:
+    """How to search.
+
+    trials: candidates measured per study (the budget); seconds: wall-clock limit per study (None:
+    none). runs / warmup: timed runs per candidate while searching; final_runs: when re-timing the
+    finalists (the best ``finalists`` candidates) and the default. exhaustive: sweep every feasible
+    point instead of sampling. compile_workers: compile processes. heartbeat_s: Optuna heartbeat
+    interval for RDB storages (a dead worker's trials are retried after 3 intervals).
+    """
+
+    trials: int = 24
+    seconds: float | None = None
+    runs: int = 20
+    warmup: int = 3
+    final_runs: int = 100
+    finalists: int = 3
+    exhaustive: bool = False
+    seed: int = 0
+    compile_workers: int = 1
+    compile_timeout_s: float = 900.0
+    heartbeat_s: int = 10
+    startup_trials: int = 8
+
+
+@dataclass
+class StudyResult:
+    """The outcome of one study after :func:`finalize`."""
+
+    task: Task
+    study_name: str
+    outcomes: Counter[str]
+    counted: int
+    best: Config | None = None
+    best_us: float | None = None
+    default: Config | None = None
+    default_us: float | None = None
+    floor_us: float = math.nan
+    entry: Entry | None = None
+    best_trial: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage
+
+
+def default_journal() -> Path:
+    return paths.cache_dir() / JOURNAL_NAME
+
+
+def make_storage(url: str | None, heartbeat_s: int = 10) -> optuna.storages.BaseStorage:
+    """The Optuna storage for ``url`` (None: the embedded journal in ``tuner.paths.cache_dir()``).
+
+    The default is a JournalStorage over a JournalFileBackend, not SQLite: the journal is an
+    append-only log of operations, so an interrupted run loses nothing already written and a study
+    resumes where it stopped; concurrent worker processes on one host serialize their appends with a
+    file lock, where SQLite's database-wide locking makes several writers fail with "database is
+    locked"; and it needs no server.
+
+    ``url`` may be ``journal:PATH`` (another journal file), ``redis://...`` (a JournalRedisBackend) or
+    any SQLAlchemy URL Optuna accepts (``postgresql://user:pw@host/db``, ``mysql://``, ``sqlite:///``):
+    an RDBStorage with heartbeats, so that a killed worker's RUNNING trial is failed after
+    3 * ``heartbeat_s`` seconds and re-queued with its parameters (many GPUs and hosts sharing
+    studies use PostgreSQL).
+    """
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None or url.startswith("journal:"):
+        path = default_journal() if url is None else Path(url[len("journal:"):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith(("redis://", "rediss://")):
+        from optuna.storages.journal import JournalRedisBackend
+
+        return JournalStorage(JournalRedisBackend(url))
+    import inspect
+
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+    # Optuna 4.9 renamed failed_trial_callback to heartbeat_stale_trial_callback.
+    arg = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
+           in inspect.signature(RDBStorage).parameters else "failed_trial_callback")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                          **{arg: retry_cls(max_retry=3)})
+
+
+def _heartbeat_storage(storage: optuna.storages.BaseStorage) -> Any | None:
+    """The RDB storage to record heartbeats in, when heartbeats are on."""
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval:
+        return storage
+    return None
+
+
+class _Heartbeat:
+    """Records a heartbeat for every trial this process holds, every interval (ask/tell has no
+    heartbeat thread of its own: Optuna runs one only inside ``study.optimize``)."""
+
+    def __init__(self, storage: Any | None) -> None:
+        self.storage = storage
+        self.ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if storage is not None:
+            self._thread = threading.Thread(target=self._loop, name="mla-tune-heartbeat", daemon=True)
+            self._thread.start()
+
+    def add(self, trial_id: int) -> None:
+        if self.storage is not None:
+            self.storage.record_heartbeat(trial_id)
+            with self._lock:
+                self.ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self.ids.discard(trial_id)
+
+    def _loop(self) -> None:
+        assert self.storage is not None
+        while not self._stop.wait(self.storage.heartbeat_interval):
+            with self._lock:
+                ids = list(self.ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried next interval
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Studies
+
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def space_hash(space: Space) -> str:
+    data = json.dumps([[p.name, list(p.choices)] for p in space.params] + [list(space.fixed)])
+    return hashlib.sha256(data.encode()).hexdigest()[:8]
+
+
+def study_name(gpu_key: str, task: Task, space: Space, exhaustive: bool) -> str:
+    """``<gpu>/<kernel>/<bucket>/k<kernel hash>-s<space hash>[/grid]`` (``/tiny`` for dry runs)."""
+    name = f"{gpu_key}/{task.spec.name()}/{task.bucket.name}/k{module_hash(task.spec)[:8]}-s{space_hash(space)}"
+    return name + ("/tiny" if task.tiny else "") + ("/grid" if exhaustive else "")
+
+
+def _sampler(settings: Settings, worker_index: int) -> optuna.samplers.BaseSampler:
+    if settings.exhaustive:
+        return optuna.samplers.RandomSampler(seed=settings.seed + worker_index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=settings.seed + worker_index, n_startup_trials=min(settings.startup_trials, settings.trials),
+            multivariate=True, constant_liar=True, warn_independent_sampling=False)
+
+
+def open_study(name: str, storage: optuna.storages.BaseStorage, settings: Settings, space: Space,
+               default: Config, worker_index: int = 0) -> optuna.Study:
+    """Create or load the study; a new study gets the default config as its first trial."""
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                sampler=_sampler(settings, worker_index), load_if_exists=True)
+    if not settings.exhaustive and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(space.values_of(default), user_attrs={"default": True}, skip_if_exists=True)
+    return study
+
+
+def _outcome(t: FrozenTrial) -> str | None:
+    return t.user_attrs.get("outcome")
+
+
+def counted_trials(trials: list[FrozenTrial]) -> int:
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and _outcome(t) in COUNTED)
+
+
+def _params_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _requeue(study: optuna.Study, t: FrozenTrial, why: str) -> None:
+    """Fail a RUNNING trial that nobody will finish and queue its parameters again."""
+    try:
+        study.tell(t.number, state=TrialState.FAIL)
+    except (RuntimeError, ValueError):
+        return  # finished meanwhile, or another worker got there first
+    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_reason": why})
+
+
+def recover_lost_trials(study: optuna.Study) -> None:
+    """Fail and re-queue RUNNING trials whose worker is gone: heartbeat-stale trials (RDB storages,
+    Optuna's retry callback re-queues them) and trials of dead processes on this host (any storage)."""
+    if _heartbeat_storage(_backend(study)) is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = str(t.user_attrs.get("worker", ""))
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _requeue(study, t, f"worker {owner} died")
+
+
+def _backend(study: optuna.Study) -> optuna.storages.BaseStorage:
+    storage = study._storage  # Optuna wraps RDBStorage in a cache
+    return getattr(storage, "_backend", storage)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipelined objective
+
+
+@dataclass
+class _Pending:
+    """A trial waiting for its compile (and the trials with an identical launch that follow it)."""
+
+    trial: Trial
+    config: Config
+    key: str
+    future: cf.Future[CompileResult]
+    submitted: float
+    followers: list[Trial] = field(default_factory=list)
+    resubmitted: bool = False
+
+
+class CrashError(RuntimeError):
+    """A candidate broke the CUDA context (illegal address, ...): the process cannot go on."""
+
+
+def _is_crash(err: BaseException) -> bool:
+    accel = getattr(torch, "AcceleratorError", None)
+    return (accel is not None and isinstance(err, accel)) or "CUDA error" in str(err)
+
+
+class StudyRunner:
+    """Runs the trials of one study in this process (one worker): ask, prune, compile ahead, measure, tell."""
+
+    def __init__(self, task: Task, study: optuna.Study, space: Space, bench_factory: Callable[[], Bench],
+                 pool: CompilePool, limits: Limits, settings: Settings, heartbeat: _Heartbeat,
+                 on_counted: Callable[[int], None] = lambda n: None) -> None:
+        self.task, self.study, self.space = task, study, space
+        self._bench_factory = bench_factory
+        self._bench: Bench | None = None
+        self.pool, self.limits, self.settings, self.heartbeat = pool, limits, settings, heartbeat
+        self.on_counted = on_counted
+        self.in_flight: list[_Pending] = []
+        self.depth = pool.workers + 2
+        self.budget = settings.trials
+        self.grid: list[dict[str, int]] | None = feasible_grid(space, limits) if settings.exhaustive else None
+        if self.grid is not None:
+            self.budget = len(self.grid)
+
+    @property
+    def bench(self) -> Bench:
+        if self._bench is None:
+            self._bench = self._bench_factory()
+        return self._bench
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def _census(self) -> tuple[int, int, list[FrozenTrial]]:
+        """(trials counted toward the budget, trials running or waiting, all trials)."""
+        trials = self.study.get_trials(deepcopy=False)
+        active = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
+        if self.grid is None:
+            return counted_trials(trials), active, trials
+        done = {_params_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        return sum(1 for p in self.grid if _params_key(p) in done), active, trials
+
+    def _finish(self, trial: Trial, outcome: str, value: float | None = None, reason: str | None = None,
+                **attrs: Any) -> None:
+        trial.set_user_attr("outcome", outcome)
+        if reason is not None:
+            trial.set_user_attr("reason", reason[:1000])
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if value is not None:
+            self.study.tell(trial, value)
+        else:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        self.heartbeat.discard(trial._trial_id)
+        if outcome in COUNTED or self.grid is not None:
+            self.on_counted(1)
+
+    def _ask(self, trials: list[FrozenTrial]) -> Trial:
+        if self.grid is not None:
+            seen = {_params_key(t.params) for t in trials}
+            seen |= {_params_key(p.trial.params) for p in self.in_flight}
+            point = next((p for p in self.grid if _params_key(p) not in seen), None)
+            if point is not None:
+                self.study.enqueue_trial(point)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Heartbeat.*")
+            trial = self.study.ask()
+        trial.set_user_attr("worker", WORKER_ID)
+        self.heartbeat.add(trial._trial_id)
+        return trial
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def _propose(self, trials: list[FrozenTrial]) -> None:
+        """Ask one trial and either finish it at once (infeasible, duplicate) or start its compile."""
+        trial = self._ask(trials)
+        values = {p.name: trial.suggest_categorical(p.name, p.choices) for p in self.space.params}
+        config, reason = check_values(self.space, values, self.limits)
+        if config is None or reason is not None:
+            self._finish(trial, "infeasible", reason=reason)
+            return
+        key = ",".join(map(str, self.bench.effective_key(config)))
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("effective", key)
+        for t in trials:
+            if t.user_attrs.get("effective") != key or t.number == trial.number:
+                continue
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                self._finish(trial, "duplicate", t.value, duplicate_of=t.number)
+                return
+            if t.state in (TrialState.PRUNED, TrialState.FAIL) and _outcome(t) in COUNTED | {"crash"}:
+                self._finish(trial, "duplicate", reason=f"same launch as trial {t.number}: {_outcome(t)}",
+                             duplicate_of=t.number)
+                return
+        for pending in self.in_flight:
+            if pending.key == key:
+                pending.followers.append(trial)
+                return
+        try:
+            job = capture(self.task.spec, self.bench.launcher(config))
+        except Exception as err:  # noqa: BLE001 - a config the runtime refuses
+            self._finish(trial, "launch_error", reason=f"{type(err).__name__}: {err}")
+            return
+        self.in_flight.append(_Pending(trial, config, key, self.pool.submit(job), time.monotonic()))
+
+    def _take_ready(self) -> _Pending:
+        """Wait for the first candidate whose compile is done (the oldest first)."""
+        while True:
+            for pending in self.in_flight:
+                if pending.future.done() or time.monotonic() - pending.submitted > self.settings.compile_timeout_s:
+                    self.in_flight.remove(pending)
+                    return pending
+            cf.wait([p.future for p in self.in_flight], timeout=1.0, return_when=cf.FIRST_COMPLETED)
+
+    def _compile_result(self, pending: _Pending) -> CompileResult | str:
+        if not pending.future.done():
+            return "timeout"
+        try:
+            return pending.future.result()
+        except cf.process.BrokenProcessPool:
+            if pending.resubmitted:
+                return "compile_error"
+            # A worker died (a crash inside the compiler): restart the pool, resubmit everything.
+            self.pool.restart()
+            for p in [pending, *self.in_flight]:
+                job = capture(self.task.spec, self.bench.launcher(p.config))
+                p.future, p.submitted, p.resubmitted = self.pool.submit(job), time.monotonic(), True
+            return "resubmitted"
+
+    def _measure(self, pending: _Pending) -> None:
+        """Gate and time one compiled candidate, then tell it (and its followers)."""
+        trial, config = pending.trial, pending.config
+        result = self._compile_result(pending)
+        if result == "resubmitted":
+            self.in_flight.insert(0, pending)
+            return
+        outcome, value, reason, attrs = "ok", None, None, {}
+        if isinstance(result, str):
+            outcome, reason = result, f"compile {result} after {self.settings.compile_timeout_s:.0f} s" \
+                if result == "timeout" else "the compiler crashed twice"
+        elif result.error is not None:
+            outcome, reason = "compile_error", result.error
+        else:
+            attrs = {"compile_s": round(result.seconds, 2), "shared_bytes": result.shared_bytes,
+                     "regs": result.regs, "spill_bytes": result.spill_bytes}
+            if result.shared_bytes > self.limits.shared_bytes:
+                outcome = "out_of_resources"
+                reason = f"shared memory {result.shared_bytes} bytes > {self.limits.shared_bytes} allowed"
+        if outcome == "ok":
+            outcome, value, reason, timing_attrs = self._gate_and_time(trial, config)
+            attrs.update(timing_attrs)
+        self._finish(trial, outcome, value, reason, **attrs)
+        for follower in pending.followers:
+            self._finish(follower, "duplicate", value, None if value is not None else reason,
+                         duplicate_of=trial.number)
+
+    def _gate_and_time(self, trial: Trial, config: Config) -> tuple[str, float | None, str | None, dict]:
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            wrong = self.bench.check(config)
+            if wrong is not None:
+                return "incorrect", None, wrong, {}
+            timing = self.bench.time(config, runs=self.settings.runs, warmup=self.settings.warmup)
+        except OutOfResources as err:
+            return "out_of_resources", None, str(err), {}
+        except Exception as err:
+            if _is_crash(err):
+                trial.set_user_attr("outcome", "crash")
+                trial.set_user_attr("reason", f"{type(err).__name__}: {err}"[:1000])
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.heartbeat.discard(trial._trial_id)
+                raise CrashError(f"{self.task.label}: config {config.short()} crashed the GPU context "
+                                 f"({err}); it is recorded and will be skipped when the run resumes") from err
+            return "launch_error", None, f"{type(err).__name__}: {err}", {}
+        return "ok", timing.median_us, None, {"p10_us": round(timing.p10_us, 3), "p90_us": round(timing.p90_us, 3)}
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Take trials until the study's budget is reached (by every worker together) or time is up."""
+        deadline = None if self.settings.seconds is None else time.monotonic() + self.settings.seconds
+        asks_left = 4 * self.budget + 16 if self.grid is None else 2 * self.budget + 16
+        idle_since: float | None = None
+        try:
+            while True:
+                recover_lost_trials(self.study)
+                counted, active, trials = self._census()
+                over = (deadline is not None and time.monotonic() > deadline) or asks_left <= 0
+                while not over and counted + active < self.budget and len(self.in_flight) < self.depth:
+                    self._propose(trials)
+                    asks_left -= 1
+                    counted, active, trials = self._census()
+                    over = asks_left <= 0
+                if self.in_flight:
+                    idle_since = None
+                    self._measure(self._take_ready())
+                    continue
+                if counted >= self.budget or over:
+                    return
+                # Other workers hold the remaining trials: wait for them (or for theirs to go stale).
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > max(600.0, 10 * self.settings.heartbeat_s):
+                    warnings.warn(f"{self.task.label}: gave up waiting for other workers' trials", stacklevel=2)
+                    return
+                time.sleep(min(2.0, self.settings.heartbeat_s / 2))
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """On the way out (done, Ctrl-C, crash): fail and re-queue whatever is still in flight."""
+        for pending in self.in_flight:
+            for trial in (pending.trial, *pending.followers):
+                self.heartbeat.discard(trial._trial_id)
+                try:
+                    self.study.tell(trial, state=TrialState.FAIL)
+                except (RuntimeError, ValueError):
+                    continue
+                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
+                                                                   "retry_reason": "interrupted"})
+        self.in_flight.clear()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finalizing a study: re-time the best and the default, make the dispatch entry
+
+
+def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settings: Settings,
+             floors: Floors | None) -> StudyResult:
+    trials = study.get_trials(deepcopy=False)
+    outcomes = Counter(_outcome(t) or t.state.name.lower() for t in trials)
+    counted = counted_trials(trials) if not settings.exhaustive else sum(
+        1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+    result = StudyResult(task, study.study_name, outcomes, counted, floor_us=bench.floor_us(floors))
+    ok = sorted((t for t in trials if t.state == TrialState.COMPLETE and _outcome(t) == "ok"),
+                key=lambda t: t.value if t.value is not None else math.inf)
+    finalists: dict[str, tuple[Config, int | None]] = {}
+    for t in ok:
+        if len(finalists) >= settings.finalists:
+            break
+        config = space.to_config(t.params)
+        finalists.setdefault(str(t.user_attrs.get("effective")), (config, t.number))
+    default = bench.default_config()
+    result.default = default
+    wrong = _safe_check(bench, default)
+    if wrong is None:
+        result.default_us = bench.time(default, runs=settings.final_runs, warmup=settings.warmup).median_us
+    else:
+        result.notes.append(f"the default config fails the correctness gate: {wrong}")
+    best: tuple[float, Config, int | None] | None = None
+    if result.default_us is not None:
+        best = (result.default_us, default, None)
+    for config, number in finalists.values():
+        if config == default:
+            continue
+        us = bench.time(config, runs=settings.final_runs, warmup=settings.warmup).median_us
+        if best is None or us < best[0]:
+            best = (us, config, number)
+    if best is None:
+        result.notes.append("no candidate passed the correctness gate: no entry")
+        return result
+    result.best_us, result.best, result.best_trial = best
+    if result.best_trial is None:
+        default_trials = [t.number for t in ok if t.user_attrs.get("default")]
+        result.best_trial = default_trials[0] if default_trials else None
+    result.entry = Entry(config=result.best, time_us=result.best_us, default_time_us=result.default_us,
+                         kernel_hash=module_hash(task.spec), trials=counted, versions=versions())
+    return result
+
+
+def _safe_check(bench: Bench, config: Config) -> str | None:
+    try:
+        return bench.check(config)
+    except Exception as err:  # noqa: BLE001 - reported, not raised
+        return f"{type(err).__name__}: {err}"
+
+
+def tpe_vs_grid(study: optuna.Study, grid_best_us: float, within: float = 0.03) -> dict[str, Any] | None:
+    """How the TPE study of the same bucket fared against the exhaustive optimum: its best, its
+    measured-candidate count, and how many candidates it took to get within ``within`` of the optimum."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    measured = 0
+    reached_at = None
+    best = math.inf
+    for t in trials:
+        if _outcome(t) not in COUNTED:
+            continue
+        measured += 1
+        if t.state == TrialState.COMPLETE and t.value is not None and _outcome(t) == "ok":
+            best = min(best, t.value)
+            if reached_at is None and best <= grid_best_us * (1 + within):
+                reached_at = measured
+    if measured == 0:
+        return None
+    return {"tpe_best_us": best, "tpe_measured": measured, "within": within, "reached_at": reached_at}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running studies in this process
+
+
+@dataclass
+class Context:
+    """What a worker process needs to run studies."""
+
+    device: torch.device
+    gpu_key: str
+    storage: optuna.storages.BaseStorage
+    settings: Settings
+    limits: Limits
+    worker_index: int = 0
+    dtype: torch.dtype = torch.bfloat16
+
+
+@dataclass
+class Prepared:
+    """A task made concrete: its space, default config, study name and a lazily built bench."""
+
+    space: Space
+    default: Config
+    name: str
+    bench: Callable[[], Bench]
+
+
+def prepare(task: Task, ctx: Context) -> Prepared:
+    """The space and study name of ``task`` (the bench, which allocates the inputs, is built on first use)."""
+    workload = task.workload()
+    holder: list[Bench] = []
+
+    def bench() -> Bench:
+        if not holder:
+            holder.append(Bench(task.spec, workload, ctx.device, ctx.dtype, seed=ctx.settings.seed))
+        return holder[0]
+
+    if task.spec.is_decode:
+        avg = sum(workload.kv_lens) / max(1, workload.batch)
+        default: Config = default_decode_config(task.spec, workload.batch, avg, gpu_info(ctx.device).num_sms)
+    else:
+        default = default_prefill_config(task.spec)
+    space = space_for(task.spec, default)
+    return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench)
+
+
+def run_tasks(tasks: list[Task], ctx: Context, floors: Floors | None = None, finalize_each: bool = True,
+              on_counted: Callable[[int], None] = lambda n: None,
+              on_result: Callable[[StudyResult], None] = lambda r: None) -> list[StudyResult]:
+    """Run the studies of ``tasks`` one after another in this process, finalizing each unless this
+    is one of several workers (then the parent finalizes). One compile pool serves all of them."""
+    target = None if interpreting() else current_target()
+    pool = CompilePool(ctx.settings.compile_workers, target)
+    heartbeat = _Heartbeat(_heartbeat_storage(ctx.storage))
+    results: list[StudyResult] = []
+    try:
+        for task in tasks:
+            prep = prepare(task, ctx)
+            study = open_study(prep.name, ctx.storage, ctx.settings, prep.space, prep.default, ctx.worker_index)
+            StudyRunner(task, study, prep.space, prep.bench, pool, ctx.limits, ctx.settings, heartbeat,
+                        on_counted).run()
+            if finalize_each:
+                result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors)
+                results.append(result)
+                on_result(result)
+            del prep
+            _release(ctx.device)
+    finally:
+        heartbeat.close()
+        pool.close()
+    return results
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def finalize_tasks(tasks: list[Task], ctx: Context, floors: Floors | None,
+                   on_result: Callable[[StudyResult], None] = lambda r: None) -> list[StudyResult]:
+    """Finalize studies that workers ran (the parent process, after the workers are done)."""
+    results = []
+    for task in tasks:
+        prep = prepare(task, ctx)
+        study = load_study(prep.name, ctx.storage)
+        if study is None:
+            continue
+        result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors)
+        results.append(result)
+        on_result(result)
+        del prep
+        _release(ctx.device)
+    return results
+
+
+def load_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def study_progress(tasks: list[Task], ctx: Context) -> int:
+    """Counted trials of all ``tasks`` so far (a parent's progress bar while workers run)."""
+    total = 0
+    for task in tasks:
+        study = load_study(prepare(task, ctx).name, ctx.storage)
+        if study is not None:
+            total += counted_trials(study.get_trials(deepcopy=False))
+    return total
