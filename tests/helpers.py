@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 import tuner
 from tuner.reference import mla_decode_ref, mla_prefill_ref
+from tuner.workloads import Inputs
 
-SM_SCALE = 1.0 / math.sqrt(128 + 64)
 Outputs = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -75,26 +77,18 @@ def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, 
         assert frob < tol.frob, f"{label}relative Frobenius error {frob:.3g} >= {tol.frob}"
 
 
-@dataclass(frozen=True)
-class Case:
-    """One random paged batch: the arguments of ``mla_decode`` / ``mla_prefill``.
+@dataclass
+class Case(Inputs):
+    """One random paged batch: the arguments of ``mla_decode`` / ``mla_prefill`` (``tuner.workloads.Inputs``)
+    plus the lengths they were made from, and the calls the tests make on them.
 
     q_nope [R, H, ckv], q_pe [R, H, kpe] (R = batch for decode, sum(q_lens) for prefill);
     ckv_cache [P, page_size, ckv], kpe_cache [P, page_size, kpe]; int32 kv_indptr [B + 1],
-    kv_indices [kv_indptr[-1]], kv_last_page_len [B] or None, qo_indptr [B + 1] or None.
+    kv_indices [kv_indptr[-1]], kv_last_page_len [B] or None here, qo_indptr [B + 1] or None.
     """
 
-    q_nope: torch.Tensor
-    q_pe: torch.Tensor
-    ckv_cache: torch.Tensor
-    kpe_cache: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    kv_last_page_len: torch.Tensor | None
-    qo_indptr: torch.Tensor | None
-    kv_lens: tuple[int, ...]
-    q_lens: tuple[int, ...] | None
-    sm_scale: float = SM_SCALE
+    kv_lens: tuple[int, ...] = ()
+    q_lens: tuple[int, ...] | None = None
 
     @property
     def num_heads(self) -> int:
@@ -261,6 +255,9 @@ def capture(fn: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]:
     return graph, result
 
 
+_FRESH_SEEDS = itertools.count(999)
+
+
 def check_graph_replay(case: Case, call: Callable[[], Outputs], eager: Callable[[], Outputs],
                        reference: Callable[[], Outputs]) -> None:
     """Capture ``call()`` and replay it: the result equals ``eager()`` bit for bit. Then overwrite the
@@ -272,7 +269,7 @@ def check_graph_replay(case: Case, call: Callable[[], Outputs], eager: Callable[
     torch.cuda.synchronize()
     assert torch.equal(result[0], want[0]) and torch.equal(result[1], want[1]), "replay differs from eager"
     before = result[0].clone()
-    fresh = case.with_query(seed=999)
+    fresh = case.with_query(seed=next(_FRESH_SEEDS))  # new values on every call, never the last ones
     case.q_nope.copy_(fresh.q_nope)
     case.q_pe.copy_(fresh.q_pe)
     graph.replay()
@@ -281,3 +278,31 @@ def check_graph_replay(case: Case, call: Callable[[], Outputs], eager: Callable[
     assert not torch.equal(result[0], before), "the replay did not read the new q"
     assert torch.equal(result[0], want[0]) and torch.equal(result[1], want[1]), "replay on new q differs"
     assert_matches(result[0], result[1], *reference())
+
+
+def check_installed(site: str | Path) -> None:
+    """Check that ``import tuner`` is the copy installed in ``site`` (a site-packages folder) and that
+    it works without a checkout: its generated kernels ship inside the package and run (a tiny decode
+    and prefill under the Triton interpreter when there is no GPU), and a shape outside the catalogue
+    fails with advice instead of rendering (an install has no templates). Set MLA_TUNER_CACHE_DIR to
+    an empty folder first. Used by tests/cpu/test_install.py and .ci/run."""
+    from tuner import loader, paths
+
+    package = Path(tuner.__file__).resolve().parent
+    assert package == Path(site).resolve() / "tuner", f"expected the copy in {site}, found {package}"
+    assert paths.generated_dir() == package / "generated", paths.generated_dir()
+    shipped = {p.stem for p in paths.generated_dir().glob("mla_paged_*.py")}
+    assert shipped == {spec.name() for spec in tuner.catalogue()}, "the catalogue's modules are installed"
+    assert not paths.templates_dir().exists(), f"templates found in an install: {paths.templates_dir()}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = make_case(16, [5, 40, 0], page_size=16, device=device, seed=1)
+    assert_matches(*case.decode(), *case.decode_ref(), what="installed decode")
+    case = make_case(16, [5, 40], [5, 3], page_size=1, device=device, seed=2)
+    assert_matches(*case.prefill(), *case.prefill_ref(), what="installed prefill")
+    try:
+        loader.load_module(tuner.MLASpec("decode", 24, 512, 64, 16))
+    except FileNotFoundError as err:
+        assert "mla-tune generate" in str(err), err
+    else:
+        raise AssertionError("a shape outside the catalogue should need the templates")
+    print(f"installed package OK: {package} with {len(shipped)} generated kernels")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .spec import MLASpec
-from .workloads import Workload, _skewed_lengths
+from .workloads import Workload, skewed_lengths
 
 Kind = Literal["decode", "prefill"]
 
@@ -42,7 +42,7 @@ class Lengths:
     def draw(self) -> tuple[int, ...]:
         if self.lo == self.hi:
             return (self.lo,) * self.count
-        return _skewed_lengths(self.count, self.median, self.lo, self.hi, self.sigma, self.seed)
+        return skewed_lengths(self.count, self.median, self.lo, self.hi, self.sigma, self.seed)
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,14 @@ class Bucket:
         if self.kv == (0, None):
             return rows
         return f"{rows}_{_range('kv', self.kv)}"
+
+    def describe(self) -> str:
+        """The exact ranges: ``16 < batch <= 96, 2048 < kv``."""
+        def part(name: str, bounds: tuple[int, int | None]) -> str:
+            lo, hi = bounds
+            return f"{lo} < {name}" + (f" <= {hi}" if hi is not None else "")
+
+        return f"{part('batch' if self.kind == 'decode' else 'queries', self.rows)}, {part('kv', self.kv)}"
 
     def contains(self, rows: float, avg_kv: float) -> bool:
         return _inside(rows, self.rows) and _inside(avg_kv, self.kv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="only these buckets (see `mla-tune show`; e.g. b1-16_kv1-2k q2k+_kv2k+)")
     budget = p.add_argument_group("budget")
     budget.add_argument("--trials", type=int, help="candidates measured per bucket (default 24; dry run 4)")
-    budget.add_argument("--minutes", type=float, help="wall-clock budget for the whole run, shared by the studies")
+    budget.add_argument("--minutes", type=float,
+                        help="search time for the whole run, split evenly between the studies (setup and the "
+                             "final re-timing come on top); with --trials, whichever ends first")
     budget.add_argument("--exhaustive", action="store_true",
                         help="sweep every feasible config of one bucket (to compare with TPE)")
     budget.add_argument("--runs", type=int, help="timed runs per candidate while searching (default 20)")
@@ -130,8 +133,8 @@ def build_settings(args: argparse.Namespace, dry: bool, n_tasks: int):  # -> sea
                         ("compile_workers", args.compile_workers)):
         if value is not None:
             setattr(s, name, value)
-    if s.trials < 1 or s.runs < 1 or s.final_runs < 1 or s.compile_workers < 1:
-        raise SystemExit("--trials, --runs, --final-runs and --compile-workers must be at least 1")
+    if min(s.trials, s.runs, s.final_runs, s.compile_workers, args.workers) < 1:
+        raise SystemExit("--trials, --runs, --final-runs, --workers and --compile-workers must be at least 1")
     return s
 
 
@@ -145,12 +148,12 @@ def _visible_gpus(n: int) -> list[str]:
     return ids[:n]
 
 
-def _worker_argv(args: argparse.Namespace, index: int, storage: str) -> list[str]:
+def _worker_argv(args: argparse.Namespace, index: int, storage: str, compile_workers: int) -> list[str]:
     argv = [sys.executable, "-m", "tuner", "tune", "--worker-index", str(index), "--storage", storage,
-            "--seed", str(args.seed), "--heartbeat", str(args.heartbeat)]
+            "--seed", str(args.seed), "--heartbeat", str(args.heartbeat), "--compile-workers", str(compile_workers)]
     for flag, value in (("--model", args.model), ("--ckv", args.ckv), ("--kpe", args.kpe),
                         ("--trials", args.trials), ("--minutes", args.minutes), ("--runs", args.runs),
-                        ("--final-runs", args.final_runs), ("--compile-workers", args.compile_workers)):
+                        ("--final-runs", args.final_runs)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, values in (("--heads", args.heads), ("--page-size", args.page_size),
@@ -161,7 +164,7 @@ def _worker_argv(args: argparse.Namespace, index: int, storage: str) -> list[str
     return argv
 
 
-def _run_workers(args: argparse.Namespace, storage: str, dry: bool, poll: Any) -> int:
+def _run_workers(args: argparse.Namespace, storage: str, dry: bool, compile_workers: int, poll: Any) -> int:
     """Start one worker process per GPU (or N interpreter workers) on the same studies; wait."""
     gpus = [None] * args.workers if dry else _visible_gpus(args.workers)
     procs = []
@@ -171,7 +174,7 @@ def _run_workers(args: argparse.Namespace, storage: str, dry: bool, poll: Any) -
             env["CUDA_VISIBLE_DEVICES"] = gpu
         if dry:
             env["TRITON_INTERPRET"] = "1"
-        procs.append(subprocess.Popen(_worker_argv(args, i, storage), env=env))
+        procs.append(subprocess.Popen(_worker_argv(args, i, storage, compile_workers), env=env))
     try:
         while any(p.poll() is None for p in procs):
             poll()
@@ -219,16 +222,20 @@ def print_summary(results: list, dry: bool) -> None:  # results: list[search.Stu
               "about GPU speed.")
 
 
-def _export(results: list, gpu: Any, out: Path | None) -> Path | None:
+def _exporter(gpu: Any, out: Path | None, write: Any) -> Any:
+    """A callback that merges each finished study's entry into the table at once (so that a run cut
+    short keeps what it finished) and reports it."""
     from .dispatch import merge
 
-    entries = {(r.task.spec.name(), r.task.bucket.name): r.entry for r in results if r.entry is not None}
-    if not entries:
-        print("no entries to write")
-        return None
-    path = merge(gpu, entries, out)
-    print(f"wrote {len(entries)} entries to {path}")
-    return path
+    def export(result: Any) -> None:
+        if result.entry is None:
+            write(f"{result.task.label}: no entry ({'; '.join(result.notes)})")
+            return
+        merge(gpu, {(result.task.spec.name(), result.task.bucket.name): result.entry}, out)
+        speedup = "" if result.default_us is None else f", {result.default_us / result.best_us:.2f}x the default"
+        write(f"{result.task.label}: {result.best_us:.1f} us{speedup}")
+
+    return export
 
 
 def _report_exhaustive(result: Any, ctx: Any, task: Any) -> None:
@@ -268,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before any generated module is imported
     import optuna
 
-    from . import paths, search
+    from . import dispatch, paths, search
     from .device import gpu_info
     from .measure import device_limits, measure_floors
 
@@ -307,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
     if args.exhaustive:
         total = None
     bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
+    out = Path(args.out) if args.out else (paths.cache_dir() / "dry-run" / "dispatch" if dry else None)
+    export = _exporter(gpu, out, bar.write)
     started = time.monotonic()
     try:
         if args.workers > 1:
@@ -314,17 +323,29 @@ def run(args: argparse.Namespace) -> int:
                 bar.n = search.study_progress(tasks, ctx)
                 bar.refresh()
 
-            failures = _run_workers(args, storage_url, dry, poll)
-            results = search.finalize_tasks(tasks, ctx, floors)
+            failures = _run_workers(args, storage_url, dry, settings.compile_workers, poll)
+            results = search.finalize_tasks(tasks, ctx, floors, on_result=export)
         else:
             failures = 0
-            results = search.run_tasks(tasks, ctx, floors, on_counted=bar.update)
+            results = search.run_tasks(tasks, ctx, floors, on_counted=bar.update, on_result=export)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: finished trials are kept in {storage_url or search.default_journal()}; run the "
+              "same command again to resume" + (" (a dry run always starts afresh)" if scratch else ""),
+              file=sys.stderr)
+        return 130
+    except search.CrashError as err:
+        bar.close()
+        print(f"\n{err}", file=sys.stderr)
+        return 1
     finally:
         bar.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     print(f"done in {time.monotonic() - started:.0f} s")
     print_summary(results, dry)
     if args.exhaustive and results:
         _report_exhaustive(results[0], ctx, tasks[0])
-    out = Path(args.out) if args.out else (paths.cache_dir() / "dry-run" / "dispatch" if dry else None)
-    _export(results, gpu, out)
+    written = sum(1 for r in results if r.entry is not None)
+    print(f"wrote {written} entries to {dispatch.table_path(gpu.key, out)}" if written else "no entries to write")
     return 1 if failures else 0

@@ -39,7 +39,11 @@ def _environment(templates_dir: Path):  # -> jinja2.Environment
 
 def render(spec: MLASpec, templates_dir: Path | None = None) -> str:
     """The source of the generated module for ``spec`` (deterministic: same inputs, same bytes)."""
-    env = _environment(templates_dir or paths.templates_dir())
+    templates_dir = templates_dir or paths.templates_dir()
+    if not (templates_dir / spec.template).is_file():
+        raise FileNotFoundError(f"templates: {templates_dir / spec.template} not found; code generation needs a "
+                                "checkout of mla-tuner (an installed package ships generated kernels, not templates)")
+    env = _environment(templates_dir)
     context = dict(asdict(spec), name=spec.name(), causal=spec.causal)
     source = env.get_template(spec.template).render(**context)
     return source.rstrip("\n") + "\n"

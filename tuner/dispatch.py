@@ -195,10 +195,11 @@ def parse_table(text: str, path: Path | str | None = None) -> Table:
     except json.JSONDecodeError as err:
         raise DispatchTableError(path, f"not valid JSON ({err})") from None
     try:
-        data = _keys("top level", data, _TOP_KEYS)
-        if data["schema_version"] != SCHEMA_VERSION:
+        # The version first: another version's table has other keys too.
+        if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise ValueError(f"schema_version: expected {SCHEMA_VERSION}, found {data['schema_version']!r} "
                              "(re-run `mla-tune tune` with this version)")
+        data = _keys("top level", data, _TOP_KEYS)
         gpu = _gpu_from_json(data["gpu"])
         if path is not None and Path(path).stem != gpu.key:
             raise ValueError(f"gpu.key: expected {Path(path).stem!r} (the file name), found {gpu.key!r}")
@@ -207,12 +208,18 @@ def parse_table(text: str, path: Path | str | None = None) -> Table:
             raise ValueError(f"kernels: expected an object, found {type(kernels_raw).__name__}")
         kernels: dict[str, dict[str, Entry]] = {}
         for kernel, entries in kernels_raw.items():
-            spec = MLASpec.from_name(kernel)
+            try:
+                spec = MLASpec.from_name(kernel)
+            except ValueError as err:
+                raise ValueError(f"kernels: {err}") from None
             if not isinstance(entries, dict):
                 raise ValueError(f"kernels.{kernel}: expected an object, found {type(entries).__name__}")
             kind = "decode" if spec.is_decode else "prefill"
             for bucket in entries:
-                by_name(kind, bucket)
+                try:
+                    by_name(kind, bucket)
+                except ValueError as err:
+                    raise ValueError(f"kernels.{kernel}: {err}") from None
             kernels[kernel] = {b: _entry_from_json(spec, f"kernels.{kernel}.{b}", e) for b, e in entries.items()}
     except ValueError as err:
         raise DispatchTableError(path, str(err)) from None

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from .bench import Ceilings, floor_us, measure_ceilings
 from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
 from .decode import mla_decode
 from .device import gpu_info
@@ -43,32 +43,12 @@ def device_limits(device: torch.device) -> Limits:
     return Limits(shared_bytes=int(props["max_shared_mem"]))
 
 
-@dataclass(frozen=True)
-class Floors:
-    """Measured ceilings: device-to-device copy bandwidth (bytes/s) and bf16 matmul rate (FLOP/s)."""
-
-    copy_bytes_per_s: float
-    matmul_flops_per_s: float
-
-    def floor_us(self, workload: Workload, itemsize: int = 2) -> float:
-        """The larger of bytes / bandwidth and FLOPs / matmul rate, in microseconds."""
-        return max(workload.bytes_moved(itemsize) / self.copy_bytes_per_s,
-                   workload.flops() / self.matmul_flops_per_s) * 1e6
-
-
-def measure_floors(device: torch.device) -> Floors | None:
-    """Copy a 1 GiB buffer and multiply two bf16 8192x8192 matrices (a few seconds); None on CPU."""
+def measure_floors(device: torch.device) -> Ceilings | None:
+    """The copy bandwidth and bf16 matmul rate the floors are made of, measured as ``mla-tune bench``
+    measures them (a few seconds); None under the interpreter, where floors mean nothing."""
     if device.type != "cuda":
         return None
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = time_call(lambda: dst.copy_(src), device=device, runs=20, graph=False)
-    n = 8192
-    a, b, c = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(3))
-    mm = time_call(lambda: torch.mm(a, b, out=c), device=device, runs=20, graph=False, flush_l2=False)
-    floors = Floors(copy_bytes_per_s=2 * src.numel() / (copy.median_us * 1e-6),
-                    matmul_flops_per_s=2 * n**3 / (mm.median_us * 1e-6))
-    return floors
+    return measure_ceilings(device, torch.bfloat16, runs=20)
 
 
 def compare(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor) -> str | None:
@@ -168,5 +148,9 @@ class Bench:
         """Median of ``runs`` CUDA-graph replays with L2 flushed (wall time under the interpreter)."""
         return time_call(self.launcher(config), device=self.device, runs=runs, warmup=warmup)
 
-    def floor_us(self, floors: Floors | None) -> float:
-        return math.nan if floors is None else floors.floor_us(self.workload, self.inputs.q_nope.element_size())
+    def floor_us(self, floors: Ceilings | None) -> float:
+        """max(bytes / copy bandwidth, FLOPs / matmul rate) of the workload, in µs (NaN without floors)."""
+        if floors is None:
+            return math.nan
+        return floor_us(self.workload.bytes_moved(self.inputs.q_nope.element_size()), self.workload.flops(),
+                        floors.copy_bytes_per_s, floors.matmul_flops_per_s)

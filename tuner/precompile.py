@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .spec import MLASpec
@@ -72,7 +72,6 @@ class CompileResult:
     spill_bytes: int = -1
     seconds: float = 0.0
     kernels: int = 0
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _triton_driver_base() -> type:

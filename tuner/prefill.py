@@ -71,7 +71,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
     scale = validate.check_sm_scale(sm_scale)
     if validate_data:
         validate.check_host_data(spec, ckv_cache.shape[0], kv_indptr, kv_indices, kv_last_page_len,
-                                 qo_indptr=qo_indptr)
+                                 qo_indptr=qo_indptr, total_q=q_nope.shape[0])
     total_q = q_nope.shape[0]
     if config is None:
         avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)

@@ -40,6 +40,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,26 +50,29 @@ import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from . import paths
+from .bench import Ceilings
 from .buckets import Bucket
 from .config import default_decode_config, default_prefill_config
 from .device import gpu_info
 from .dispatch import Entry, versions
 from .loader import module_hash
-from .measure import Bench, Floors
+from .measure import Bench
 from .precompile import CompilePool, CompileResult, capture, current_target, interpreting
 from .space import Config, Limits, Space, check_values, feasible_grid, space_for
 from .spec import MLASpec
+from .workloads import Workload
 
 COUNTED = frozenset({"ok", "compile_error", "out_of_resources", "incorrect", "launch_error", "timeout"})
 """Trial outcomes that count toward a study's budget (candidates that cost a compile or GPU time)."""
 
 JOURNAL_NAME = "studies.journal"
+JOURNAL_LOCK_GRACE_S = 5
 
 
 @dataclass(frozen=True)
 class Task:
-    """One study: a kernel specialization and a bucket, tuned on ``workload_kind``'s workload
-    (``"bucket"``: the representative batch; ``"tiny"``: the interpreter's few tokens)."""
+    """One study: a kernel specialization and a bucket, tuned on the bucket's representative batch
+    (``tiny``: on a few tokens, for the interpreter's dry run)."""
 
     spec: MLASpec
     bucket: Bucket
@@ -78,7 +82,7 @@ class Task:
     def label(self) -> str:
         return f"{self.spec.name()} {self.bucket.name}"
 
-    def workload(self):  # -> tuner.workloads.Workload
+    def workload(self) -> Workload:
         return self.bucket.tiny_workload(self.spec) if self.tiny else self.bucket.workload(self.spec)
 
 
@@ -149,18 +153,22 @@ def make_storage(url: str | None, heartbeat_s: int = 10) -> optuna.storages.Base
     studies use PostgreSQL).
     """
     from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     if url is None or url.startswith("journal:"):
         path = default_journal() if url is None else Path(url[len("journal:"):]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        # A process killed while appending leaves the lock behind; appends take milliseconds, so a
+        # lock older than JOURNAL_LOCK_GRACE_S seconds is stale and broken (Optuna's default waits 30).
+        lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     if url.startswith(("redis://", "rediss://")):
         from optuna.storages.journal import JournalRedisBackend
 
         return JournalStorage(JournalRedisBackend(url))
     import inspect
 
+    url = _with_pg_driver(url)
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
         optuna.storages.RetryFailedTrialCallback
     # Optuna 4.9 renamed failed_trial_callback to heartbeat_stale_trial_callback.
@@ -170,6 +178,18 @@ def make_storage(url: str | None, heartbeat_s: int = 10) -> optuna.storages.Base
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
                           **{arg: retry_cls(max_retry=3)})
+
+
+def _with_pg_driver(url: str) -> str:
+    """``postgresql://`` names no driver, and SQLAlchemy 2.1 takes that to mean psycopg 3; use
+    psycopg2 (``pip install psycopg2-binary``) when it is the one installed."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def _heartbeat_storage(storage: optuna.storages.BaseStorage) -> Any | None:
@@ -243,7 +263,7 @@ def _sampler(settings: Settings, worker_index: int) -> optuna.samplers.BaseSampl
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
             seed=settings.seed + worker_index, n_startup_trials=min(settings.startup_trials, settings.trials),
-            multivariate=True, constant_liar=True, warn_independent_sampling=False)
+            multivariate=True, constant_liar=True)
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, settings: Settings, space: Space,
@@ -288,12 +308,14 @@ def _requeue(study: optuna.Study, t: FrozenTrial, why: str) -> None:
 
 
 def recover_lost_trials(study: optuna.Study) -> None:
-    """Fail and re-queue RUNNING trials whose worker is gone: heartbeat-stale trials (RDB storages,
-    Optuna's retry callback re-queues them) and trials of dead processes on this host (any storage)."""
+    """Fail and re-queue RUNNING trials whose worker is gone. With heartbeats (RDB storages): the
+    heartbeat-stale ones, re-queued by Optuna's retry callback. Without (journal storages, one host):
+    those of processes of this host that no longer exist."""
     if _heartbeat_storage(_backend(study)) is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+        return
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(t.user_attrs.get("worker", ""))
@@ -303,8 +325,9 @@ def recover_lost_trials(study: optuna.Study) -> None:
 
 
 def _backend(study: optuna.Study) -> optuna.storages.BaseStorage:
-    storage = study._storage  # Optuna wraps RDBStorage in a cache
-    return getattr(storage, "_backend", storage)
+    """The study's storage, unwrapped from the cache Optuna puts around an RDBStorage."""
+    inner = getattr(study._storage, "_backend", None)
+    return inner if isinstance(inner, optuna.storages.RDBStorage) else study._storage
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,6 +373,12 @@ class StudyRunner:
         self.grid: list[dict[str, int]] | None = feasible_grid(space, limits) if settings.exhaustive else None
         if self.grid is not None:
             self.budget = len(self.grid)
+        # Exhaustive bookkeeping, kept incrementally (a sweep has thousands of trials): the points of
+        # finished trials, those measured or pruned, and the next grid position to consider.
+        self._indexed: set[int] = set()
+        self._finished_points: set[tuple[tuple[str, Any], ...]] = set()
+        self._done_points: set[tuple[tuple[str, Any], ...]] = set()
+        self._grid_pos = 0
 
     @property
     def bench(self) -> Bench:
@@ -359,14 +388,20 @@ class StudyRunner:
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
-    def _census(self) -> tuple[int, int, list[FrozenTrial]]:
-        """(trials counted toward the budget, trials running or waiting, all trials)."""
+    def _census(self) -> tuple[int, int, int, list[FrozenTrial]]:
+        """(trials counted toward the budget, trials running, trials waiting, all trials)."""
         trials = self.study.get_trials(deepcopy=False)
-        active = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
         if self.grid is None:
-            return counted_trials(trials), active, trials
-        done = {_params_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
-        return sum(1 for p in self.grid if _params_key(p) in done), active, trials
+            return counted_trials(trials), running, waiting, trials
+        for t in trials:
+            if t.number not in self._indexed and t.state.is_finished():
+                self._indexed.add(t.number)
+                self._finished_points.add(_params_key(t.params))
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                    self._done_points.add(_params_key(t.params))
+        return len(self._done_points), running, waiting, trials
 
     def _finish(self, trial: Trial, outcome: str, value: float | None = None, reason: str | None = None,
                 **attrs: Any) -> None:
@@ -383,13 +418,24 @@ class StudyRunner:
         if outcome in COUNTED or self.grid is not None:
             self.on_counted(1)
 
+    def _surplus(self, trial: Trial, trials: list[FrozenTrial]) -> bool:
+        """Whether a new trial overshoots the budget: workers that ask at the same moment may together
+        create more trials than the budget has left; the later ones (by number) step back."""
+        if self.grid is not None or any(t.number == trial.number for t in trials):
+            return False  # an exhaustive sweep, or a queued trial (the default, a retry): always run
+        now = self.study.get_trials(deepcopy=False)
+        ahead = counted_trials(now) + sum(1 for t in now if t.state == TrialState.RUNNING and t.number < trial.number)
+        return ahead >= self.budget
+
     def _ask(self, trials: list[FrozenTrial]) -> Trial:
         if self.grid is not None:
-            seen = {_params_key(t.params) for t in trials}
+            seen = self._finished_points | {_params_key(t.params) for t in trials if not t.state.is_finished()}
             seen |= {_params_key(p.trial.params) for p in self.in_flight}
-            point = next((p for p in self.grid if _params_key(p) not in seen), None)
-            if point is not None:
-                self.study.enqueue_trial(point)
+            while self._grid_pos < len(self.grid) and _params_key(self.grid[self._grid_pos]) in seen:
+                self._grid_pos += 1
+            if self._grid_pos < len(self.grid):
+                self.study.enqueue_trial(self.grid[self._grid_pos])
+                self._grid_pos += 1
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Heartbeat.*")
             trial = self.study.ask()
@@ -402,6 +448,9 @@ class StudyRunner:
     def _propose(self, trials: list[FrozenTrial]) -> None:
         """Ask one trial and either finish it at once (infeasible, duplicate) or start its compile."""
         trial = self._ask(trials)
+        if self._surplus(trial, trials):
+            self._finish(trial, "surplus", reason="another worker took the last trial of the budget")
+            return
         values = {p.name: trial.suggest_categorical(p.name, p.choices) for p in self.space.params}
         config, reason = check_values(self.space, values, self.limits)
         if config is None or reason is not None:
@@ -445,7 +494,7 @@ class StudyRunner:
             return "timeout"
         try:
             return pending.future.result()
-        except cf.process.BrokenProcessPool:
+        except BrokenProcessPool:
             if pending.resubmitted:
                 return "compile_error"
             # A worker died (a crash inside the compiler): restart the pool, resubmit everything.
@@ -510,15 +559,17 @@ class StudyRunner:
         deadline = None if self.settings.seconds is None else time.monotonic() + self.settings.seconds
         asks_left = 4 * self.budget + 16 if self.grid is None else 2 * self.budget + 16
         idle_since: float | None = None
+        self.on_counted(self._census()[0])  # a resumed study has some already
         try:
             while True:
                 recover_lost_trials(self.study)
-                counted, active, trials = self._census()
+                counted, running, waiting, trials = self._census()
                 over = (deadline is not None and time.monotonic() > deadline) or asks_left <= 0
-                while not over and counted + active < self.budget and len(self.in_flight) < self.depth:
+                # Queued trials (the default, retries) are always taken; new ones only within the budget.
+                while not over and (waiting or counted + running < self.budget) and len(self.in_flight) < self.depth:
                     self._propose(trials)
                     asks_left -= 1
-                    counted, active, trials = self._census()
+                    counted, running, waiting, trials = self._census()
                     over = asks_left <= 0
                 if self.in_flight:
                     idle_since = None
@@ -554,7 +605,9 @@ class StudyRunner:
 
 
 def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settings: Settings,
-             floors: Floors | None) -> StudyResult:
+             floors: Ceilings | None) -> StudyResult:
+    """Re-time the best ``settings.finalists`` distinct candidates and the default with
+    ``settings.final_runs`` runs each and make the dispatch entry of the fastest."""
     trials = study.get_trials(deepcopy=False)
     outcomes = Counter(_outcome(t) or t.state.name.lower() for t in trials)
     counted = counted_trials(trials) if not settings.exhaustive else sum(
@@ -562,38 +615,39 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
     result = StudyResult(task, study.study_name, outcomes, counted, floor_us=bench.floor_us(floors))
     ok = sorted((t for t in trials if t.state == TrialState.COMPLETE and _outcome(t) == "ok"),
                 key=lambda t: t.value if t.value is not None else math.inf)
-    finalists: dict[str, tuple[Config, int | None]] = {}
+    finalists: dict[str, tuple[Config, int]] = {}
     for t in ok:
         if len(finalists) >= settings.finalists:
             break
-        config = space.to_config(t.params)
-        finalists.setdefault(str(t.user_attrs.get("effective")), (config, t.number))
-    default = bench.default_config()
-    result.default = default
+        finalists.setdefault(str(t.user_attrs.get("effective")), (space.to_config(t.params), t.number))
+    result.default = default = bench.default_config()
     wrong = _safe_check(bench, default)
     if wrong is None:
-        result.default_us = bench.time(default, runs=settings.final_runs, warmup=settings.warmup).median_us
+        result.default_us = _retime(bench, default, settings, result.notes, "the default config")
     else:
         result.notes.append(f"the default config fails the correctness gate: {wrong}")
     best: tuple[float, Config, int | None] | None = None
     if result.default_us is not None:
-        best = (result.default_us, default, None)
+        best = (result.default_us, default, next((t.number for t in ok if t.user_attrs.get("default")), None))
     for config, number in finalists.values():
-        if config == default:
-            continue
-        us = bench.time(config, runs=settings.final_runs, warmup=settings.warmup).median_us
-        if best is None or us < best[0]:
+        us = None if config == default else _retime(bench, config, settings, result.notes, f"trial {number}")
+        if us is not None and (best is None or us < best[0]):
             best = (us, config, number)
     if best is None:
         result.notes.append("no candidate passed the correctness gate: no entry")
         return result
     result.best_us, result.best, result.best_trial = best
-    if result.best_trial is None:
-        default_trials = [t.number for t in ok if t.user_attrs.get("default")]
-        result.best_trial = default_trials[0] if default_trials else None
     result.entry = Entry(config=result.best, time_us=result.best_us, default_time_us=result.default_us,
                          kernel_hash=module_hash(task.spec), trials=counted, versions=versions())
     return result
+
+
+def _retime(bench: Bench, config: Config, settings: Settings, notes: list[str], what: str) -> float | None:
+    try:
+        return bench.time(config, runs=settings.final_runs, warmup=settings.warmup).median_us
+    except Exception as err:  # noqa: BLE001 - a candidate that will not re-time is dropped, and said
+        notes.append(f"{what} failed to re-time: {type(err).__name__}: {err}")
+        return None
 
 
 def _safe_check(bench: Bench, config: Config) -> str | None:
@@ -669,7 +723,7 @@ def prepare(task: Task, ctx: Context) -> Prepared:
     return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench)
 
 
-def run_tasks(tasks: list[Task], ctx: Context, floors: Floors | None = None, finalize_each: bool = True,
+def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, finalize_each: bool = True,
               on_counted: Callable[[int], None] = lambda n: None,
               on_result: Callable[[StudyResult], None] = lambda r: None) -> list[StudyResult]:
     """Run the studies of ``tasks`` one after another in this process, finalizing each unless this
@@ -701,7 +755,7 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def finalize_tasks(tasks: list[Task], ctx: Context, floors: Floors | None,
+def finalize_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None,
                    on_result: Callable[[StudyResult], None] = lambda r: None) -> list[StudyResult]:
     """Finalize studies that workers ran (the parent process, after the workers are done)."""
     results = []

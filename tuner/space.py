@@ -127,10 +127,11 @@ class Space:
         if self.spec.is_decode:
             config: Config = DecodeConfig.from_dict(data)
         else:
-            rows, block_h = data.pop("rows"), data["block_h"]
-            if rows % block_h:
-                raise ValueError(f"rows: expected a multiple of block_h={block_h}, found {rows}")
-            data["block_m"] = rows // block_h
+            if "rows" in data:  # searched instead of block_m
+                rows, block_h = data.pop("rows"), data["block_h"]
+                if rows % block_h:
+                    raise ValueError(f"rows: expected a multiple of block_h={block_h}, found {rows}")
+                data["block_m"] = rows // block_h
             config = PrefillConfig.from_dict(data)
         config.check_spec(self.spec)
         return config

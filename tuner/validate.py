@@ -33,7 +33,8 @@ def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequ
         raise ValueError(f"{name}: expected {len(shape)} dimensions, found {t.dim()} (shape {tuple(t.shape)})")
     for axis, (want, got) in enumerate(zip(shape, t.shape, strict=True)):
         if want is not None and want != got:
-            expect = tuple("*" if s is None else s for s in shape)
+            dims = ", ".join("*" if s is None else str(s) for s in shape)
+            expect = f"({dims},)" if len(shape) == 1 else f"({dims})"
             raise ValueError(f"{name}: expected shape {expect}, found {tuple(t.shape)} (axis {axis})")
     if t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, found {t.dtype}")
@@ -102,8 +103,10 @@ def check_outputs(rows: int, spec: MLASpec, dtype: torch.dtype, device: torch.de
 
 
 def check_host_data(spec: MLASpec, num_pages: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-                    kv_last_page_len: torch.Tensor | None, qo_indptr: torch.Tensor | None = None) -> None:
-    """The checks that need the index data on the host (copies it: a device sync)."""
+                    kv_last_page_len: torch.Tensor | None, qo_indptr: torch.Tensor | None = None,
+                    total_q: int | None = None) -> None:
+    """The checks that need the index data on the host (copies it: a device sync). ``total_q``: the
+    rows of q_nope, which qo_indptr[-1] must equal (prefill)."""
     indptr = kv_indptr.cpu().long()
     _check_indptr("kv_indptr", indptr, kv_indices.numel())
     ids = kv_indices.cpu().long()[: int(indptr[-1])]
@@ -121,6 +124,9 @@ def check_host_data(spec: MLASpec, num_pages: int, kv_indptr: torch.Tensor, kv_i
     if qo_indptr is not None:
         qo = qo_indptr.cpu().long()
         _check_indptr("qo_indptr", qo, None)
+        if total_q is not None and int(qo[-1]) != total_q:
+            raise ValueError(f"qo_indptr: expected the last value to equal the rows of q_nope ({total_q}), "
+                             f"found {int(qo[-1])}")
         last = (kv_last_page_len.cpu().long() if kv_last_page_len is not None and spec.page_size > 1
                 else torch.full_like(n_pages, spec.page_size))
         kv_len = torch.where(n_pages > 0, (n_pages - 1) * spec.page_size + last, torch.zeros_like(n_pages))

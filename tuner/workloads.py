@@ -65,7 +65,7 @@ class Workload:
         return self.visible_pairs() * self.heads * per
 
 
-def _skewed_lengths(n: int, median: float, lo: int, hi: int, sigma: float, seed: int) -> tuple[int, ...]:
+def skewed_lengths(n: int, median: float, lo: int, hi: int, sigma: float, seed: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(seed)
     x = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * sigma + math.log(median))
     return tuple(int(v) for v in x.clamp(lo, hi).round().long())
@@ -84,7 +84,7 @@ def _p16_var() -> Workload:
 
 def _p28_fresh() -> Workload:
     """28 fresh prompts, lognormal lengths clipped to 16..420 (about 1950 queries), 1..8-token prefixes."""
-    q = _skewed_lengths(28, 38, 16, 420, 0.9, seed=1)
+    q = skewed_lengths(28, 38, 16, 420, 0.9, seed=1)
     prefix = _uniform(28, 1, 8, torch.Generator().manual_seed(1))
     return Workload("p-28-fresh", 16, tuple(a + b for a, b in zip(q, prefix, strict=True)), q)
 
@@ -98,7 +98,7 @@ def benchmark_set() -> list[Workload]:
         Workload("d-b128-2k", 16, (2048,) * 128),
         Workload("d-b256-4k", 16, (4096,) * 256),
         Workload("d-b16-32k", 16, (32768,) * 16),
-        Workload("d-b64-skew", 16, _skewed_lengths(64, 700, 500, 9200, 0.9, seed=2)),
+        Workload("d-b64-skew", 16, skewed_lengths(64, 700, 500, 9200, 0.9, seed=2)),
         Workload("d-h128-b32-4k", 128, (4096,) * 32),
         Workload("d-h128-b128-4k", 128, (4096,) * 128),
         Workload("p-1x4k", 16, (4096,), (4096,)),

@@ -46,7 +46,7 @@ def naive_prefill(case, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
                 m = max(scores)
                 weights = [math.exp(s - m) for s in scores]
                 total = sum(weights)
-                out[row, h] = sum(w * v for w, v in zip(weights, values)) / total
+                out[row, h] = sum(w * v for w, v in zip(weights, values, strict=True)) / total
                 lse[row, h] = (m + math.log(total)) / math.log(2.0)
     return out, lse
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -144,7 +145,8 @@ COMMON: list[tuple[str, Mutation, type[Exception], str]] = [
 
 # validate_data=True: checks that need the index data on the host.
 HOST_DATA: list[tuple[str, Mutation, str]] = [
-    ("indptr-not-zero", setting("kv_indptr", lambda _: int32(1, 1, 1, 3)), r"^kv_indptr: expected to start at 0, found 1"),
+    ("indptr-not-zero", setting("kv_indptr", lambda _: int32(1, 1, 1, 3)),
+     r"^kv_indptr: expected to start at 0, found 1"),
     ("indptr-decreasing", setting("kv_indptr", lambda _: int32(0, 2, 1, 3)),
      r"^kv_indptr: expected non-decreasing values, found 2 then 1"),
     ("indptr-past-indices", setting("kv_indptr", lambda _: int32(0, 1, 1, 4)),
@@ -279,8 +281,7 @@ def test_run_checks_metadata() -> None:
 def test_config_that_cannot_run_the_spec() -> None:
     c = make_case(16, KV_LENS, Q_LENS, page_size=PAGE_SIZE, seed=74)
     with pytest.raises(ValueError, match=r"block_h: expected at most 16 for 16 heads, found 64"):
-        c.replace(qo_indptr=None).decode() if False else mla_decode(
-            **decode_args(), config=DecodeConfig(block_h=64))
+        mla_decode(**decode_args(), config=DecodeConfig(block_h=64))
     with pytest.raises(ValueError, match=r"merge_block_d: expected at most head_dim_ckv=512"):
         mla_decode(**decode_args(), config=DecodeConfig(merge_block_d=1024))
     with pytest.raises(ValueError, match=r"block_h: expected at most 16"):

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs,
-                     skewed_lengths)
+from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import DecodeConfig, MLASpec, catalogue
 

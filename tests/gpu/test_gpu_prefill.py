@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs,
-                     skewed_lengths)
+from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import MLASpec, PrefillConfig, catalogue
 
@@ -30,7 +29,7 @@ def batch_lengths(total_q: int, seed: int) -> tuple[list[int], list[int]]:
     n = max(2, total_q // 400)
     raw = skewed_lengths(n, 16, 4096, seed=seed)
     q = [max(1, round(x * total_q / sum(raw))) for x in raw]
-    kv = [a + int(b) for a, b in zip(q, torch.randint(0, MAX_PREFIX + 1, (n,), generator=g))]
+    kv = [a + int(b) for a, b in zip(q, torch.randint(0, MAX_PREFIX + 1, (n,), generator=g), strict=True)]
     q, kv = q + [0, 0, 1], kv + [300, 0, 1]
     order = torch.randperm(len(q), generator=g).tolist()
     return [kv[i] for i in order], [q[i] for i in order]

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU-machine runs behind the closing notes, as phases: bash perf/gpu_session.sh PHASE... (logs in $OUT).
+#   tests   the GPU test suite (bf16, every catalogue configuration, graph replay, > 2^31-element cache)
+#   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
+#   tune    `mla-tune tune` with no arguments (the default catalogue), timed; the table is copied to $OUT
+#   cmp     TPE (24 trials) against an exhaustive sweep of one decode bucket
+#   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
+#   bench   `mla-tune bench` with the peers (needs .peers carried)
+# Needs wheels the machine lacks (optuna and its needs) in .whl/ and PY (default python3).
+set -uo pipefail
+T0=$(date +%s)
+LIMIT=${LIMIT:-570}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ! python3 -c "import optuna" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MLA_TUNER_CACHE_DIR="$PWD/build/mla-cache"
+left() { echo $((LIMIT - ($(date +%s) - T0))); }
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+
+for phase in "$@"; do
+    echo "=== $phase (t=$(($(date +%s) - T0)) s, $(left) s left)"
+    case $phase in
+    tests) timeout 240 python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    smoke) timeout 180 python3 -m tuner tune --trials 3 --variant decode --page-size 1 --buckets b1-16_kv1-2k \
+               --out "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log" | grep -v "trials:" || exit 1 ;;
+    tune) /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune 2>&1 | tee "$OUT/tune.log" \
+              | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
+    cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ --trials 24 \
+             --out "$OUT/cmp" 2>&1 | grep -v "trials:" | tee "$OUT/cmp.log"
+         timeout "$(left)" python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ --exhaustive \
+             --runs 10 --out "$OUT/cmp" 2>&1 | grep -v "trials:" | tee -a "$OUT/cmp.log" ;;
+    tune2) MLA_TUNER_CACHE_DIR="$PWD/build/mla-cache-2gpu" /usr/bin/time -f "tune2 wall %e s" timeout "$(left)" \
+               python3 -m tuner tune --workers 2 --out "$OUT/two" 2>&1 | tee "$OUT/tune2.log" | grep -v "trials:" ;;
+    bench) (source .peers/activate.sh && timeout "$(left)" python3 -m tuner bench --out "$OUT/results") 2>&1 \
+               | tee "$OUT/bench.log" ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+    esac
+done
+echo "=== done at t=$(($(date +%s) - T0)) s"

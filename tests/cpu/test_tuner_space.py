@@ -1,0 +1,190 @@
+"""The search spaces (tuner.space), their feasibility pruning, and the shape buckets (tuner.buckets)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tuner import buckets, space
+from tuner.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config, next_pow2
+from tuner.spec import MLASpec, catalogue
+from tuner.workloads import benchmark_set
+
+H100_SMS = 132
+
+
+def _default(spec: MLASpec, bucket: buckets.Bucket) -> space.Config:
+    w = bucket.workload(spec)
+    if spec.is_decode:
+        return default_decode_config(spec, w.batch, sum(w.kv_lens) / w.batch, H100_SMS)
+    return default_prefill_config(spec)
+
+
+@pytest.mark.parametrize("spec", catalogue(), ids=MLASpec.name)
+def test_default_config_is_in_the_space_and_feasible(spec: MLASpec) -> None:
+    for bucket in buckets.buckets_for(spec):
+        default = _default(spec, bucket)
+        sp = space.space_for(spec, default)
+        assert sp.contains(default)
+        assert sp.to_config(sp.values_of(default)) == default
+        assert space.check(spec, default) is None, f"{spec.name()} {bucket.name}: default pruned"
+
+
+def test_tiny_spec_space_holds_its_small_default() -> None:
+    """A shape smaller than every choice (ckv 32) still gets its default's values as choices."""
+    spec = MLASpec("decode", 8, 32, 16, 4)
+    default = default_decode_config(spec, 3, 40, 4)
+    sp = space.decode_space(spec, default)
+    choices = {p.name: p.choices for p in sp.params}
+    assert choices["merge_block_d"] == (32,)
+    assert sp.contains(default)
+
+
+def test_choices_respect_the_spec() -> None:
+    for heads in (8, 16, 32, 64, 128):
+        spec = MLASpec("decode", heads, 512, 64, 1)
+        sp = space.decode_space(spec, default_decode_config(spec, 8, 4096, H100_SMS))
+        block_h = dict((p.name, p.choices) for p in sp.params)["block_h"]
+        assert max(block_h) <= max(16, next_pow2(heads))
+        spec = MLASpec("prefill_causal", heads, 512, 64, 1)
+        sp = space.prefill_space(spec, default_prefill_config(spec))
+        assert max(dict((p.name, p.choices) for p in sp.params)["block_h"]) <= next_pow2(heads)
+
+
+@pytest.mark.parametrize("spec", [MLASpec("decode", 16, 512, 64, 1), MLASpec("decode", 128, 512, 64, 64),
+                                  MLASpec("prefill_causal", 16, 512, 64, 1), MLASpec("prefill", 64, 256, 32, 64)],
+                         ids=MLASpec.name)
+def test_every_feasible_point_is_a_valid_config(spec: MLASpec) -> None:
+    default = default_decode_config(spec, 8, 4096, H100_SMS) if spec.is_decode else default_prefill_config(spec)
+    sp = space.space_for(spec, default)
+    grid = list(sp.grid())
+    assert len(grid) == sp.size() and len({tuple(v.items()) for v in grid}) == len(grid)
+    feasible = space.feasible_grid(sp)
+    assert 0 < len(feasible) < len(grid)  # something is pruned, something is left
+    for values in feasible:
+        config = sp.to_config(values)
+        config.check_spec(spec)
+        assert sp.values_of(config) == values
+
+
+# (config, shared bytes of Triton 3.6's sm_90 compile, ckv 512 + kpe 64, bf16): calibration points of
+# space.shared_bytes_estimate, which must never exceed what the compiler asks for.
+MEASURED_SHARED = [
+    (DecodeConfig(block_h=16, block_n=16, num_warps=8, num_stages=2), 37376),
+    (DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=2), 94208),
+    (DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=4), 241664),
+    (DecodeConfig(block_h=16, block_n=128, num_warps=8, num_stages=1), 215040),
+    (DecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=3), 188416),
+    (DecodeConfig(block_h=64, block_n=16, num_warps=8, num_stages=1), 131072),
+    (DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=3), 184320),
+    (DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=3), 294912),
+    (PrefillConfig(block_m=2, block_h=16, block_n=64, num_warps=8, num_stages=2), 114688),
+    (PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=2), 221184),
+    (PrefillConfig(block_m=8, block_h=16, block_n=16, num_warps=8, num_stages=1), 165888),
+]
+
+
+@pytest.mark.parametrize("config,measured", MEASURED_SHARED, ids=lambda x: getattr(x, "short", lambda: str(x))())
+def test_shared_memory_estimate_is_a_close_lower_bound(config: space.Config, measured: int) -> None:
+    variant = "decode" if isinstance(config, DecodeConfig) else "prefill_causal"
+    spec = MLASpec(variant, 64, 512, 64, 1)  # type: ignore[arg-type]
+    estimate = space.shared_bytes_estimate(spec, config)
+    assert 0.6 * measured <= estimate <= measured
+
+
+@pytest.mark.parametrize("config,why", [
+    (DecodeConfig(block_h=16, block_n=128, num_warps=8, num_stages=3), "shared memory"),
+    (DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=4), "shared memory"),
+    (DecodeConfig(block_h=64, block_n=32, num_warps=4, num_stages=2), "registers"),
+    (DecodeConfig(block_h=16, merge_block_h=32, merge_block_d=256, merge_num_warps=2), "merge tile"),
+    (DecodeConfig(block_h=256), "block_h"),
+    (PrefillConfig(block_m=8, block_h=16, block_n=16, num_warps=8, num_stages=1), "registers"),
+    (PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=3), "shared memory"),
+    (PrefillConfig(block_m=1, block_h=128), "block_h"),
+])
+def test_infeasible_configs_are_pruned_with_a_reason(config: space.Config, why: str) -> None:
+    variant = "decode" if isinstance(config, DecodeConfig) else "prefill_causal"
+    spec = MLASpec(variant, 64, 512, 64, 1)  # type: ignore[arg-type]
+    reason = space.check(spec, config)
+    assert reason is not None and why in reason, reason
+
+
+def test_smaller_gpus_prune_more() -> None:
+    spec = MLASpec("decode", 16, 512, 64, 1)
+    sp = space.decode_space(spec, default_decode_config(spec, 8, 4096, H100_SMS))
+    h100 = len(space.feasible_grid(sp))
+    small = len(space.feasible_grid(sp, space.Limits(shared_bytes=100 * 1024)))
+    assert small < h100
+
+
+def test_prefill_rows_must_split_into_heads() -> None:
+    spec = MLASpec("prefill_causal", 64, 512, 64, 1)
+    sp = space.prefill_space(spec, default_prefill_config(spec))
+    config, reason = space.check_values(sp, {"rows": 16, "block_h": 32, "block_n": 32, "num_warps": 4,
+                                             "num_stages": 2})
+    assert config is None and reason is not None and "rows" in reason
+    with pytest.raises(ValueError, match="missing parameters"):
+        sp.to_config({"rows": 16})
+
+
+def test_compact_form() -> None:
+    assert space.compact(PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=2)) == \
+        "m4 h16 n64 w8 st2"
+
+
+# -- buckets -------------------------------------------------------------------------------------------
+
+
+def test_buckets_tile_the_plane() -> None:
+    """Every (rows, mean KV) falls in exactly one bucket of its kind, from empty batches to 512 x 128k."""
+    rows = [0, 1, 2, 15, 16, 17, 95, 96, 97, 255, 256, 257, 512, 2047, 2048, 2049, 10**5]
+    kvs = [0, 0.5, 1, 127, 128, 2047, 2048, 2048.5, 2049, 32768, 131072]
+    for table in (buckets.DECODE_BUCKETS, buckets.PREFILL_BUCKETS):
+        for r, kv in itertools.product(rows, kvs):
+            inside = [b for b in table if b.contains(max(r, 1), max(kv, 1))]
+            assert len(inside) == 1, (r, kv, [b.name for b in inside])
+    assert buckets.decode_bucket(16, 2048).name == "b1-16_kv1-2k"
+    assert buckets.decode_bucket(17, 2049).name == "b17-96_kv2k+"
+    assert buckets.decode_bucket(0, 0).name == "b1-16_kv1-2k"
+    assert buckets.prefill_bucket(4096, 100).name == "q2k+_kv1-2k"
+
+
+def test_bucket_names_are_unique_and_parse_back() -> None:
+    for kind in ("decode", "prefill"):
+        names = buckets.bucket_names(kind)  # type: ignore[arg-type]
+        assert len(set(names)) == len(names)
+        for name in names:
+            assert buckets.by_name(kind, name).name == name  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected one of"):
+        buckets.by_name("decode", "q1-256")
+
+
+def test_representative_workloads_sit_inside_their_bucket() -> None:
+    for bucket in buckets.DECODE_BUCKETS + buckets.PREFILL_BUCKETS:
+        variant = "decode" if bucket.kind == "decode" else "prefill_causal"
+        spec = MLASpec(variant, 16, 512, 64, 64)  # type: ignore[arg-type]
+        w = bucket.workload(spec)
+        assert w.spec(64) == spec
+        rows = w.batch if bucket.kind == "decode" else w.total_q
+        assert bucket.contains(rows, sum(w.kv_lens) / w.batch), bucket.name
+        assert w.visible_pairs() > 0
+        assert bucket.workload(spec) == w  # fixed seeds
+        tiny = bucket.tiny_workload(spec)
+        assert sum(tiny.kv_lens) < 200 and tiny.spec(64) == spec
+    with pytest.raises(ValueError, match="is for decode"):
+        buckets.DECODE_BUCKETS[0].workload(MLASpec("prefill", 16, 512, 64, 1))
+
+
+def test_benchmark_rows_land_in_distinct_plausible_buckets() -> None:
+    """The edges put the benchmark set's rows (shared/benchmark_set.md) in buckets of their shape."""
+    expected = {
+        "d-b1-1k": "b1-16_kv1-2k", "d-b32-4k": "b17-96_kv2k+", "d-b128-2k": "b97+_kv1-2k",
+        "d-b256-4k": "b97+_kv2k+", "d-b16-32k": "b1-16_kv2k+", "d-b64-skew": "b17-96_kv1-2k",
+        "p-1x4k": "q2k+_kv2k+", "p-28-fresh": "q257-2k",
+    }
+    for w in benchmark_set():
+        if w.name in expected:
+            pick = buckets.decode_bucket if w.is_decode else buckets.prefill_bucket
+            got = pick(w.batch if w.is_decode else w.total_q, sum(w.kv_lens) / w.batch).name
+            assert got == expected[w.name], w.name
