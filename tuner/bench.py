@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from . import paths
+from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
 from .decode import MLADecode, mla_decode
 from .device import gpu_info
 from .fileio import write_atomic
@@ -52,7 +53,7 @@ GPU_COPY_BYTES = 1 << 30
 GPU_MATMUL_N = 8192
 CPU_COPY_BYTES = 32 << 20
 CPU_MATMUL_N = 256
-OURS = ("ours", "ours_fn")  # the plan/run form (timed against the peers) and the one-call form
+OURS = ("ours", "ours_fn", "ours_default")  # plan/run (timed against the peers), one call, untuned default
 DRY_RUN_NOTE = ("DRY RUN: Triton interpreter on the CPU, tiny shapes, fp16 - the timings mean nothing "
                 "about GPU speed")
 
@@ -227,15 +228,31 @@ def check_output(out: torch.Tensor, lse: torch.Tensor | None, ref_out: torch.Ten
 # ---------------------------------------------------------------------------------------------------
 
 class OursPlanRun(Impl):
-    """MLADecode / MLAPrefill: plan() once (the host work), time run()."""
+    """MLADecode / MLAPrefill: plan() once (the host work), time run(). ``default``: with the default
+    config instead of the tuned dispatch (what tuning gained, in the same run)."""
 
     key = "ours"
     label = "mla-tuner MLADecode / MLAPrefill plan + run (tuned dispatch)"
 
+    def __init__(self, default: bool = False) -> None:
+        self.default = default
+        if default:
+            self.key = "ours_default"
+            self.label = "mla-tuner MLADecode / MLAPrefill plan + run (default config, untuned)"
+
+    def _config(self, w: Workload, inp: Inputs, page_size: int) -> DecodeConfig | PrefillConfig | None:
+        if not self.default:
+            return None
+        spec = w.spec(page_size)
+        if inp.qo_indptr is None:
+            num_sms = gpu_info(inp.q_nope.device).num_sms
+            return default_decode_config(spec, w.batch, sum(w.kv_lens) / max(1, w.batch), num_sms)
+        return default_prefill_config(spec)
+
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
         shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale,
                      head_dim_ckv=w.head_dim_ckv, head_dim_kpe=w.head_dim_kpe,
-                     num_pages=inp.ckv_cache.shape[0])
+                     num_pages=inp.ckv_cache.shape[0], config=self._config(w, inp, page_size))
         plan: MLADecode | MLAPrefill
         if inp.qo_indptr is None:
             plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
@@ -272,7 +289,7 @@ def implementations(peer_keys: list[str]) -> dict[str, Impl]:
     unknown = [k for k in peer_keys if k not in peers]
     if unknown:
         raise ValueError(f"peers: unknown {unknown}; expected some of {list(peers)}")
-    impls: dict[str, Impl] = {"ours": OursPlanRun(), "ours_fn": OursFunctional()}
+    impls: dict[str, Impl] = {"ours": OursPlanRun(), "ours_fn": OursFunctional(), "ours_default": OursPlanRun(True)}
     impls.update({k: p for k, p in peers.items() if k in peer_keys})
     return impls
 
@@ -511,12 +528,15 @@ def _us(us: float) -> str:
     return f"{us:.0f}" if us >= 1000 else f"{us:.1f}"
 
 
+_SHORT = {"ours_fn": "fn", "ours_default": "untuned"}
+
+
 def table_header(columns: list[str], name_width: int = 16) -> str:
     head = f"{'row':<{name_width}} {'ps':>3} {'ours µs':>9} {'GB/s':>7} {'TFLOP/s':>7} {'floor':>5}"
     for key in columns:
         if key == "ours":
             continue
-        head += f" | {('fn' if key == 'ours_fn' else key) + ' µs':>10}"
+        head += f" | {_SHORT.get(key, key) + ' µs':>10}"
         head += "" if key == "ours_fn" else f" {'x':>5}"
     return head
 
@@ -644,7 +664,7 @@ def draw_figure(doc: dict[str, Any], path: Path) -> str:
     except ImportError:
         return "matplotlib is not installed: no bench.png (pip install matplotlib, or the 'bench' extra)"
     rows = doc["rows"]
-    keys = [k for k in doc["impls"] if k != "ours_fn"]
+    keys = [k for k in doc["impls"] if k not in ("ours_fn", "ours_default")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(16, max(5.0, 0.3 * len(rows) + 2)))
     height = 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):

@@ -83,14 +83,14 @@ def test_dry_run_json_schema(dry_run: tuple[str, Path]) -> None:
     assert doc["env"]["gpu_key"] == "cpu-interpreter"
     assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
     assert doc["settings"]["dtype"] == "float16" and doc["settings"]["page_sizes"] == [1, 64]
-    assert list(doc["impls"]) == ["ours", "ours_fn", *PEER_KEYS]
+    assert list(doc["impls"]) == ["ours", "ours_fn", "ours_default", *PEER_KEYS]
     assert doc["impls"]["torch"]["available"] and not doc["impls"]["fa3"]["available"]
     assert len(doc["rows"]) == 2 * len(bench.dry_run_set())
     for row in doc["rows"]:
         assert {"row", "kind", "heads", "batch", "total_q", "kv_tokens", "page_size", "bytes", "flops",
                 "floor_us", "checked_seqs", "impls"} <= set(row)
         assert row["floor_us"] > 0 and row["checked_seqs"] == row["batch"]
-        for key in ("ours", "ours_fn", "torch"):
+        for key in ("ours", "ours_fn", "ours_default", "torch"):
             e = row["impls"][key]
             assert e["status"] == "ok", e
             assert e["median_us"] > 0 and e["method"] == "wall-clock" and e["runs"] == bench.DRY_RUN_RUNS
