@@ -2,8 +2,9 @@
 # The GPU-machine runs behind the closing notes, as phases: bash perf/gpu_session.sh PHASE... (logs in $OUT).
 #   tests   the GPU test suite (bf16, every catalogue configuration, graph replay, > 2^31-element cache)
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
-#   tune    `mla-tune tune` with no arguments (the default catalogue), timed; the table is copied to $OUT
-#   cmp     TPE (24 trials) against an exhaustive sweep of one decode bucket
+#   tune    `mla-tune tune` with no arguments (the default catalogue) on GPU 0, timed; the table is copied to $OUT
+#   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table
+#   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
 #   bench   `mla-tune bench` with the peers (needs .peers carried)
 # Needs wheels the machine lacks (optuna and its needs) in .whl/ and PY (default python3).
@@ -28,9 +29,11 @@ for phase in "$@"; do
     tests) timeout 240 python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     smoke) timeout 180 python3 -m tuner tune --trials 3 --variant decode --page-size 1 --buckets b1-16_kv1-2k \
                --out "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log" | grep -v "trials:" || exit 1 ;;
-    tune) /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune 2>&1 | tee "$OUT/tune.log" \
+    tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune 2>&1 \
+              | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
+    h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 2>&1 | tee "$OUT/h128.log" \
               | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
-    cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ --trials 24 \
+    cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ \
              --out "$OUT/cmp" 2>&1 | grep -v "trials:" | tee "$OUT/cmp.log"
          timeout "$(left)" python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ --exhaustive \
              --runs 10 --out "$OUT/cmp" 2>&1 | grep -v "trials:" | tee -a "$OUT/cmp.log" ;;

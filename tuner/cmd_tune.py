@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--buckets", nargs="+", metavar="NAME",
                        help="only these buckets (see `mla-tune show`; e.g. b1-16_kv1-2k q2k+_kv2k+)")
     budget = p.add_argument_group("budget")
-    budget.add_argument("--trials", type=int, help="candidates measured per bucket (default 24; dry run 4)")
+    budget.add_argument("--trials", type=int, help="candidates measured per bucket (default 48; dry run 4)")
     budget.add_argument("--minutes", type=float,
                         help="search time for the whole run, split evenly between the studies (setup and the "
                              "final re-timing come on top); with --trials, whichever ends first")
@@ -151,7 +151,7 @@ def _visible_gpus(n: int) -> list[str]:
 def _worker_argv(args: argparse.Namespace, index: int, storage: str, compile_workers: int) -> list[str]:
     argv = [sys.executable, "-m", "tuner", "tune", "--worker-index", str(index), "--storage", storage,
             "--seed", str(args.seed), "--heartbeat", str(args.heartbeat), "--compile-workers", str(compile_workers)]
-    for flag, value in (("--model", args.model), ("--ckv", args.ckv), ("--kpe", args.kpe),
+    for flag, value in (("--workers", args.workers), ("--model", args.model), ("--ckv", args.ckv), ("--kpe", args.kpe),
                         ("--trials", args.trials), ("--minutes", args.minutes), ("--runs", args.runs),
                         ("--final-runs", args.final_runs)):
         if value is not None:
@@ -294,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ctx = search.Context(device=device, gpu_key=gpu.key, storage=search.make_storage(storage_url, args.heartbeat),
                          settings=settings, limits=device_limits(device), worker_index=args.worker_index or 0,
+                         workers=args.workers,
                          dtype=torch.float16 if dry else torch.bfloat16)
     if args.worker_index is not None:  # one of several workers: trials only; the parent finalizes
         search.run_tasks(tasks, ctx, finalize_each=False)

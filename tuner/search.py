@@ -92,12 +92,14 @@ class Settings:
 
     trials: candidates measured per study (the budget); seconds: wall-clock limit per study (None:
     none). runs / warmup: timed runs per candidate while searching; final_runs: when re-timing the
-    finalists (the best ``finalists`` candidates) and the default. exhaustive: sweep every feasible
+    finalists (the best ``finalists`` candidates) and the default; margin: how much faster than the
+    default (a fraction) a finalist must re-time to replace it, so that a win within the noise of one
+    representative batch never displaces the default on the real ones. exhaustive: sweep every feasible
     point instead of sampling. compile_workers: compile processes. heartbeat_s: Optuna heartbeat
     interval for RDB storages (a dead worker's trials are retried after 3 intervals).
     """
 
-    trials: int = 24
+    trials: int = 48
     seconds: float | None = None
     runs: int = 20
     warmup: int = 3
@@ -109,6 +111,7 @@ class Settings:
     compile_timeout_s: float = 900.0
     heartbeat_s: int = 10
     startup_trials: int = 8
+    margin: float = 0.02
 
 
 @dataclass
@@ -361,8 +364,9 @@ class StudyRunner:
 
     def __init__(self, task: Task, study: optuna.Study, space: Space, bench_factory: Callable[[], Bench],
                  pool: CompilePool, limits: Limits, settings: Settings, heartbeat: _Heartbeat,
-                 on_counted: Callable[[int], None] = lambda n: None) -> None:
+                 on_counted: Callable[[int], None] = lambda n: None, leave_to_others: bool = False) -> None:
         self.task, self.study, self.space = task, study, space
+        self.leave_to_others = leave_to_others  # a worker moves on while others finish the last trials
         self._bench_factory = bench_factory
         self._bench: Bench | None = None
         self.pool, self.limits, self.settings, self.heartbeat = pool, limits, settings, heartbeat
@@ -575,7 +579,7 @@ class StudyRunner:
                     idle_since = None
                     self._measure(self._take_ready())
                     continue
-                if counted >= self.budget or over:
+                if counted >= self.budget or over or (self.leave_to_others and running):
                     return
                 # Other workers hold the remaining trials: wait for them (or for theirs to go stale).
                 idle_since = idle_since or time.monotonic()
@@ -631,7 +635,7 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
         best = (result.default_us, default, next((t.number for t in ok if t.user_attrs.get("default")), None))
     for config, number in finalists.values():
         us = None if config == default else _retime(bench, config, settings, result.notes, f"trial {number}")
-        if us is not None and (best is None or us < best[0]):
+        if us is not None and (best is None or us < best[0] * (1 - settings.margin if best[1] == default else 1)):
             best = (us, config, number)
     if best is None:
         result.notes.append("no candidate passed the correctness gate: no entry")
@@ -691,6 +695,7 @@ class Context:
     settings: Settings
     limits: Limits
     worker_index: int = 0
+    workers: int = 1
     dtype: torch.dtype = torch.bfloat16
 
 
@@ -733,11 +738,17 @@ def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, f
     heartbeat = _Heartbeat(_heartbeat_storage(ctx.storage))
     results: list[StudyResult] = []
     try:
-        for task in tasks:
+        # One of several workers (the parent finalizes): worker i of n starts at study i * len / n, and
+        # a first pass leaves the last trials of a study to whoever holds them; a second pass then waits
+        # for any still held (or re-runs those of a worker that died), so that every study completes.
+        start = 0 if finalize_each else ctx.worker_index * len(tasks) // max(1, ctx.workers)
+        order = tasks[start:] + tasks[:start]
+        passes = [(t, False) for t in order] if finalize_each else [(t, p) for p in (True, False) for t in order]
+        for task, leave in passes:
             prep = prepare(task, ctx)
             study = open_study(prep.name, ctx.storage, ctx.settings, prep.space, prep.default, ctx.worker_index)
             StudyRunner(task, study, prep.space, prep.bench, pool, ctx.limits, ctx.settings, heartbeat,
-                        on_counted).run()
+                        on_counted, leave_to_others=leave).run()
             if finalize_each:
                 result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors)
                 results.append(result)
