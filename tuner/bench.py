@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from . import paths
-from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from .config import DecodeConfig, PrefillConfig
 from .decode import MLADecode, mla_decode
 from .device import gpu_info
+from .dispatch import untuned_config
 from .fileio import write_atomic
 from .loader import module_hash
 from .peers import Impl, Prepared, all_peers, output_buffers
@@ -243,11 +244,8 @@ class OursPlanRun(Impl):
     def _config(self, w: Workload, inp: Inputs, page_size: int) -> DecodeConfig | PrefillConfig | None:
         if not self.default:
             return None
-        spec = w.spec(page_size)
-        if inp.qo_indptr is None:
-            num_sms = gpu_info(inp.q_nope.device).num_sms
-            return default_decode_config(spec, w.batch, sum(w.kv_lens) / max(1, w.batch), num_sms)
-        return default_prefill_config(spec)
+        rows = w.batch if inp.qo_indptr is None else inp.q_nope.shape[0]
+        return untuned_config(w.spec(page_size), rows, sum(w.kv_lens) / max(1, w.batch), gpu_info(inp.q_nope.device))
 
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
         shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale,

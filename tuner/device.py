@@ -11,6 +11,9 @@ import torch
 
 from . import paths
 
+H100_SHARED_BYTES = 232448
+"""Shared memory one block may use on an H100 or H200 (227 KB, the opt-in maximum)."""
+
 CPU_NUM_SMS = 4
 """Programs in flight assumed for the Triton interpreter (only shapes the split heuristic)."""
 
@@ -19,13 +22,15 @@ CPU_NUM_SMS = 4
 class GPUInfo:
     """Identity of a device for dispatch lookups.
 
-    key: a file-name-safe name (``nvidia-h100-80gb-hbm3``); capability: ``"9.0"``; num_sms: multiprocessors.
+    key: a file-name-safe name (``nvidia-h100-80gb-hbm3``); capability: ``"9.0"``; num_sms: multiprocessors;
+    shared_bytes: shared memory one block may use (the opt-in maximum; the H100's under the interpreter).
     """
 
     key: str
     name: str
     capability: str
     num_sms: int
+    shared_bytes: int = H100_SHARED_BYTES
 
 
 def _slug(name: str) -> str:
@@ -39,8 +44,9 @@ def _gpu_info(device_index: int | None) -> GPUInfo:
         return GPUInfo(key=key, name="Triton interpreter (CPU)", capability="cpu", num_sms=CPU_NUM_SMS)
     props = torch.cuda.get_device_properties(device_index)
     key = os.environ.get(paths.ENV_GPU_KEY) or _slug(props.name)
+    shared = getattr(props, "shared_memory_per_block_optin", None) or H100_SHARED_BYTES
     return GPUInfo(key=key, name=props.name, capability=f"{props.major}.{props.minor}",
-                   num_sms=props.multi_processor_count)
+                   num_sms=props.multi_processor_count, shared_bytes=int(shared))
 
 
 def gpu_info(device: torch.device | str | None = None) -> GPUInfo:

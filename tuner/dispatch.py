@@ -57,7 +57,7 @@ from .buckets import by_name, decode_bucket, prefill_bucket
 from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
 from .device import GPUInfo, gpu_info
 from .loader import module_hash
-from .space import Config
+from .space import Config, fit_shared_memory
 from .spec import MLASpec
 
 SCHEMA_VERSION = 1
@@ -353,9 +353,16 @@ def select(spec: MLASpec, rows: int, avg_kv_len: float, gpu: GPUInfo) -> tuple[C
     bucket = (decode_bucket if spec.is_decode else prefill_bucket)(rows, avg_kv_len).name
     config, source = _resolve(spec, bucket, gpu, _token())
     if config is None:
-        config = (default_decode_config(spec, rows, avg_kv_len, gpu.num_sms) if spec.is_decode
-                  else default_prefill_config(spec))
+        config = untuned_config(spec, rows, avg_kv_len, gpu)
     return config, bucket, source
+
+
+def untuned_config(spec: MLASpec, rows: int, avg_kv_len: float, gpu: GPUInfo) -> Config:
+    """What runs without a tuned entry: the default config for ``rows`` (decode: batch, prefill: total
+    queries) of ``avg_kv_len`` mean KV tokens, shrunk to ``gpu``'s shared memory where it needs more."""
+    config = (default_decode_config(spec, rows, avg_kv_len, gpu.num_sms) if spec.is_decode
+              else default_prefill_config(spec))
+    return fit_shared_memory(spec, config, gpu.shared_bytes)
 
 
 def decode_config(spec: MLASpec, batch: int, avg_kv_len: float, device: torch.device) -> DecodeConfig:

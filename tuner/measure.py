@@ -9,15 +9,17 @@ policy included. No optuna here: :mod:`tuner.search` drives it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import torch
 
 from .bench import Ceilings, floor_us, measure_ceilings
-from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from .config import DecodeConfig, PrefillConfig
 from .decode import mla_decode
 from .device import gpu_info
+from .dispatch import untuned_config
 from .prefill import mla_prefill
 from .reference import mla_decode_ref, mla_prefill_ref
 from .space import Config, Limits
@@ -108,9 +110,9 @@ class Bench:
 
     def default_config(self) -> Config:
         """The runtime's default for this workload (what an untuned GPU runs)."""
-        if self.spec.is_decode:
-            return default_decode_config(self.spec, self.workload.batch, self.avg_kv, self.num_sms)
-        return default_prefill_config(self.spec)
+        rows = self.workload.batch if self.spec.is_decode else sum(self.workload.q_lens or ())
+        gpu = dataclasses.replace(gpu_info(self.device), shared_bytes=device_limits(self.device).shared_bytes)
+        return untuned_config(self.spec, rows, self.avg_kv, gpu)
 
     def _call(self, config: Config, x: Inputs, out: torch.Tensor, lse: torch.Tensor) -> object:
         if self.spec.is_decode:

@@ -30,6 +30,7 @@ the study still ends with the full count.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,9 +53,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from . import paths
 from .bench import Ceilings
 from .buckets import Bucket
-from .config import default_decode_config, default_prefill_config
 from .device import gpu_info
-from .dispatch import Entry, versions
+from .dispatch import Entry, untuned_config, versions
 from .loader import module_hash
 from .measure import Bench
 from .precompile import CompilePool, CompileResult, capture, current_target, interpreting
@@ -719,11 +719,10 @@ def prepare(task: Task, ctx: Context) -> Prepared:
             holder.append(Bench(task.spec, workload, ctx.device, ctx.dtype, seed=ctx.settings.seed))
         return holder[0]
 
-    if task.spec.is_decode:
-        avg = sum(workload.kv_lens) / max(1, workload.batch)
-        default: Config = default_decode_config(task.spec, workload.batch, avg, gpu_info(ctx.device).num_sms)
-    else:
-        default = default_prefill_config(task.spec)
+    avg = sum(workload.kv_lens) / max(1, workload.batch)
+    rows = workload.batch if task.spec.is_decode else sum(workload.q_lens or ())
+    gpu = dataclasses.replace(gpu_info(ctx.device), shared_bytes=ctx.limits.shared_bytes)
+    default = untuned_config(task.spec, rows, avg, gpu)
     space = space_for(task.spec, default)
     return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench)
 

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import DecodeConfig, PrefillConfig, next_pow2
+from .device import H100_SHARED_BYTES
 from .spec import MLASpec
 
 Config = DecodeConfig | PrefillConfig
 
-H100_SHARED_BYTES = 232448
-"""Shared memory one program may use on an H100 (227 KB, the opt-in maximum per block)."""
+SHARED_MARGIN = 4096
+"""Bytes the compiled kernel may use beyond :func:`shared_bytes_estimate` (measured: 0-2 KB)."""
 
 MAX_ACC_REGS = 128
 """fp32 accumulator registers per thread above which a config is pruned (of 255)."""
@@ -188,6 +189,28 @@ def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> i
     if wgmma and isinstance(config, DecodeConfig):
         smem = max(smem, rows * spec.head_dim_ckv * 4)
     return smem
+
+
+def fit_shared_memory(spec: MLASpec, config: Config, shared_bytes: int, itemsize: int = 2) -> Config:
+    """``config``, made smaller until its shared memory fits ``shared_bytes`` (for the default configs,
+    written for a Hopper's 227 KB, on GPUs with less): fewer stages first, then smaller KV tiles, then
+    fewer rows per program. Returns ``config`` itself when it fits; the smallest config it can make
+    otherwise (whose compile then says what does not fit)."""
+    def fits(c: Config) -> bool:
+        return shared_bytes_estimate(spec, c, itemsize) + SHARED_MARGIN <= shared_bytes
+
+    while not fits(config):
+        if config.num_stages > 1:
+            config = replace(config, num_stages=config.num_stages - 1)
+        elif config.block_n > 16:
+            config = replace(config, block_n=config.block_n // 2)
+        elif isinstance(config, PrefillConfig) and config.block_m > 1:
+            config = replace(config, block_m=config.block_m // 2)
+        elif config.block_h > 16 or (isinstance(config, PrefillConfig) and config.block_h > 1):
+            config = replace(config, block_h=config.block_h // 2)
+        else:
+            break
+    return config
 
 
 def acc_registers(spec: MLASpec, config: Config) -> float:

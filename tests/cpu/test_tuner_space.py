@@ -188,3 +188,23 @@ def test_benchmark_rows_land_in_distinct_plausible_buckets() -> None:
             pick = buckets.decode_bucket if w.is_decode else buckets.prefill_bucket
             got = pick(w.batch if w.is_decode else w.total_q, sum(w.kv_lens) / w.batch).name
             assert got == expected[w.name], w.name
+
+
+@pytest.mark.parametrize("shared", [101376, 166912, space.H100_SHARED_BYTES], ids=["99KB", "163KB", "227KB"])
+@pytest.mark.parametrize("spec", catalogue(), ids=MLASpec.name)
+def test_untuned_config_fits_the_gpu_shared_memory(spec: MLASpec, shared: int) -> None:
+    """Without a tuned entry the runtime shrinks the default to the GPU (an A100 has 163 KB a block, an
+    RTX 4090 99 KB); on a Hopper the default is left as it is."""
+    from tuner.device import GPUInfo
+    from tuner.dispatch import untuned_config
+
+    gpu = GPUInfo("test-gpu", "test", "8.0", 108, shared_bytes=shared)
+    for rows, avg_kv in ((1, 1000.0), (64, 8000.0), (4096, 2000.0)):
+        config = untuned_config(spec, rows, avg_kv, gpu)
+        config.check_spec(spec)
+        assert space.shared_bytes_estimate(spec, config) + space.SHARED_MARGIN <= shared, config
+        default = (default_decode_config(spec, rows, avg_kv, 108) if spec.is_decode else default_prefill_config(spec))
+        if shared == space.H100_SHARED_BYTES:
+            assert config == default
+        else:
+            assert config.block_n <= default.block_n and config.num_stages <= default.num_stages
