@@ -261,11 +261,12 @@ def test_exhaustive_sweep_measures_every_point_once_and_compares_with_tpe() -> N
     import torch
 
     from tuner import buckets, search, space
+    from tuner.config import default_decode_config
     from tuner.precompile import CompilePool
 
     spec = TINY_DECODE
     task = search.Task(spec, buckets.DECODE_BUCKETS[0], tiny=True)
-    default = dataclasses.replace(search.default_decode_config(spec, 3, 35, 4), block_n=16, num_stages=1)
+    default = dataclasses.replace(default_decode_config(spec, 3, 35, 4), block_n=16, num_stages=1)
     small = space.Space(spec, (space.Param("block_n", (16, 32)), space.Param("num_stages", (1, 2))),
                         tuple((k, v) for k, v in default.to_dict().items() if k not in ("block_n", "num_stages")))
     storage = optuna.storages.InMemoryStorage()
