@@ -112,6 +112,20 @@ def test_more_splits_than_tokens_is_exact() -> None:
         check_decode(case, config=config)
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 2, 3, 5, 8])
+def test_empty_requests_at_share_boundaries_and_ends(programs_per_sm: int) -> None:
+    """Requests without pages first, last, in runs, and wherever a share boundary falls (every share
+    count from 4 to 32 over 40 one-token pages): each gets output 0 and lse -inf, the rest are exact."""
+    kv = [0, 0, 3, 0, 5, 0, 0, 2, 0, 10, 0, 20, 0, 0]
+    case = make_case(16, kv, page_size=1, seed=50 + programs_per_sm)
+    config = DecodeConfig(block_n=16, programs_per_sm=programs_per_sm, split_tokens=1, merge_block_h=4)
+    spec = MLASpec("decode", 16, 512, 64, 1)
+    assert config.num_programs(spec, gpu_info(torch.device("cpu")).num_sms, sum(kv)) == 4 * programs_per_sm
+    out, lse = check_decode(case, config=config)
+    empty = [i for i, n in enumerate(kv) if n == 0]
+    assert bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
+
+
 @pytest.mark.parametrize(("heads", "block_h"), [(32, 16), (32, 32), (24, 32), (64, 64)])
 def test_block_h(heads: int, block_h: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLA_TUNER_CACHE_DIR", str(tmp_path))  # 24 heads renders on demand
