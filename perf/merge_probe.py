@@ -26,13 +26,13 @@ import triton.language as tl  # noqa: E402
 from tuner import MLADecode  # noqa: E402
 from tuner.config import default_decode_config  # noqa: E402
 from tuner.loader import load_module  # noqa: E402
+from tuner.spec import MLASpec  # noqa: E402
 from tuner.timing import time_call  # noqa: E402
 from tuner.workloads import Workload, benchmark_set, make_inputs  # noqa: E402
 
-
-@triton.jit
-def _share_start(p, total_pages, num_programs):
-    return (total_pages.to(tl.int64) * p) // num_programs
+# The share arithmetic of the generated decode modules (the same in every one), reused as is.
+_helpers = load_module(MLASpec("decode", 16, 512, 64, 1))
+_share_start, _owner = _helpers._share_start, _helpers._owner
 
 
 @triton.jit
@@ -48,8 +48,8 @@ def _merge_chunked(kv_indptr_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, 
     first_page = tl.load(kv_indptr_ptr + seq)
     seq_end = tl.load(kv_indptr_ptr + seq + 1)
     total_pages = tl.load(kv_indptr_ptr + batch)
-    p_first = (((first_page.to(tl.int64) + 1) * num_programs - 1) // tl.maximum(total_pages, 1)).to(tl.int32)
-    p_last = (((seq_end.to(tl.int64) - 1 + 1) * num_programs - 1) // tl.maximum(total_pages, 1)).to(tl.int32)
+    p_first = _owner(first_page, total_pages, num_programs)
+    p_last = _owner(seq_end - 1, total_pages, num_programs)
     if (seq_end > first_page) & (p_first == p_last):
         return
     offs_h = pid_h * BH + tl.arange(0, BH)

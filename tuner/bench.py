@@ -244,8 +244,7 @@ class OursPlanRun(Impl):
     def _config(self, w: Workload, inp: Inputs, page_size: int) -> DecodeConfig | PrefillConfig | None:
         if not self.default:
             return None
-        rows = w.batch if inp.qo_indptr is None else inp.q_nope.shape[0]
-        return untuned_config(w.spec(page_size), rows, sum(w.kv_lens) / max(1, w.batch), gpu_info(inp.q_nope.device))
+        return untuned_config(w.spec(page_size), w.total_q, w.avg_kv_len, gpu_info(inp.q_nope.device))
 
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
         shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale,

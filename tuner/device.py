@@ -44,7 +44,9 @@ def _gpu_info(device_index: int | None) -> GPUInfo:
         return GPUInfo(key=key, name="Triton interpreter (CPU)", capability="cpu", num_sms=CPU_NUM_SMS)
     props = torch.cuda.get_device_properties(device_index)
     key = os.environ.get(paths.ENV_GPU_KEY) or _slug(props.name)
-    shared = getattr(props, "shared_memory_per_block_optin", None) or H100_SHARED_BYTES
+    from triton.runtime.driver import driver  # the figure Triton checks a kernel against at load time
+
+    shared = driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
     return GPUInfo(key=key, name=props.name, capability=f"{props.major}.{props.minor}",
                    num_sms=props.multi_processor_count, shared_bytes=int(shared))
 

@@ -9,7 +9,6 @@ policy included. No optuna here: :mod:`tuner.search` drives it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -34,15 +33,9 @@ LSE_TOL = 1e-3
 
 
 def device_limits(device: torch.device) -> Limits:
-    """Shared memory a block may use on ``device`` (the number Triton checks at load time); the
-    H100's figure under the interpreter, so that pruning behaves as on an H100."""
-    if device.type != "cuda":
-        return Limits()
-    from triton.runtime.driver import driver
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = driver.active.utils.get_device_properties(index)
-    return Limits(shared_bytes=int(props["max_shared_mem"]))
+    """Shared memory a block may use on ``device`` (:attr:`GPUInfo.shared_bytes`: the H100's figure
+    under the interpreter, so that pruning behaves as on an H100)."""
+    return Limits(shared_bytes=gpu_info(device).shared_bytes)
 
 
 def measure_floors(device: torch.device) -> Ceilings | None:
@@ -104,15 +97,10 @@ class Bench:
         self.out = torch.empty(rows, heads, spec.head_dim_ckv, dtype=dtype, device=device)
         self.lse = torch.empty(rows, heads, dtype=torch.float32, device=device)
 
-    @property
-    def avg_kv(self) -> float:
-        return sum(self.workload.kv_lens) / max(1, self.workload.batch)
-
     def default_config(self) -> Config:
         """The runtime's default for this workload (what an untuned GPU runs)."""
-        rows = self.workload.batch if self.spec.is_decode else sum(self.workload.q_lens or ())
-        gpu = dataclasses.replace(gpu_info(self.device), shared_bytes=device_limits(self.device).shared_bytes)
-        return untuned_config(self.spec, rows, self.avg_kv, gpu)
+        w = self.workload
+        return untuned_config(self.spec, w.total_q, w.avg_kv_len, gpu_info(self.device))
 
     def _call(self, config: Config, x: Inputs, out: torch.Tensor, lse: torch.Tensor) -> object:
         if self.spec.is_decode:

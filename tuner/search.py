@@ -30,7 +30,6 @@ the study still ends with the full count.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import hashlib
 import json
 import math
@@ -719,10 +718,7 @@ def prepare(task: Task, ctx: Context) -> Prepared:
             holder.append(Bench(task.spec, workload, ctx.device, ctx.dtype, seed=ctx.settings.seed))
         return holder[0]
 
-    avg = sum(workload.kv_lens) / max(1, workload.batch)
-    rows = workload.batch if task.spec.is_decode else sum(workload.q_lens or ())
-    gpu = dataclasses.replace(gpu_info(ctx.device), shared_bytes=ctx.limits.shared_bytes)
-    default = untuned_config(task.spec, rows, avg, gpu)
+    default = untuned_config(task.spec, workload.total_q, workload.avg_kv_len, gpu_info(ctx.device))
     space = space_for(task.spec, default)
     return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench)
 

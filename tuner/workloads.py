@@ -40,6 +40,11 @@ class Workload:
     def total_q(self) -> int:
         return self.batch if self.q_lens is None else sum(self.q_lens)
 
+    @property
+    def avg_kv_len(self) -> float:
+        """Mean KV tokens per sequence (what the runtime picks a bucket by)."""
+        return sum(self.kv_lens) / max(1, self.batch)
+
     def spec(self, page_size: int) -> MLASpec:
         variant = "decode" if self.is_decode else ("prefill_causal" if self.causal else "prefill")
         return MLASpec(variant, self.heads, self.head_dim_ckv, self.head_dim_kpe, page_size)  # type: ignore[arg-type]
