@@ -19,29 +19,31 @@ from .spec import MLASpec
 
 
 def module_path(spec: MLASpec) -> Path:
-    """Where the module of ``spec`` is (generated/ first, then the on-demand cache)."""
+    """Where the module of ``spec`` is: generated/ first, else rendered on demand into the cache."""
     name = f"{spec.name()}.py"
     shipped = paths.generated_dir() / name
     if shipped.is_file():
         return shipped
-    cached = paths.cache_dir() / "generated" / name
-    if cached.is_file():
-        return cached
-    return _render_on_demand(spec, cached)
-
-
-def _render_on_demand(spec: MLASpec, target: Path) -> Path:
     if not (paths.templates_dir() / spec.template).is_file():
         raise FileNotFoundError(
             f"no generated module for {spec.name()} in {paths.generated_dir()} and no templates to "
             f"render it from; run `mla-tune generate --heads {spec.num_heads} --ckv {spec.head_dim_ckv} "
             f"--kpe {spec.head_dim_kpe} --page-size {spec.page_size}` in a checkout"
         )
-    from .codegen import render  # imports jinja2: only for shapes outside the catalogue
-    from .fileio import write_atomic
+    # Keyed by the templates' content: a module rendered by other templates is never picked up.
+    cached = paths.cache_dir() / "generated" / _templates_hash() / name
+    if not cached.is_file():
+        from .codegen import render  # imports jinja2: only for shapes outside the catalogue
+        from .fileio import write_atomic
 
-    write_atomic(target, render(spec))
-    return target
+        write_atomic(cached, render(spec))
+    return cached
+
+
+@functools.cache
+def _templates_hash() -> str:
+    folder = paths.templates_dir()
+    return source_hash("".join(f"{p.name}\0{p.read_text()}\0" for p in sorted(folder.glob("*.jinja"))))
 
 
 @functools.cache

@@ -59,7 +59,9 @@ def test_head_count_outside_catalogue(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MLA_TUNER_CACHE_DIR", str(tmp_path))
     spec = MLASpec("decode", 24, 512, 64, 16)
     assert spec not in catalogue()
-    assert loader.module_path(spec) == tmp_path / "generated" / f"{spec.name()}.py"
+    path = loader.module_path(spec)  # cache/generated/<hash of the templates>/<name>.py
+    assert path.name == f"{spec.name()}.py" and path.parent.parent == tmp_path / "generated"
+    assert path.parent.name == loader._templates_hash()
     case = make_case(24, [0, 17, 40, 3], page_size=16, seed=7)
     check_decode(case)
     check_decode(case, config=DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=16))

@@ -118,7 +118,9 @@ def test_small_head_dims(causal: bool) -> None:
 def test_head_count_outside_catalogue(causal: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLA_TUNER_CACHE_DIR", str(tmp_path))
     spec = MLASpec("prefill_causal" if causal else "prefill", 24, 512, 64, 16)
-    assert loader.module_path(spec) == tmp_path / "generated" / f"{spec.name()}.py"
+    path = loader.module_path(spec)  # cache/generated/<hash of the templates>/<name>.py
+    assert path.name == f"{spec.name()}.py" and path.parent.parent == tmp_path / "generated"
+    assert path.parent.name == loader._templates_hash()
     case = make_case(24, [20, 3, 33], [20, 1, 5], page_size=16, seed=58)
     check_prefill(case, causal)
     check_prefill(case, causal, config=PrefillConfig(block_m=1, block_h=32, block_n=16))
