@@ -77,31 +77,6 @@ def _load_kv_tile(ckv_ptr, kpe_ptr, page, slot, mask_n, offs_ckv, offs_kpe,
 
 
 @triton.jit
-def _scores(q_nope, q_pe, ckv, kpe, qk_scale, SPLIT_QK: tl.constexpr):
-    """Raw scores of one KV tile, q_nope . ckv^T + q_pe . kpe^T (fp32 [M, BLOCK_N]).
-
-    SPLIT_QK puts each of the two dots in its own scf.if (on conditions true for every non-NaN
-    qk_scale; the wrapper rejects NaN). Triton lays a dot's warps out all along M when its result
-    reaches another dot (the flash-attention chain, S -> P -> P.V); with M = 64 rows and 8 warps that
-    gives both warpgroups all 64 rows, so each computes the whole score tile: the QK product, the
-    larger of the two, is done twice. Inside an scf.if the result reaches no dot by def-use, and
-    the warps split [4, 2]: each warpgroup computes half of the tile's columns (wgmma tiles only;
-    smaller tiles lay out the same either way, so the tuner tries it at M >= 64 only).
-    """
-    if SPLIT_QK:
-        if qk_scale == qk_scale:
-            qk = tl.dot(q_pe, tl.trans(kpe))
-        else:
-            qk = tl.zeros([q_pe.shape[0], kpe.shape[0]], dtype=tl.float32)
-        if qk_scale >= -float("inf"):  # another condition, or Triton merges the two ifs into one
-            qk = tl.dot(q_nope, tl.trans(ckv), qk)
-    else:
-        qk = tl.dot(q_pe, tl.trans(kpe))
-        qk = tl.dot(q_nope, tl.trans(ckv), qk)
-    return qk
-
-
-@triton.jit
 def _online_softmax_step(m_i, l_i, acc, s, v):
     """One KV tile of the online softmax in base 2.
 
@@ -162,7 +137,6 @@ def _decode_stage1(
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_QK: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = (8 + BLOCK_H - 1) // BLOCK_H
     pid = tl.program_id(0)
@@ -208,7 +182,8 @@ def _decode_stage1(
                                                 offs_n + BLOCK_N < end)
             ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                      stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
-            qk = _scores(q_nope, q_pe, ckv, kpe, qk_scale, SPLIT_QK)
+            qk = tl.dot(q_pe, tl.trans(kpe))
+            qk = tl.dot(q_nope, tl.trans(ckv), qk)
             s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
         o, lse = _softmax_finish(m_i, l_i, acc)
@@ -284,7 +259,7 @@ def launch(
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
     partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
-    *, block_h: int, block_n: int, num_warps: int, num_stages: int, split_qk: int,
+    *, block_h: int, block_n: int, num_warps: int, num_stages: int,
     merge_block_h: int, merge_block_d: int, merge_num_warps: int,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
@@ -309,7 +284,7 @@ def launch(
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT_QK=bool(split_qk),
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
     )
     grid2 = (batch * triton.cdiv(8, merge_block_h) * (512 // merge_block_d),)

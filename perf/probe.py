@@ -14,7 +14,7 @@ import sys
 import torch
 
 import tuner
-from tuner.config import DecodeConfig, PrefillConfig, default_decode_config
+from tuner.config import DecodeConfig, PrefillConfig
 from tuner.reference import mla_decode_ref, mla_prefill_ref
 from tuner.timing import time_call
 from tuner.workloads import benchmark_set, make_inputs
@@ -142,18 +142,6 @@ for w in benchmark_set():
             for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
                                        (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:
                 configs.append(PrefillConfig(block_m=bm, block_h=bh, block_n=bn, num_warps=nw, num_stages=st))
-        if "split" in sys.argv[2:]:  # split_qk against the chained layout at 64-row wgmma tiles
-            if w.is_decode and w.heads <= 16:
-                continue
-            if w.is_decode:
-                base = default_decode_config(w.spec(ps), w.batch, 4096, 132).to_dict()
-                for bn, st, q in [(32, 3, 0), (32, 3, 1), (32, 2, 1), (64, 1, 0), (64, 1, 1), (16, 4, 1), (16, 4, 0)]:
-                    configs.append(DecodeConfig(**{**base, "block_h": 64, "block_n": bn, "num_stages": st,
-                                                   "split_qk": q}))
-            else:
-                for bn, st, q in [(64, 2, 0), (32, 3, 0), (32, 3, 1), (32, 2, 1), (64, 1, 1), (16, 4, 1)]:
-                    configs.append(PrefillConfig(block_m=4, block_h=16, block_n=bn, num_warps=8, num_stages=st,
-                                                 split_qk=q))
         run_row(w, ps, configs)
         if "padded" in sys.argv[2:] and w.is_decode and w.heads == 16:
             run_row(w, ps, [None], padded=True)

@@ -25,16 +25,10 @@ class _Config:
     """Shared behaviour of the config dataclasses: dict round trip with unknown keys refused."""
 
     _POW2: ClassVar[tuple[str, ...]] = ()
-    _FLAGS: ClassVar[tuple[str, ...]] = ("split_qk",)
-    """Fields that are 0 or 1 (a launch-time switch of the generated kernel, not a size)."""
 
     def _check(self) -> None:
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if f.name in self._FLAGS:
-                if value not in (0, 1) or isinstance(value, bool):
-                    raise ValueError(f"{type(self).__name__}.{f.name}: expected 0 or 1, found {value!r}")
-                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{type(self).__name__}.{f.name}: expected a positive int, found {value!r}")
             if f.name in self._POW2 and not _pow2(value):
@@ -70,8 +64,6 @@ class DecodeConfig(_Config):
     split_tokens: the least KV tokens per share, so that small batches are not cut finer than pays
         for the merge.
     num_warps, num_stages: stage-1 warps and software-pipelining depth.
-    split_qk: 1 lays the score product's warps out over both of its dimensions (see the generated
-        ``_scores``): at block_h >= 64 each warpgroup computes half of a tile's scores instead of all.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     """
 
@@ -81,7 +73,6 @@ class DecodeConfig(_Config):
     split_tokens: int = 64
     num_warps: int = 8
     num_stages: int = 2
-    split_qk: int = 0
     merge_block_h: int = 16
     merge_block_d: int = 128
     merge_num_warps: int = 4
@@ -122,7 +113,6 @@ class PrefillConfig(_Config):
     block_m: query tokens per tile; block_h: heads per tile. The tile's block_m * block_h
     (token, head) rows form the M dimension of tl.dot (at least 16).
     block_n: KV tokens per tile. num_warps, num_stages: warps and pipelining depth.
-    split_qk: as :class:`DecodeConfig` (matters at block_m * block_h >= 64).
     """
 
     block_m: int = 4
@@ -130,7 +120,6 @@ class PrefillConfig(_Config):
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
-    split_qk: int = 0
 
     _POW2: ClassVar[tuple[str, ...]] = ("block_m", "block_h", "block_n")
 
@@ -157,7 +146,7 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     block_h = 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
     return DecodeConfig(
         block_h=block_h, block_n=64 if block_h <= 32 else 32, programs_per_sm=1, split_tokens=64,
-        num_warps=8, num_stages=3, split_qk=int(block_h >= 64),
+        num_warps=8, num_stages=3,
         merge_block_h=min(4, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
         merge_num_warps=4,
     )

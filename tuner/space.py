@@ -15,8 +15,6 @@ kernel asks for; the tuner checks the compiled kernel's exact figure before it r
   lowered to wgmma, which keeps ``num_stages`` KV tiles in flight; smaller tiles use mma.sync with
   ``num_stages - 1``; either way the query tile (rows x (ckv + kpe)) stays in shared memory, and
   decode at 64 rows also stages its fp32 partial output (rows x ckv x 4 bytes) there;
-- split_qk (wgmma tiles only; pruned below 64 rows, where it changes nothing) stages the fp32 score
-  tile in other layouts: at least 1.5 x rows x block_n x 4 bytes more (measured 1.5-3x that);
 - the fp32 accumulator (rows x ckv) is spread over num_warps * 32 threads: above 128 registers per
   thread it spills kilobytes (measured), so such configs are pruned.
 """
@@ -44,7 +42,6 @@ DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "block_n": (16, 32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
-    "split_qk": (0, 1),
     "programs_per_sm": (1, 2, 3, 4),
     "split_tokens": (64, 128, 256, 512, 1024, 2048, 4096),
     "merge_block_d": (64, 128, 256),
@@ -58,7 +55,6 @@ PREFILL_CHOICES: dict[str, tuple[int, ...]] = {
     "block_n": (16, 32, 64),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3),
-    "split_qk": (0, 1),
 }
 """Candidate values of the prefill kernel's parameters (block_m = rows // block_h)."""
 
@@ -192,8 +188,6 @@ def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> i
     smem = (rows + buffers * config.block_n) * width * itemsize
     if wgmma and isinstance(config, DecodeConfig):
         smem = max(smem, rows * spec.head_dim_ckv * 4)
-    if wgmma and config.split_qk:
-        smem += 6 * rows * config.block_n  # the fp32 score tile changes layout (measured 1.5-3x its size)
     return smem
 
 
@@ -231,9 +225,6 @@ def check(spec: MLASpec, config: Config, limits: Limits = Limits()) -> str | Non
         config.check_spec(spec)
     except ValueError as err:
         return str(err)
-    rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
-    if config.split_qk and rows < 64:
-        return f"split_qk: only wgmma tiles (at least 64 rows) lay out differently, found {rows} rows"
     smem = shared_bytes_estimate(spec, config, limits.itemsize)
     if smem > limits.shared_bytes:
         return f"shared memory: needs at least {smem} bytes, the GPU allows {limits.shared_bytes}"
@@ -265,7 +256,7 @@ def feasible_grid(space: Space, limits: Limits = Limits()) -> list[dict[str, int
 _SHORT = {
     "block_h": "h", "block_n": "n", "block_m": "m", "programs_per_sm": "p", "split_tokens": "s",
     "num_warps": "w", "num_stages": "st", "merge_block_h": "mh", "merge_block_d": "md",
-    "merge_num_warps": "mw", "split_qk": "q",
+    "merge_num_warps": "mw",
 }
 
 

@@ -82,11 +82,6 @@ MEASURED_SHARED = [
     (PrefillConfig(block_m=2, block_h=16, block_n=64, num_warps=8, num_stages=2), 114688),
     (PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=2), 221184),
     (PrefillConfig(block_m=8, block_h=16, block_n=16, num_warps=8, num_stages=1), 165888),
-    (DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=1, split_qk=1), 188416),
-    (DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, split_qk=1), 172032),
-    (DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=3, split_qk=1), 208896),
-    (PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=1, split_qk=1), 172032),
-    (PrefillConfig(block_m=4, block_h=16, block_n=32, num_warps=8, num_stages=3, split_qk=1), 200704),
 ]
 
 
@@ -127,7 +122,7 @@ def test_prefill_rows_must_split_into_heads() -> None:
     spec = MLASpec("prefill_causal", 64, 512, 64, 1)
     sp = space.prefill_space(spec, default_prefill_config(spec))
     config, reason = space.check_values(sp, {"rows": 16, "block_h": 32, "block_n": 32, "num_warps": 4,
-                                             "num_stages": 2, "split_qk": 0})
+                                             "num_stages": 2})
     assert config is None and reason is not None and "rows" in reason
     with pytest.raises(ValueError, match="missing parameters"):
         sp.to_config({"rows": 16})
@@ -135,7 +130,7 @@ def test_prefill_rows_must_split_into_heads() -> None:
 
 def test_compact_form() -> None:
     assert space.compact(PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=2)) == \
-        "m4 h16 n64 w8 st2 q0"
+        "m4 h16 n64 w8 st2"
 
 
 # -- buckets -------------------------------------------------------------------------------------------

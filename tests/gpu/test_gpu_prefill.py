@@ -71,8 +71,6 @@ CONFIGS = {
     "m2-n32-w4": PrefillConfig(block_m=2, block_h=16, block_n=32, num_warps=4, num_stages=1),
     "m4-n32-w8": PrefillConfig(block_m=4, block_h=16, block_n=32, num_warps=8, num_stages=2),
     "m8-h8-n32": PrefillConfig(block_m=8, block_h=8, block_n=32, num_warps=8, num_stages=1),
-    "m4-n32-w8-split": PrefillConfig(block_m=4, block_h=16, block_n=32, num_warps=8, num_stages=3, split_qk=1),
-    "m4-n64-w8-split": PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=1, split_qk=1),
 }
 
 
