@@ -3,25 +3,21 @@
 # head_dim_ckv=512, head_dim_kpe=64, page_size=64).
 """MLA decode over a paged KV cache: mla_paged_decode_h64_ckv512_kpe64_ps64.
 
-Algorithm (balanced split-KV flash decoding, absorbed MLA, one launch):
-  grid (num_programs * head groups): the batch's pages, kv_indices[0:kv_indptr[B]], form one stream;
-    program p takes the equal share [p * P_total // num_programs, (p + 1) * P_total // num_programs)
-    of it, whatever requests that share crosses, so every program has the same work however skewed
-    the batch is (a persistent, balanced grid; each program finds its first request by binary search
-    over kv_indptr, on the device). For each request in its share it owns BLOCK_H heads, packed into
-    the M dimension of tl.dot, so a gathered KV tile is read once per head group; the head groups of
-    one program are adjacent in the grid (the fastest-varying index), so their repeated reads of a
-    tile come from L2. The score is q_nope . ckv + q_pe . kpe (two dots, no padding), the loaded ckv
-    tile is reused as V, and the softmax runs in base 2 with sm_scale * log2(e) folded into one
-    multiply.
-  A request wholly inside one share is written to `out`/`lse` directly. A piece of a request that spans
-    shares goes to scratch slot (program + request), unique by construction; then the program adds the
-    piece's page count to the (request, head group) arrival counter (acq_rel, after a barrier so every
-    thread's stores precede it). The program whose add completes the request's page count is the last
-    to finish it: it merges all pieces by their base-2 lse, writes the output and stores 0 back into
-    the counter, so the next launch (a CUDA-graph replay) finds every counter zeroed again.
-  Requests without pages are written (output 0, lse -inf) by the program whose share holds their
-  position in the stream (the last share for those at its end; program 0 when the batch has no page).
+Algorithm (balanced split-KV flash decoding, absorbed MLA):
+  stage 1, grid (num_programs * head groups): the batch's pages, kv_indices[0:kv_indptr[B]], form one
+    stream; program p takes the equal share [p * P_total // num_programs, (p + 1) * P_total //
+    num_programs) of it, whatever requests that share crosses, so every program has the same work
+    however skewed the batch is (a persistent, balanced grid; each program finds its first request by
+    binary search over kv_indptr, on the device). For each request in its share it owns BLOCK_H heads,
+    packed into the M dimension of tl.dot, so a gathered KV tile is read once per head group; the head
+    groups of one program are adjacent in the grid (the fastest-varying index), so their repeated reads
+    of a tile come from L2. The score is q_nope . ckv + q_pe . kpe (two dots, no padding), the loaded
+    ckv tile is reused as V, and the softmax runs in base 2 with sm_scale * log2(e) folded into one
+    multiply. A request wholly inside one share is written to `out`/`lse` directly; a piece of a
+    request that spans shares goes to scratch slot (program + request), unique by construction.
+  stage 2, grid (batch * head blocks * column blocks): merges the pieces of each spanning request by
+    their base-2 lse, and writes output 0 and lse -inf for requests without pages. Programs of
+    requests that stage 1 wrote directly exit at once.
 Nothing here reads host data, so a launch can be captured in a CUDA graph.
 """
 
@@ -132,101 +128,29 @@ def _find_request(kv_indptr_ptr, batch, page):
 
 
 @triton.jit
-def _first_at(kv_indptr_ptr, hi, page):
-    """The first request b < hi with kv_indptr[b] >= page, or hi (kv_indptr[hi] <= page)."""
-    lo = 0
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(kv_indptr_ptr + mid) >= page:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-@triton.jit
-def _write_empty(out_ptr, lse_ptr, seq, offs_h, mask_h, stride_o_b, stride_o_h, stride_lse_b):
-    """Output 0 and lse -inf for request `seq` (no pages), heads offs_h."""
-    seq64 = tl.cast(seq, tl.int64)
-    offs_ckv = tl.arange(0, 512)
-    zero = tl.zeros([offs_h.shape[0], 512], dtype=out_ptr.dtype.element_ty)
-    tl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_ckv[None, :], zero,
-             mask=mask_h[:, None])
-    tl.store(lse_ptr + seq64 * stride_lse_b + offs_h,
-             tl.full([offs_h.shape[0]], float("-inf"), dtype=tl.float32), mask=mask_h)
-
-
-@triton.jit
-def _merge_pieces(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, seq64, first_page, seq_end, total_pages,
-                  num_programs, offs_h, mask_h, stride_o_b, stride_o_h, stride_lse_b,
-                  MERGE_BLOCK_D: tl.constexpr):
-    """Merge the pieces of request `seq64` (heads offs_h) by their base-2 lse and write the output.
-
-    The pieces are in scratch slots (p + seq) for the programs p whose shares hold its pages. Loads
-    bypass L1 (.cg): other multiprocessors wrote them during this launch.
-    """
-    p_first = _owner(first_page, total_pages, num_programs)
-    p_last = _owner(seq_end - 1, total_pages, num_programs)
-    lse = tl.zeros([offs_h.shape[0]], dtype=tl.float32)
-    for d0 in tl.static_range(0, 512, MERGE_BLOCK_D):
-        offs_d = d0 + tl.arange(0, MERGE_BLOCK_D)
-        m = tl.full([offs_h.shape[0]], float("-inf"), dtype=tl.float32)
-        denom = tl.zeros([offs_h.shape[0]], dtype=tl.float32)
-        acc = tl.zeros([offs_h.shape[0], MERGE_BLOCK_D], dtype=tl.float32)
-        for p in range(p_first, p_last + 1):
-            # A program whose share is empty (more programs than pages) wrote no piece.
-            wrote = _share_start(p + 1, total_pages, num_programs) > _share_start(p, total_pages, num_programs)
-            row = (p + seq64) * 64 + offs_h
-            part_lse = tl.load(part_lse_ptr + row, mask=mask_h & wrote, other=float("-inf"),
-                               cache_modifier=".cg")
-            part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
-                           mask=mask_h[:, None] & wrote, other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, part_lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m - m_safe)
-            w = tl.math.exp2(part_lse - m_safe)
-            denom = denom * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * part
-            m = m_new
-        o, lse = _softmax_finish(m, denom, acc)
-        tl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
-    tl.store(lse_ptr + seq64 * stride_lse_b + offs_h, lse, mask=mask_h)
-
-
-@triton.jit
-def _decode_kernel(
+def _decode_stage1(
     q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr,
     kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
-    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, arrivals_ptr,
+    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
     qk_scale, batch, num_programs,
     stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h,
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    MERGE_BLOCK_D: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = (64 + BLOCK_H - 1) // BLOCK_H
     pid = tl.program_id(0)
     p = pid // N_GROUPS
     pid_h = pid % N_GROUPS
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < 64
     total_pages = tl.load(kv_indptr_ptr + batch)
-    if total_pages == 0:  # no pages at all: program 0 of each head group writes every request
-        if p == 0:
-            for e in range(0, batch):
-                _write_empty(out_ptr, lse_ptr, e, offs_h, mask_h, stride_o_b, stride_o_h, stride_lse_b)
-        return
     page = _share_start(p, total_pages, num_programs)
     share_end = _share_start(p + 1, total_pages, num_programs)
     if page >= share_end:
         return
     seq = _find_request(kv_indptr_ptr, batch, page)
-    # Requests without pages at this share's first page come before `seq`: they are this program's.
-    for e in range(_first_at(kv_indptr_ptr, seq, page), seq):
-        _write_empty(out_ptr, lse_ptr, e, offs_h, mask_h, stride_o_b, stride_o_h, stride_lse_b)
 
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < 64
     offs_ckv = tl.arange(0, 512)
     offs_kpe = tl.arange(0, 64)
     while page < share_end:
@@ -263,7 +187,7 @@ def _decode_kernel(
             s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
         o, lse = _softmax_finish(m_i, l_i, acc)
-        if (page == first_page) & (chunk_end == seq_end):  # the whole request (or one without pages)
+        if (page == first_page) & (chunk_end == seq_end):
             tl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_ckv[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
             tl.store(lse_ptr + seq64 * stride_lse_b + offs_h, lse, mask=mask_h)
@@ -272,39 +196,73 @@ def _decode_kernel(
             tl.store(part_out_ptr + row[:, None] * 512 + offs_ckv[None, :], o,
                      mask=mask_h[:, None])
             tl.store(part_lse_ptr + row, lse, mask=mask_h)
-            tl.debug_barrier()  # every thread's piece is stored before the arrival is counted
-            counter = arrivals_ptr + seq64 * N_GROUPS + pid_h
-            before = tl.atomic_add(counter, (chunk_end - page).to(tl.int32), sem="acq_rel", scope="gpu")
-            if before + (chunk_end - page).to(tl.int32) == (seq_end - first_page).to(tl.int32):
-                _merge_pieces(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, seq64, first_page, seq_end,
-                              total_pages, num_programs, offs_h, mask_h, stride_o_b, stride_o_h,
-                              stride_lse_b, MERGE_BLOCK_D)
-                tl.store(counter, 0)  # every piece has arrived: no one else touches it this launch
         page = chunk_end
         seq += 1
-    if share_end == total_pages:  # the last share: requests without pages at the stream's end
-        for e in range(seq, batch):
-            _write_empty(out_ptr, lse_ptr, e, offs_h, mask_h, stride_o_b, stride_o_h, stride_lse_b)
+
+
+@triton.jit
+def _decode_stage2(
+    kv_indptr_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, batch, num_programs,
+    stride_o_b, stride_o_h, stride_lse_b,
+    MERGE_BLOCK_H: tl.constexpr, MERGE_BLOCK_D: tl.constexpr,
+):
+    N_H: tl.constexpr = (64 + MERGE_BLOCK_H - 1) // MERGE_BLOCK_H
+    N_D: tl.constexpr = 512 // MERGE_BLOCK_D
+    pid = tl.program_id(0)
+    seq = (pid // (N_H * N_D)).to(tl.int64)
+    pid_h = (pid // N_D) % N_H
+    pid_d = pid % N_D
+
+    first_page = tl.load(kv_indptr_ptr + seq)
+    seq_end = tl.load(kv_indptr_ptr + seq + 1)
+    total_pages = tl.load(kv_indptr_ptr + batch)
+    p_first = _owner(first_page, total_pages, num_programs)
+    p_last = _owner(seq_end - 1, total_pages, num_programs)
+    if (seq_end > first_page) & (p_first == p_last):
+        return  # stage 1 wrote this request's output directly
+
+    offs_h = pid_h * MERGE_BLOCK_H + tl.arange(0, MERGE_BLOCK_H)
+    mask_h = offs_h < 64
+    offs_d = pid_d * MERGE_BLOCK_D + tl.arange(0, MERGE_BLOCK_D)
+    m = tl.full([MERGE_BLOCK_H], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([MERGE_BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([MERGE_BLOCK_H, MERGE_BLOCK_D], dtype=tl.float32)
+    if seq_end > first_page:
+        for p in range(p_first, p_last + 1):
+            # A program whose share is empty (more programs than pages) wrote no piece.
+            wrote = _share_start(p + 1, total_pages, num_programs) > _share_start(p, total_pages, num_programs)
+            row = (p + seq) * 64 + offs_h
+            part_lse = tl.load(part_lse_ptr + row, mask=mask_h & wrote, other=float("-inf"))
+            part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
+                           mask=mask_h[:, None] & wrote, other=0.0)
+            m_new = tl.maximum(m, part_lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_safe)
+            w = tl.math.exp2(part_lse - m_safe)
+            denom = denom * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * part
+            m = m_new
+    o, lse = _softmax_finish(m, denom, acc)
+    tl.store(out_ptr + seq * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+    if pid_d == 0:
+        tl.store(lse_ptr + seq * stride_lse_b + offs_h, lse, mask=mask_h)
 
 
 def scratch_rows(batch: int, num_programs: int) -> int:
-    """Rows (of 64 heads) of the pieces' scratch: one slot per (program + request)."""
+    """Rows (of 64 heads) of stage-1 scratch: one slot per (program + request)."""
     return (num_programs + batch) * 64
-
-
-def arrival_counters(batch: int, block_h: int) -> int:
-    """int32 arrival counters: one per (request, head group); zeroed once, kept zero by the kernel."""
-    return batch * triton.cdiv(64, block_h)
 
 
 def launch(
     q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
-    partial_out: torch.Tensor, partial_lse: torch.Tensor, arrivals: torch.Tensor, num_programs: int,
-    *, block_h: int, block_n: int, num_warps: int, num_stages: int, merge_block_d: int,
+    partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
+    *, block_h: int, block_n: int, num_warps: int, num_stages: int,
+    merge_block_h: int, merge_block_d: int, merge_num_warps: int,
 ) -> None:
-    """Launch the kernel. Validated tensors only (tuner.decode checks them); no host sync.
+    """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
 
     q_nope [B, 64, 512], q_pe [B, 64, 64],
     ckv_cache [P, 64, 512], kpe_cache [P, 64, 64]
@@ -312,22 +270,26 @@ def launch(
     or None (every page full), out like q_nope, lse float32 [B, 64] (last dim contiguous).
     num_programs: how many equal shares the page stream is cut into (the split count).
     partial_out float32 [scratch_rows(B, num_programs) * 512] and partial_lse float32
-    [scratch_rows(B, num_programs)]: contiguous scratch; arrivals int32 [arrival_counters(B, block_h)],
-    all zero (the kernel leaves them zero). One launch at a time may use a given scratch.
-    merge_block_d: columns merged at a time by the program that merges a spanning request.
+    [scratch_rows(B, num_programs)]: contiguous scratch.
     """
     batch = q_nope.shape[0]
     if batch == 0:
         return
     has_last = kv_last_page_len is not None
-    grid = (num_programs * triton.cdiv(64, block_h),)
-    _decode_kernel[grid](
+    grid1 = (num_programs * triton.cdiv(64, block_h),)
+    _decode_stage1[grid1](
         q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
-        kv_last_page_len if has_last else kv_indptr, out, lse, partial_out, partial_lse, arrivals,
+        kv_last_page_len if has_last else kv_indptr, out, lse, partial_out, partial_lse,
         sm_scale * LOG2E, batch, num_programs,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, MERGE_BLOCK_D=merge_block_d,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
+    )
+    grid2 = (batch * triton.cdiv(64, merge_block_h) * (512 // merge_block_d),)
+    _decode_stage2[grid2](
+        kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,
+        out.stride(0), out.stride(1), lse.stride(0),
+        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, num_warps=merge_num_warps,
     )

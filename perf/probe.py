@@ -135,8 +135,9 @@ for w in benchmark_set():
                                                "num_stages": st, "programs_per_sm": pps}))
         if "small" in sys.argv[2:] and w.is_decode:
             base = tuner.dispatch.decode_config(w.spec(ps), w.batch, sum(w.kv_lens) / w.batch, DEV).to_dict()
-            for st, mbd in itertools.product((32, 64, 128), (32, 128, 512)):
-                configs.append(DecodeConfig(**{**base, "split_tokens": st, "merge_block_d": mbd}))
+            for st, mbh, mbd in itertools.product((32, 64, 128), (4, 16), (32, 128)):
+                configs.append(DecodeConfig(**{**base, "split_tokens": st, "merge_block_h": mbh,
+                                               "merge_block_d": mbd}))
         if SWEEP and not w.is_decode:
             for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
                                        (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:

@@ -59,13 +59,12 @@ class DecodeConfig(_Config):
 
     block_h: heads per program (packed into the M dimension of tl.dot; at least 16).
     block_n: KV tokens per tile.
-    programs_per_sm: programs (all head groups together) per multiprocessor: the batch's page
+    programs_per_sm: stage-1 programs (all head groups together) per multiprocessor: the batch's page
         stream is cut into num_programs equal shares (see :meth:`num_programs`).
     split_tokens: the least KV tokens per share, so that small batches are not cut finer than pays
         for the merge.
-    num_warps, num_stages: warps and software-pipelining depth.
-    merge_block_d: columns at a time when the last program to finish a spanning request merges its
-        pieces (block_h heads x merge_block_d fp32 per step).
+    num_warps, num_stages: stage-1 warps and software-pipelining depth.
+    merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     """
 
     block_h: int = 16
@@ -74,9 +73,11 @@ class DecodeConfig(_Config):
     split_tokens: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    merge_block_h: int = 16
     merge_block_d: int = 128
+    merge_num_warps: int = 4
 
-    _POW2: ClassVar[tuple[str, ...]] = ("block_h", "block_n", "merge_block_d")
+    _POW2: ClassVar[tuple[str, ...]] = ("block_h", "block_n", "merge_block_h", "merge_block_d")
 
     def __post_init__(self) -> None:
         self._check()
@@ -146,7 +147,8 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     return DecodeConfig(
         block_h=block_h, block_n=64 if block_h <= 32 else 32, programs_per_sm=1, split_tokens=64,
         num_warps=8, num_stages=3,
-        merge_block_d=min(128, spec.head_dim_ckv),
+        merge_block_h=min(4, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
+        merge_num_warps=4,
     )
 
 

@@ -45,8 +45,9 @@ DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "programs_per_sm": (1, 2, 3, 4),
     "split_tokens": (64, 128, 256, 512, 1024, 2048, 4096),
     "merge_block_d": (64, 128, 256),
+    "merge_num_warps": (2, 4, 8),
 }
-"""Candidate values of the decode kernel's parameters."""
+"""Candidate values of the decode kernel's parameters (merge_block_h is not searched)."""
 
 PREFILL_CHOICES: dict[str, tuple[int, ...]] = {
     "rows": (16, 32, 64, 128),
@@ -231,7 +232,7 @@ def check(spec: MLASpec, config: Config, limits: Limits = Limits()) -> str | Non
     if regs > MAX_ACC_REGS:
         return f"registers: the fp32 accumulator needs {regs:.0f} per thread (> {MAX_ACC_REGS}: spills)"
     if isinstance(config, DecodeConfig):
-        merge_regs = 2 * config.block_h * config.merge_block_d / (config.num_warps * 32)
+        merge_regs = 2 * config.merge_block_h * config.merge_block_d / (config.merge_num_warps * 32)
         if merge_regs > MAX_ACC_REGS:
             return f"registers: the merge tile needs {merge_regs:.0f} per thread (> {MAX_ACC_REGS})"
     return None
@@ -254,7 +255,8 @@ def feasible_grid(space: Space, limits: Limits = Limits()) -> list[dict[str, int
 
 _SHORT = {
     "block_h": "h", "block_n": "n", "block_m": "m", "programs_per_sm": "p", "split_tokens": "s",
-    "num_warps": "w", "num_stages": "st", "merge_block_d": "md",
+    "num_warps": "w", "num_stages": "st", "merge_block_h": "mh", "merge_block_d": "md",
+    "merge_num_warps": "mw",
 }
 
 

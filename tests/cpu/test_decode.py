@@ -86,10 +86,10 @@ CONFIGS = {
     "one-split": DecodeConfig(block_h=16, block_n=32, programs_per_sm=1, split_tokens=1 << 20),
     "many-splits": DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=16),
     "splits-past-tokens": DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=1),
-    "merge-wide": DecodeConfig(block_h=16, block_n=64, programs_per_sm=8, split_tokens=16,
-                               merge_block_d=512),
+    "merge-tiles": DecodeConfig(block_h=16, block_n=64, programs_per_sm=8, split_tokens=16,
+                                merge_block_h=32, merge_block_d=512, merge_num_warps=8),
     "merge-narrow": DecodeConfig(block_h=16, block_n=32, programs_per_sm=8, split_tokens=8,
-                                 merge_block_d=64),
+                                 merge_block_h=16, merge_block_d=64),
 }
 
 
@@ -120,7 +120,7 @@ def test_empty_requests_at_share_boundaries_and_ends(programs_per_sm: int) -> No
     count from 4 to 32 over 40 one-token pages): each gets output 0 and lse -inf, the rest are exact."""
     kv = [0, 0, 3, 0, 5, 0, 0, 2, 0, 10, 0, 20, 0, 0]
     case = make_case(16, kv, page_size=1, seed=50 + programs_per_sm)
-    config = DecodeConfig(block_n=16, programs_per_sm=programs_per_sm, split_tokens=1)
+    config = DecodeConfig(block_n=16, programs_per_sm=programs_per_sm, split_tokens=1, merge_block_h=4)
     spec = MLASpec("decode", 16, 512, 64, 1)
     assert config.num_programs(spec, gpu_info(torch.device("cpu")).num_sms, sum(kv)) == 4 * programs_per_sm
     out, lse = check_decode(case, config=config)

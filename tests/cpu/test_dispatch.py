@@ -27,7 +27,7 @@ H100_PCIE = GPUInfo(key="nvidia-h100-pcie", name="NVIDIA H100 PCIe", capability=
 H200 = GPUInfo(key="nvidia-h200", name="NVIDIA H200", capability="9.0", num_sms=132)
 A100 = GPUInfo(key="nvidia-a100-sxm4-80gb", name="NVIDIA A100-SXM4-80GB", capability="8.0", num_sms=108)
 TUNED = DecodeConfig(block_h=16, block_n=32, programs_per_sm=2, split_tokens=512, num_warps=4, num_stages=2,
-                     merge_block_d=64)
+                     merge_block_h=4, merge_block_d=64, merge_num_warps=2)
 TUNED_PREFILL = PrefillConfig(block_m=2, block_h=16, block_n=32, num_warps=4, num_stages=2)
 
 

@@ -97,7 +97,7 @@ def test_shared_memory_estimate_is_a_close_lower_bound(config: space.Config, mea
     (DecodeConfig(block_h=16, block_n=128, num_warps=8, num_stages=3), "shared memory"),
     (DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=4), "shared memory"),
     (DecodeConfig(block_h=64, block_n=32, num_warps=4, num_stages=2), "registers"),
-    (DecodeConfig(block_h=32, merge_block_d=512, num_warps=4, block_n=16, num_stages=1), "merge tile"),
+    (DecodeConfig(block_h=16, merge_block_h=32, merge_block_d=256, merge_num_warps=2), "merge tile"),
     (DecodeConfig(block_h=256), "block_h"),
     (PrefillConfig(block_m=8, block_h=16, block_n=16, num_warps=8, num_stages=1), "registers"),
     (PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=3), "shared memory"),

@@ -54,7 +54,7 @@ CONFIGS = {
     "bn64-w4-s2": DecodeConfig(block_h=16, block_n=64, num_warps=4, num_stages=2),
     "many-splits": DecodeConfig(block_h=16, block_n=64, programs_per_sm=4, split_tokens=16),
     "one-split": DecodeConfig(block_h=16, block_n=64, programs_per_sm=1, split_tokens=1 << 24),
-    "merge-wide": DecodeConfig(block_h=16, merge_block_d=512, split_tokens=16, programs_per_sm=4),
+    "merge-wide": DecodeConfig(block_h=16, merge_block_h=16, merge_block_d=512, merge_num_warps=8),
 }
 
 
