@@ -24,6 +24,7 @@ Nothing here reads host data, so a launch can be captured in a CUDA graph.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 NAME = "mla_paged_decode_h64_ckv512_kpe64_ps32"
 VARIANT = "decode"
@@ -129,7 +130,7 @@ def _find_request(kv_indptr_ptr, batch, page):
 
 @triton.jit
 def _decode_stage1(
-    q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr,
+    q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr, ckv_desc, kpe_desc,
     kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
     qk_scale, batch, num_programs,
@@ -137,6 +138,7 @@ def _decode_stage1(
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = (64 + BLOCK_H - 1) // BLOCK_H
     pid = tl.program_id(0)
@@ -171,6 +173,21 @@ def _decode_stage1(
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
+        if USE_TMA:  # whole tiles by bulk copies, the rest (a partial last tile) by the gather
+            tma_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+            page_next = tl.load(kv_indices_ptr + first_page + start // 32, mask=start < tma_end, other=0)
+            for n0 in range(start, tma_end, BLOCK_N):
+                page_id = page_next
+                page_next = tl.load(kv_indices_ptr + first_page + (n0 + BLOCK_N) // 32,
+                                    mask=n0 + BLOCK_N < tma_end, other=0)
+                slot0 = n0 % 32
+                ckv = tl.reshape(ckv_desc.load([page_id, slot0, 0]), [BLOCK_N, 512])
+                kpe = tl.reshape(kpe_desc.load([page_id, slot0, 0]), [BLOCK_N, 64])
+                qk = tl.dot(q_pe, tl.trans(kpe))
+                qk = tl.dot(q_nope, tl.trans(ckv), qk)
+                m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, qk * qk_scale, ckv)
+
+            start = tma_end
         offs_n = start + tl.arange(0, BLOCK_N)
         page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < end)
         for n0 in range(start, end, BLOCK_N):
@@ -249,6 +266,13 @@ def _decode_stage2(
         tl.store(lse_ptr + seq * stride_lse_b + offs_h, lse, mask=mask_h)
 
 
+def _tma_ready(cache: torch.Tensor) -> bool:
+    """A bulk-copy descriptor needs a 16-byte aligned base and 16-byte multiple strides (but the last)."""
+    size = cache.element_size()
+    return (cache.data_ptr() % 16 == 0 and cache.stride(-1) == 1
+            and all((st * size) % 16 == 0 for st in cache.stride()[:-1]))
+
+
 def scratch_rows(batch: int, num_programs: int) -> int:
     """Rows (of 64 heads) of stage-1 scratch: one slot per (program + request)."""
     return (num_programs + batch) * 64
@@ -259,7 +283,7 @@ def launch(
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
     partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
-    *, block_h: int, block_n: int, num_warps: int, num_stages: int,
+    *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int,
     merge_block_h: int, merge_block_d: int, merge_num_warps: int,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
@@ -276,15 +300,23 @@ def launch(
     if batch == 0:
         return
     has_last = kv_last_page_len is not None
+    use_tma = bool(tma) and block_n <= PAGE_SIZE and _tma_ready(ckv_cache) and _tma_ready(kpe_cache)
+    if use_tma:
+        ckv_desc = TensorDescriptor(ckv_cache, list(ckv_cache.shape), list(ckv_cache.stride()),
+                                    [1, block_n, HEAD_DIM_CKV])
+        kpe_desc = TensorDescriptor(kpe_cache, list(kpe_cache.shape), list(kpe_cache.stride()),
+                                    [1, block_n, HEAD_DIM_KPE])
+    else:
+        ckv_desc, kpe_desc = ckv_cache, kpe_cache
     grid1 = (num_programs * triton.cdiv(64, block_h),)
     _decode_stage1[grid1](
-        q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+        q_nope, q_pe, ckv_cache, kpe_cache, ckv_desc, kpe_desc, kv_indptr, kv_indices,
         kv_last_page_len if has_last else kv_indptr, out, lse, partial_out, partial_lse,
         sm_scale * LOG2E, batch, num_programs,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     grid2 = (batch * triton.cdiv(64, merge_block_h) * (512 // merge_block_d),)

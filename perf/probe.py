@@ -14,7 +14,8 @@ import sys
 import torch
 
 import tuner
-from tuner.config import DecodeConfig, PrefillConfig
+from tuner.buckets import decode_bucket
+from tuner.config import DecodeConfig, PrefillConfig, default_decode_config
 from tuner.reference import mla_decode_ref, mla_prefill_ref
 from tuner.timing import time_call
 from tuner.workloads import benchmark_set, make_inputs
@@ -142,6 +143,19 @@ for w in benchmark_set():
             for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
                                        (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:
                 configs.append(PrefillConfig(block_m=bm, block_h=bh, block_n=bn, num_warps=nw, num_stages=st))
+        if "tma" in sys.argv[2:]:  # bulk tensor copies against the gather, from the committed tuned configs
+            if not w.is_decode or ps == 1:
+                continue
+            table = json.load(open("generated/dispatch/nvidia-h200.json"))["kernels"][w.spec(ps).name()]
+            tuned = DecodeConfig.from_dict(table[decode_bucket(w.batch, sum(w.kv_lens) / w.batch).name]["config"])
+            default = default_decode_config(w.spec(ps), w.batch, sum(w.kv_lens) / w.batch, 132)
+            configs = []
+            for c in (tuned, default):
+                for extra in ({}, {"block_n": min(c.block_n, 64), "tma": 1}, {"block_n": 32, "tma": 1, "num_stages": 4},
+                              {"block_n": 32, "tma": 1, "num_stages": 3, "num_warps": 4, "programs_per_sm": 2}):
+                    cfg = DecodeConfig(**{**c.to_dict(), **extra})
+                    if cfg not in configs:
+                        configs.append(cfg)
         run_row(w, ps, configs)
         if "padded" in sys.argv[2:] and w.is_decode and w.heads == 16:
             run_row(w, ps, [None], padded=True)

@@ -25,10 +25,16 @@ class _Config:
     """Shared behaviour of the config dataclasses: dict round trip with unknown keys refused."""
 
     _POW2: ClassVar[tuple[str, ...]] = ()
+    _FLAGS: ClassVar[tuple[str, ...]] = ()
+    """Fields that are 0 or 1 (a switch of the generated kernel, not a size)."""
 
     def _check(self) -> None:
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if f.name in self._FLAGS:
+                if value not in (0, 1) or isinstance(value, bool):
+                    raise ValueError(f"{type(self).__name__}.{f.name}: expected 0 or 1, found {value!r}")
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{type(self).__name__}.{f.name}: expected a positive int, found {value!r}")
             if f.name in self._POW2 and not _pow2(value):
@@ -64,6 +70,9 @@ class DecodeConfig(_Config):
     split_tokens: the least KV tokens per share, so that small batches are not cut finer than pays
         for the merge.
     num_warps, num_stages: stage-1 warps and software-pipelining depth.
+    tma: 1 copies whole KV tiles with Hopper bulk tensor copies (TMA) instead of gathering them
+        element-wise; needs block_n <= page_size (a tile inside one page). Falls back to the gather
+        when a cache's base or strides are not 16-byte aligned.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     """
 
@@ -73,11 +82,13 @@ class DecodeConfig(_Config):
     split_tokens: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    tma: int = 0
     merge_block_h: int = 16
     merge_block_d: int = 128
     merge_num_warps: int = 4
 
     _POW2: ClassVar[tuple[str, ...]] = ("block_h", "block_n", "merge_block_h", "merge_block_d")
+    _FLAGS: ClassVar[tuple[str, ...]] = ("tma",)
 
     def __post_init__(self) -> None:
         self._check()
@@ -98,6 +109,9 @@ class DecodeConfig(_Config):
 
     def check_spec(self, spec: MLASpec) -> None:
         """Raise ValueError when this config cannot run ``spec``."""
+        if self.tma and self.block_n > spec.page_size:
+            raise ValueError(f"DecodeConfig.tma: bulk copies need block_n <= page_size={spec.page_size}, "
+                             f"found block_n={self.block_n}")
         if self.merge_block_d > spec.head_dim_ckv:
             raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
                              f"{spec.head_dim_ckv}, found {self.merge_block_d}")

@@ -42,6 +42,7 @@ DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "block_n": (16, 32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
+    "tma": (0, 1),
     "programs_per_sm": (1, 2, 3, 4),
     "split_tokens": (64, 128, 256, 512, 1024, 2048, 4096),
     "merge_block_d": (64, 128, 256),
@@ -153,7 +154,8 @@ def decode_space(spec: MLASpec, default: DecodeConfig) -> Space:
     """The decode search space of ``spec`` around its default config ``default``."""
     if not spec.is_decode:
         raise ValueError(f"spec: expected a decode spec, found {spec.name()}")
-    caps = {"block_h": max(16, next_pow2(spec.num_heads)), "merge_block_d": spec.head_dim_ckv}
+    caps = {"block_h": max(16, next_pow2(spec.num_heads)), "merge_block_d": spec.head_dim_ckv,
+            "tma": int(spec.page_size > 1)}
     params = _choices(DECODE_CHOICES, default.to_dict(), caps)
     searched = {p.name for p in params}
     fixed = tuple((k, v) for k, v in default.to_dict().items() if k not in searched)
@@ -256,7 +258,7 @@ def feasible_grid(space: Space, limits: Limits = Limits()) -> list[dict[str, int
 _SHORT = {
     "block_h": "h", "block_n": "n", "block_m": "m", "programs_per_sm": "p", "split_tokens": "s",
     "num_warps": "w", "num_stages": "st", "merge_block_h": "mh", "merge_block_d": "md",
-    "merge_num_warps": "mw",
+    "merge_num_warps": "mw", "tma": "t",
 }
 
 

@@ -100,6 +100,27 @@ def test_configs(config: DecodeConfig, page_size: int) -> None:
     check_decode(case, config=config)
 
 
+@pytest.mark.parametrize("page_size,block_n", [(16, 16), (64, 16), (64, 32), (64, 64)])
+def test_bulk_copies(page_size: int, block_n: int) -> None:
+    """tma=1: whole tiles by tensor descriptors, the partial last tile by the gather; poisoned unused
+    slots (NaN) and split requests included. A cache view whose strides are not 16-byte multiples
+    falls back to the gather with the same answer."""
+    config = DecodeConfig(block_n=block_n, tma=1, programs_per_sm=1, split_tokens=32)
+    case = make_case(16, [0, 1, 37, 90, 5, 16, 130], page_size=page_size, seed=60 + page_size + block_n)
+    check_decode(case, config=config)
+    odd = torch.zeros(*case.ckv_cache.shape[:2], 512 + 3, dtype=case.ckv_cache.dtype)[..., :512]
+    odd.copy_(case.ckv_cache)  # token stride 515 elements: no descriptor, the gather runs
+    case.ckv_cache = odd
+    check_decode(case, config=config)
+
+
+def test_bulk_copies_need_a_tile_inside_a_page() -> None:
+    with pytest.raises(ValueError, match="tma"):
+        DecodeConfig(block_n=64, tma=1).check_spec(MLASpec("decode", 16, 512, 64, 16))
+    with pytest.raises(ValueError, match="tma"):
+        DecodeConfig(block_n=64, tma=2)
+
+
 def test_more_splits_than_tokens_is_exact() -> None:
     """Shares of one token (page_size 1) and, with 64-token pages, more shares than pages: empty
     shares write nothing and the merge skips them."""

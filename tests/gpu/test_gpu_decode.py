@@ -64,6 +64,18 @@ def test_configs(page_size: int, config: DecodeConfig) -> None:
     run_and_check(realistic_case(MLASpec("decode", 16, 512, 64, page_size), batch=24, seed=300), config=config)
 
 
+@pytest.mark.parametrize("config", [
+    DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=3, tma=1),
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=4, tma=1, programs_per_sm=2),
+    DecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=3, tma=1, split_tokens=16, programs_per_sm=4),
+], ids=lambda c: c.short())
+@pytest.mark.parametrize("heads", [16, 128])
+def test_bulk_copy_configs(heads: int, config: DecodeConfig) -> None:
+    if heads == 128:
+        config = DecodeConfig(**{**config.to_dict(), "block_h": 64, "num_warps": 8})
+    run_and_check(realistic_case(MLASpec("decode", heads, 512, 64, 64), batch=24, seed=310), config=config)
+
+
 def test_config_128_heads() -> None:
     config = DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=1)
     run_and_check(realistic_case(MLASpec("decode", 128, 512, 64, 16), batch=8, seed=301), config=config)
