@@ -47,7 +47,7 @@ def test_dry_run_tunes_end_to_end_and_leaves_generated_alone(tmp_path: Path, mon
     before = _committed_tables()
     start = time.monotonic()
     proc = _tune(tmp_path)  # no arguments: what `mla-tune tune` does on a machine without a GPU
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 120  # ~25 s alone; generous for a loaded 2-core CI machine
     assert _committed_tables() == before  # the committed tables are never written by a dry run
     assert "DRY RUN" in proc.stdout and "mean nothing" in proc.stdout
     for name in (TINY_DECODE.name(), TINY_PREFILL.name()):
