@@ -72,7 +72,8 @@ def test_configs(page_size: int, config: DecodeConfig) -> None:
 @pytest.mark.parametrize("heads", [16, 128])
 def test_bulk_copy_configs(heads: int, config: DecodeConfig) -> None:
     if heads == 128:
-        config = DecodeConfig(**{**config.to_dict(), "block_h": 64, "num_warps": 8})
+        config = DecodeConfig(**{**config.to_dict(), "block_h": 64, "num_warps": 8,
+                                 "block_n": min(config.block_n, 32)})  # 64 KV rows x 64 heads: too much smem
     run_and_check(realistic_case(MLASpec("decode", heads, 512, 64, 64), batch=24, seed=310), config=config)
 
 
