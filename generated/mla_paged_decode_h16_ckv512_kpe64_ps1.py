@@ -24,7 +24,6 @@ Nothing here reads host data, so a launch can be captured in a CUDA graph.
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 NAME = "mla_paged_decode_h16_ckv512_kpe64_ps1"
 VARIANT = "decode"
@@ -246,11 +245,10 @@ def _decode_stage2(
         tl.store(lse_ptr + seq * stride_lse_b + offs_h, lse, mask=mask_h)
 
 
-def _tma_ready(cache: torch.Tensor) -> bool:
-    """A bulk-copy descriptor needs a 16-byte aligned base and 16-byte multiple strides (but the last)."""
-    size = cache.element_size()
-    return (cache.data_ptr() % 16 == 0 and cache.stride(-1) == 1
-            and all((st * size) % 16 == 0 for st in cache.stride()[:-1]))
+def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: int, tma: int):
+    """(use_tma, ckv, kpe): 3-D tensor descriptors [pages, PAGE_SIZE, dim] with [1, block_n, dim] blocks
+    when bulk copies are asked for and possible (block_n <= PAGE_SIZE, aligned caches), else the caches."""
+    return False, ckv_cache, kpe_cache  # one token per page: nothing to copy in bulk
 
 
 def scratch_rows(batch: int, num_programs: int) -> int:
@@ -280,8 +278,7 @@ def launch(
     if batch == 0:
         return
     has_last = kv_last_page_len is not None
-    use_tma = False  # one token per page: nothing to copy in bulk
-    ckv_desc, kpe_desc = ckv_cache, kpe_cache
+    use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)
     grid1 = (num_programs * triton.cdiv(16, block_h),)
     _decode_stage1[grid1](
         q_nope, q_pe, ckv_cache, kpe_cache, ckv_desc, kpe_desc, kv_indptr, kv_indices,

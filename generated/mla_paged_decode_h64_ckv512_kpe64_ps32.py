@@ -273,6 +273,18 @@ def _tma_ready(cache: torch.Tensor) -> bool:
             and all((st * size) % 16 == 0 for st in cache.stride()[:-1]))
 
 
+def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: int, tma: int):
+    """(use_tma, ckv, kpe): 3-D tensor descriptors [pages, PAGE_SIZE, dim] with [1, block_n, dim] blocks
+    when bulk copies are asked for and possible (block_n <= PAGE_SIZE, aligned caches), else the caches."""
+    if tma and block_n <= PAGE_SIZE and _tma_ready(ckv_cache) and _tma_ready(kpe_cache):
+        return (True,
+                TensorDescriptor(ckv_cache, list(ckv_cache.shape), list(ckv_cache.stride()),
+                                 [1, block_n, HEAD_DIM_CKV]),
+                TensorDescriptor(kpe_cache, list(kpe_cache.shape), list(kpe_cache.stride()),
+                                 [1, block_n, HEAD_DIM_KPE]))
+    return False, ckv_cache, kpe_cache  # the gather
+
+
 def scratch_rows(batch: int, num_programs: int) -> int:
     """Rows (of 64 heads) of stage-1 scratch: one slot per (program + request)."""
     return (num_programs + batch) * 64
@@ -300,14 +312,7 @@ def launch(
     if batch == 0:
         return
     has_last = kv_last_page_len is not None
-    use_tma = bool(tma) and block_n <= PAGE_SIZE and _tma_ready(ckv_cache) and _tma_ready(kpe_cache)
-    if use_tma:
-        ckv_desc = TensorDescriptor(ckv_cache, list(ckv_cache.shape), list(ckv_cache.stride()),
-                                    [1, block_n, HEAD_DIM_CKV])
-        kpe_desc = TensorDescriptor(kpe_cache, list(kpe_cache.shape), list(kpe_cache.stride()),
-                                    [1, block_n, HEAD_DIM_KPE])
-    else:
-        ckv_desc, kpe_desc = ckv_cache, kpe_cache
+    use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)
     grid1 = (num_programs * triton.cdiv(64, block_h),)
     _decode_stage1[grid1](
         q_nope, q_pe, ckv_cache, kpe_cache, ckv_desc, kpe_desc, kv_indptr, kv_indices,

@@ -22,6 +22,7 @@ Nothing here reads host data, so a launch can be captured in a CUDA graph.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 NAME = "mla_paged_prefill_causal_h128_ckv512_kpe64_ps16"
 VARIANT = "prefill_causal"
@@ -116,14 +117,14 @@ def _find_tile(qo_indptr_ptr, batch, tile, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr,
+    q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr, ckv_desc, kpe_desc,
     qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
     out_ptr, lse_ptr, qk_scale, batch,
     stride_qn_t, stride_qn_h, stride_qp_t, stride_qp_h,
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_t, stride_o_h, stride_lse_t,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = (128 + BLOCK_H - 1) // BLOCK_H
     ROWS: tl.constexpr = BLOCK_M * BLOCK_H
@@ -158,22 +159,37 @@ def _prefill_kernel(
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, 512], dtype=tl.float32)
-    # Tiles that every row of the tile sees: no mask.
-    offs_n = 0 + tl.arange(0, BLOCK_N)
-    page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < full_end)
-    for n0 in range(0, full_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < full_end
-        page_id = page_next
-        slot = slot_next
-        page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n + BLOCK_N,
-                                            offs_n + BLOCK_N < full_end)
-        ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
-                                 stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
-        qk = tl.dot(q_pe, tl.trans(kpe))
-        qk = tl.dot(q_nope, tl.trans(ckv), qk)
-        s = qk * qk_scale
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
+    # Tiles that every row of the tile sees: no mask; by bulk copies with USE_TMA.
+    if USE_TMA:
+        page_next = tl.load(kv_indices_ptr + first_page + 0 // 16, mask=0 < full_end, other=0)
+        for n0 in range(0, full_end, BLOCK_N):
+            page_id = page_next
+            page_next = tl.load(kv_indices_ptr + first_page + (n0 + BLOCK_N) // 16,
+                                mask=n0 + BLOCK_N < full_end, other=0)
+            slot0 = n0 % 16
+            ckv = tl.reshape(ckv_desc.load([page_id, slot0, 0]), [BLOCK_N, 512])
+            kpe = tl.reshape(kpe_desc.load([page_id, slot0, 0]), [BLOCK_N, 64])
+            qk = tl.dot(q_pe, tl.trans(kpe))
+            qk = tl.dot(q_nope, tl.trans(ckv), qk)
+            m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, qk * qk_scale, ckv)
+
+    else:
+        offs_n = 0 + tl.arange(0, BLOCK_N)
+        page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < full_end)
+        for n0 in range(0, full_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < full_end
+            page_id = page_next
+            slot = slot_next
+            page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n + BLOCK_N,
+                                                offs_n + BLOCK_N < full_end)
+            ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
+                                     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
+            qk = tl.dot(q_pe, tl.trans(kpe))
+            qk = tl.dot(q_nope, tl.trans(ckv), qk)
+            s = qk * qk_scale
+            m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
+
     # The remaining tiles (the diagonal): masked.
     offs_n = full_end + tl.arange(0, BLOCK_N)
     page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < hi)
@@ -197,11 +213,30 @@ def _prefill_kernel(
     tl.store(lse_ptr + row * stride_lse_t + head, lse, mask=mask_r)
 
 
+def _tma_ready(cache: torch.Tensor) -> bool:
+    """A bulk-copy descriptor needs a 16-byte aligned base and 16-byte multiple strides (but the last)."""
+    size = cache.element_size()
+    return (cache.data_ptr() % 16 == 0 and cache.stride(-1) == 1
+            and all((st * size) % 16 == 0 for st in cache.stride()[:-1]))
+
+
+def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: int, tma: int):
+    """(use_tma, ckv, kpe): 3-D tensor descriptors [pages, PAGE_SIZE, dim] with [1, block_n, dim] blocks
+    when bulk copies are asked for and possible (block_n <= PAGE_SIZE, aligned caches), else the caches."""
+    if tma and block_n <= PAGE_SIZE and _tma_ready(ckv_cache) and _tma_ready(kpe_cache):
+        return (True,
+                TensorDescriptor(ckv_cache, list(ckv_cache.shape), list(ckv_cache.stride()),
+                                 [1, block_n, HEAD_DIM_CKV]),
+                TensorDescriptor(kpe_cache, list(kpe_cache.shape), list(kpe_cache.stride()),
+                                 [1, block_n, HEAD_DIM_KPE]))
+    return False, ckv_cache, kpe_cache  # the gather
+
+
 def launch(
     q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     kv_last_page_len: torch.Tensor | None, sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
-    *, block_m: int, block_h: int, block_n: int, num_warps: int, num_stages: int,
+    *, block_m: int, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int,
 ) -> None:
     """Launch the prefill kernel. Validated tensors only (tuner.runtime checks them); no host sync.
 
@@ -216,14 +251,15 @@ def launch(
     if total_q == 0 or batch == 0:
         return
     has_last = kv_last_page_len is not None
+    use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)
     n_virtual_tiles = total_q // block_m + batch
     grid = (n_virtual_tiles * triton.cdiv(128, block_h),)
     _prefill_kernel[grid](
-        q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+        q_nope, q_pe, ckv_cache, kpe_cache, ckv_desc, kpe_desc, qo_indptr, kv_indptr, kv_indices,
         kv_last_page_len if has_last else kv_indptr, out, lse, sm_scale * LOG2E, batch,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=block_n,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )

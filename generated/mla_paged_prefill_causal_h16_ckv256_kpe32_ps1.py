@@ -111,14 +111,14 @@ def _find_tile(qo_indptr_ptr, batch, tile, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr,
+    q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr, ckv_desc, kpe_desc,
     qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
     out_ptr, lse_ptr, qk_scale, batch,
     stride_qn_t, stride_qn_h, stride_qp_t, stride_qp_h,
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_t, stride_o_h, stride_lse_t,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = (16 + BLOCK_H - 1) // BLOCK_H
     ROWS: tl.constexpr = BLOCK_M * BLOCK_H
@@ -169,6 +169,7 @@ def _prefill_kernel(
         qk = tl.dot(q_nope, tl.trans(ckv), qk)
         s = qk * qk_scale
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
+
     # The remaining tiles (the diagonal): masked.
     offs_n = full_end + tl.arange(0, BLOCK_N)
     page_next, slot_next = _token_slots(kv_indices_ptr, first_page, offs_n, offs_n < hi)
@@ -192,11 +193,17 @@ def _prefill_kernel(
     tl.store(lse_ptr + row * stride_lse_t + head, lse, mask=mask_r)
 
 
+def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: int, tma: int):
+    """(use_tma, ckv, kpe): 3-D tensor descriptors [pages, PAGE_SIZE, dim] with [1, block_n, dim] blocks
+    when bulk copies are asked for and possible (block_n <= PAGE_SIZE, aligned caches), else the caches."""
+    return False, ckv_cache, kpe_cache  # one token per page: nothing to copy in bulk
+
+
 def launch(
     q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     kv_last_page_len: torch.Tensor | None, sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
-    *, block_m: int, block_h: int, block_n: int, num_warps: int, num_stages: int,
+    *, block_m: int, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int,
 ) -> None:
     """Launch the prefill kernel. Validated tensors only (tuner.runtime checks them); no host sync.
 
@@ -211,14 +218,15 @@ def launch(
     if total_q == 0 or batch == 0:
         return
     has_last = kv_last_page_len is not None
+    use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)
     n_virtual_tiles = total_q // block_m + batch
     grid = (n_virtual_tiles * triton.cdiv(16, block_h),)
     _prefill_kernel[grid](
-        q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+        q_nope, q_pe, ckv_cache, kpe_cache, ckv_desc, kpe_desc, qo_indptr, kv_indptr, kv_indices,
         kv_last_page_len if has_last else kv_indptr, out, lse, sm_scale * LOG2E, batch,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=block_n,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )

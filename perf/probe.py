@@ -14,7 +14,7 @@ import sys
 import torch
 
 import tuner
-from tuner.buckets import decode_bucket
+from tuner.buckets import decode_bucket, prefill_bucket
 from tuner.config import DecodeConfig, PrefillConfig, default_decode_config
 from tuner.reference import mla_decode_ref, mla_prefill_ref
 from tuner.timing import time_call
@@ -143,8 +143,19 @@ for w in benchmark_set():
             for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
                                        (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:
                 configs.append(PrefillConfig(block_m=bm, block_h=bh, block_n=bn, num_warps=nw, num_stages=st))
-        if "tma" in sys.argv[2:]:  # bulk tensor copies against the gather, from the committed tuned configs
-            if not w.is_decode or ps == 1:
+        if "tma" in sys.argv[2:] and not w.is_decode:  # the same for prefill's unmasked tiles
+            if ps == 1:
+                continue
+            table = json.load(open("generated/dispatch/nvidia-h200.json"))["kernels"][w.spec(ps).name()]
+            tuned = PrefillConfig.from_dict(table[prefill_bucket(w.total_q, w.avg_kv_len).name]["config"])
+            configs = []
+            for c in (tuned, PrefillConfig()):
+                for extra in ({}, {"tma": 1}, {"tma": 1, "block_n": 32, "num_stages": 3}):
+                    cfg = PrefillConfig(**{**c.to_dict(), **extra})
+                    if cfg not in configs:
+                        configs.append(cfg)
+        elif "tma" in sys.argv[2:]:  # bulk tensor copies against the gather, from the committed tuned configs
+            if ps == 1:
                 continue
             table = json.load(open("generated/dispatch/nvidia-h200.json"))["kernels"][w.spec(ps).name()]
             tuned = DecodeConfig.from_dict(table[decode_bucket(w.batch, sum(w.kv_lens) / w.batch).name]["config"])

@@ -127,6 +127,7 @@ class PrefillConfig(_Config):
     block_m: query tokens per tile; block_h: heads per tile. The tile's block_m * block_h
     (token, head) rows form the M dimension of tl.dot (at least 16).
     block_n: KV tokens per tile. num_warps, num_stages: warps and pipelining depth.
+    tma: as :class:`DecodeConfig` (for the KV tiles that every row of a query tile sees).
     """
 
     block_m: int = 4
@@ -134,8 +135,10 @@ class PrefillConfig(_Config):
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    tma: int = 0
 
     _POW2: ClassVar[tuple[str, ...]] = ("block_m", "block_h", "block_n")
+    _FLAGS: ClassVar[tuple[str, ...]] = ("tma",)
 
     def __post_init__(self) -> None:
         self._check()
@@ -144,6 +147,9 @@ class PrefillConfig(_Config):
                              f"found {self.block_m * self.block_h} and {self.block_n}")
 
     def check_spec(self, spec: MLASpec) -> None:
+        if self.tma and self.block_n > spec.page_size:
+            raise ValueError(f"PrefillConfig.tma: bulk copies need block_n <= page_size={spec.page_size}, "
+                             f"found block_n={self.block_n}")
         if self.block_h > next_pow2(spec.num_heads):
             raise ValueError(f"PrefillConfig.block_h: expected at most {next_pow2(spec.num_heads)} "
                              f"for {spec.num_heads} heads, found {self.block_h}")

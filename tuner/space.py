@@ -56,6 +56,7 @@ PREFILL_CHOICES: dict[str, tuple[int, ...]] = {
     "block_n": (16, 32, 64),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3),
+    "tma": (0, 1),
 }
 """Candidate values of the prefill kernel's parameters (block_m = rows // block_h)."""
 
@@ -167,7 +168,8 @@ def prefill_space(spec: MLASpec, default: PrefillConfig) -> Space:
     if spec.is_decode:
         raise ValueError(f"spec: expected a prefill spec, found {spec.name()}")
     values = dict(default.to_dict(), rows=default.block_m * default.block_h)
-    params = _choices(PREFILL_CHOICES, values, {"block_h": next_pow2(spec.num_heads)})
+    params = _choices(PREFILL_CHOICES, values, {"block_h": next_pow2(spec.num_heads),
+                                                "tma": int(spec.page_size > 1)})
     return Space(spec, params, ())
 
 

@@ -134,10 +134,12 @@ CONFIGS = [
     (8, PrefillConfig(block_m=2, block_h=8, block_n=16)),
     (32, PrefillConfig(block_m=1, block_h=32, block_n=32)),
     (32, PrefillConfig(block_m=8, block_h=4, block_n=16)),
+    (16, PrefillConfig(block_m=2, block_h=16, block_n=16, tma=1)),  # bulk copies of the unmasked tiles
+    (8, PrefillConfig(block_m=4, block_h=8, block_n=16, tma=1)),
 ]
 
 
-CONFIG_IDS = [f"h{h}-m{c.block_m}-bh{c.block_h}-n{c.block_n}" for h, c in CONFIGS]
+CONFIG_IDS = [f"h{h}-m{c.block_m}-bh{c.block_h}-n{c.block_n}-t{c.tma}" for h, c in CONFIGS]
 
 
 @pytest.mark.parametrize("causal", CAUSAL)
@@ -145,6 +147,15 @@ CONFIG_IDS = [f"h{h}-m{c.block_m}-bh{c.block_h}-n{c.block_n}" for h, c in CONFIG
 def test_configs(heads: int, config: PrefillConfig, causal: bool) -> None:
     case = make_case(heads, [40, 0, 17, 3], [21, 0, 17, 1], page_size=16, seed=heads + config.block_m)
     check_prefill(case, causal, config=config)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_bulk_copies_long_prefix(causal: bool) -> None:
+    """tma=1 on sequences with many whole pages before the diagonal, split pages and NaN in unused slots."""
+    case = make_case(16, [200, 64, 131], [37, 64, 5], page_size=32, seed=77)
+    check_prefill(case, causal, config=PrefillConfig(block_m=2, block_h=16, block_n=32, tma=1))
+    with pytest.raises(ValueError, match="tma"):
+        PrefillConfig(block_n=64, tma=1).check_spec(MLASpec("prefill", 16, 512, 64, 32))
 
 
 def test_strided_views_give_the_same_answer() -> None:

@@ -71,7 +71,18 @@ CONFIGS = {
     "m2-n32-w4": PrefillConfig(block_m=2, block_h=16, block_n=32, num_warps=4, num_stages=1),
     "m4-n32-w8": PrefillConfig(block_m=4, block_h=16, block_n=32, num_warps=8, num_stages=2),
     "m8-h8-n32": PrefillConfig(block_m=8, block_h=8, block_n=32, num_warps=8, num_stages=1),
+    "m4-n16-w8-tma": PrefillConfig(block_m=4, block_h=16, block_n=16, num_warps=8, num_stages=3, tma=1),
 }
+
+
+@pytest.mark.parametrize("config", [
+    PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=2, tma=1),
+    PrefillConfig(block_m=2, block_h=16, block_n=32, num_warps=4, num_stages=3, tma=1),
+], ids=lambda c: c.short())
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_bulk_copy_configs(causal: bool, config: PrefillConfig) -> None:
+    spec = MLASpec("prefill_causal" if causal else "prefill", 16, 512, 64, 64)
+    run_and_check(realistic_case(spec, SMALL_Q, seed=310), causal, config=config)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
