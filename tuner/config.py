@@ -177,4 +177,4 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
 def default_prefill_config(spec: MLASpec) -> PrefillConfig:
     block_h = min(16, next_pow2(spec.num_heads))
     return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=64,
-                         num_warps=8, num_stages=2)
+                         num_warps=8, num_stages=2, tma=int(spec.page_size >= 64))
