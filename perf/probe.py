@@ -127,7 +127,7 @@ for w in benchmark_set():
     for ps in (1, 64):
         configs = [None]
         if SWEEP and w.is_decode:
-            base = tuner.dispatch.decode_config(w.spec(ps), w.batch, sum(w.kv_lens) / w.batch, DEV).to_dict()
+            base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
             grid = ([(16, 64, 8, 2, 1), (16, 64, 8, 3, 1), (16, 32, 4, 3, 1), (16, 32, 4, 3, 2), (16, 32, 4, 4, 1),
                      (16, 16, 4, 4, 2)] if w.heads <= 16 else
                     [(64, 32, 8, 3, 1), (64, 32, 8, 2, 1), (64, 64, 8, 1, 1), (64, 32, 8, 4, 1)])
@@ -135,7 +135,7 @@ for w in benchmark_set():
                 configs.append(DecodeConfig(**{**base, "block_h": bh, "block_n": bn, "num_warps": nw,
                                                "num_stages": st, "programs_per_sm": pps}))
         if "small" in sys.argv[2:] and w.is_decode:
-            base = tuner.dispatch.decode_config(w.spec(ps), w.batch, sum(w.kv_lens) / w.batch, DEV).to_dict()
+            base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
             for st, mbh, mbd in itertools.product((32, 64, 128), (4, 16), (32, 128)):
                 configs.append(DecodeConfig(**{**base, "split_tokens": st, "merge_block_h": mbh,
                                                "merge_block_d": mbd}))
@@ -143,28 +143,26 @@ for w in benchmark_set():
             for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
                                        (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:
                 configs.append(PrefillConfig(block_m=bm, block_h=bh, block_n=bn, num_warps=nw, num_stages=st))
-        if "tma" in sys.argv[2:] and not w.is_decode:  # the same for prefill's unmasked tiles
+        if "tma" in sys.argv[2:]:  # bulk tensor copies against the gather, from the committed tuned configs
             if ps == 1:
                 continue
+            if w.is_decode:
+                cls, bucket = DecodeConfig, decode_bucket(w.batch, w.avg_kv_len)
+                default = default_decode_config(w.spec(ps), w.batch, w.avg_kv_len, 132)
+                extras = ({}, {"tma": 1}, {"block_n": 32, "tma": 1, "num_stages": 4},
+                          {"block_n": 32, "tma": 1, "num_stages": 3, "num_warps": 4, "programs_per_sm": 2})
+            else:
+                cls, bucket = PrefillConfig, prefill_bucket(w.total_q, w.avg_kv_len)
+                default = PrefillConfig()
+                extras = ({}, {"tma": 1}, {"tma": 1, "block_n": 32, "num_stages": 3})
             table = json.load(open("generated/dispatch/nvidia-h200.json"))["kernels"][w.spec(ps).name()]
-            tuned = PrefillConfig.from_dict(table[prefill_bucket(w.total_q, w.avg_kv_len).name]["config"])
             configs = []
-            for c in (tuned, PrefillConfig()):
-                for extra in ({}, {"tma": 1}, {"tma": 1, "block_n": 32, "num_stages": 3}):
-                    cfg = PrefillConfig(**{**c.to_dict(), **extra})
-                    if cfg not in configs:
-                        configs.append(cfg)
-        elif "tma" in sys.argv[2:]:  # bulk tensor copies against the gather, from the committed tuned configs
-            if ps == 1:
-                continue
-            table = json.load(open("generated/dispatch/nvidia-h200.json"))["kernels"][w.spec(ps).name()]
-            tuned = DecodeConfig.from_dict(table[decode_bucket(w.batch, sum(w.kv_lens) / w.batch).name]["config"])
-            default = default_decode_config(w.spec(ps), w.batch, sum(w.kv_lens) / w.batch, 132)
-            configs = []
-            for c in (tuned, default):
-                for extra in ({}, {"block_n": min(c.block_n, 64), "tma": 1}, {"block_n": 32, "tma": 1, "num_stages": 4},
-                              {"block_n": 32, "tma": 1, "num_stages": 3, "num_warps": 4, "programs_per_sm": 2}):
-                    cfg = DecodeConfig(**{**c.to_dict(), **extra})
+            for c in (cls.from_dict(table[bucket.name]["config"]), default):
+                for extra in extras:
+                    data = {**c.to_dict(), **extra}
+                    if data["tma"]:  # a tile that bulk copies must fit in a page
+                        data["block_n"] = min(data["block_n"], ps)
+                    cfg = cls(**data)
                     if cfg not in configs:
                         configs.append(cfg)
         run_row(w, ps, configs)

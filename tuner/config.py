@@ -17,6 +17,11 @@ def _pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
+def tile_in_page(spec: MLASpec, block_n: int) -> bool:
+    """Whether a KV tile of block_n tokens lies inside one page (what bulk copies need)."""
+    return block_n <= spec.page_size
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
@@ -42,6 +47,12 @@ class _Config:
         if self.num_warps not in (1, 2, 4, 8, 16):  # type: ignore[attr-defined]
             raise ValueError(f"{type(self).__name__}.num_warps: expected 1, 2, 4, 8 or 16, "
                              f"found {self.num_warps}")  # type: ignore[attr-defined]
+
+    def _check_tma(self, spec: MLASpec) -> None:
+        """Bulk copies move whole tiles inside one page: tma needs block_n <= page_size."""
+        if self.tma and not tile_in_page(spec, self.block_n):  # type: ignore[attr-defined]
+            raise ValueError(f"{type(self).__name__}.tma: bulk copies need block_n <= page_size={spec.page_size}, "
+                             f"found block_n={self.block_n}")  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)  # type: ignore[call-overload]
@@ -109,9 +120,7 @@ class DecodeConfig(_Config):
 
     def check_spec(self, spec: MLASpec) -> None:
         """Raise ValueError when this config cannot run ``spec``."""
-        if self.tma and self.block_n > spec.page_size:
-            raise ValueError(f"DecodeConfig.tma: bulk copies need block_n <= page_size={spec.page_size}, "
-                             f"found block_n={self.block_n}")
+        self._check_tma(spec)
         if self.merge_block_d > spec.head_dim_ckv:
             raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
                              f"{spec.head_dim_ckv}, found {self.merge_block_d}")
@@ -147,9 +156,7 @@ class PrefillConfig(_Config):
                              f"found {self.block_m * self.block_h} and {self.block_n}")
 
     def check_spec(self, spec: MLASpec) -> None:
-        if self.tma and self.block_n > spec.page_size:
-            raise ValueError(f"PrefillConfig.tma: bulk copies need block_n <= page_size={spec.page_size}, "
-                             f"found block_n={self.block_n}")
+        self._check_tma(spec)
         if self.block_h > next_pow2(spec.num_heads):
             raise ValueError(f"PrefillConfig.block_h: expected at most {next_pow2(spec.num_heads)} "
                              f"for {spec.num_heads} heads, found {self.block_h}")
@@ -168,13 +175,13 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     block_n = 64 if block_h <= 32 else 32
     return DecodeConfig(
         block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=64,
-        num_warps=8, num_stages=3, tma=int(spec.page_size > 1 and block_n <= spec.page_size),
+        num_warps=8, num_stages=3, tma=int(tile_in_page(spec, block_n)),
         merge_block_h=min(4, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
         merge_num_warps=4,
     )
 
 
 def default_prefill_config(spec: MLASpec) -> PrefillConfig:
-    block_h = min(16, next_pow2(spec.num_heads))
-    return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=64,
-                         num_warps=8, num_stages=2, tma=int(spec.page_size >= 64))
+    block_h, block_n = min(16, next_pow2(spec.num_heads)), 64
+    return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=block_n,
+                         num_warps=8, num_stages=2, tma=int(tile_in_page(spec, block_n)))
