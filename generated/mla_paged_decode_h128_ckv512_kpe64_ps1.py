@@ -261,7 +261,7 @@ def launch(
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
     partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
-    *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int,
+    *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int, ws: int,
     merge_block_h: int, merge_block_d: int, merge_num_warps: int,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
@@ -277,6 +277,20 @@ def launch(
     batch = q_nope.shape[0]
     if batch == 0:
         return
+    _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
+                   out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma)
+    grid2 = (batch * triton.cdiv(128, merge_block_h) * (512 // merge_block_d),)
+    _decode_stage2[grid2](
+        kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,
+        out.stride(0), out.stride(1), lse.stride(0),
+        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, num_warps=merge_num_warps,
+    )
+
+
+def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
+                   out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma):
+    """The Triton stage 1 (every config, every GPU, the interpreter)."""
+    batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
     use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)
     grid1 = (num_programs * triton.cdiv(128, block_h),)
@@ -289,10 +303,4 @@ def launch(
         out.stride(0), out.stride(1), lse.stride(0),
         HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
-    )
-    grid2 = (batch * triton.cdiv(128, merge_block_h) * (512 // merge_block_d),)
-    _decode_stage2[grid2](
-        kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,
-        out.stride(0), out.stride(1), lse.stride(0),
-        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, num_warps=merge_num_warps,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import paths
 from .fileio import write_atomic
+from .config import ws_capable
 from .spec import MLASpec, catalogue
 
 GENERATED_INIT = '''\
@@ -44,7 +45,7 @@ def render(spec: MLASpec, templates_dir: Path | None = None) -> str:
         raise FileNotFoundError(f"templates: {templates_dir / spec.template} not found; code generation needs a "
                                 "checkout of mla-tuner (an installed package ships generated kernels, not templates)")
     env = _environment(templates_dir)
-    context = dict(asdict(spec), name=spec.name(), causal=spec.causal)
+    context = dict(asdict(spec), name=spec.name(), causal=spec.causal, ws=ws_capable(spec))
     source = env.get_template(spec.template).render(**context)
     return source.rstrip("\n") + "\n"
 

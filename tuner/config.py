@@ -22,6 +22,13 @@ def tile_in_page(spec: MLASpec, block_n: int) -> bool:
     return block_n <= spec.page_size
 
 
+def ws_capable(spec: MLASpec) -> bool:
+    """Whether ``spec``'s generated module holds the warp-specialized decode stage 1 (Gluon, Hopper):
+    decode, heads in groups of 64, pages of at least 16 tokens, head dims a wgmma can take."""
+    return (spec.is_decode and spec.num_heads % 64 == 0 and spec.page_size >= 16
+            and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256)
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
@@ -84,6 +91,11 @@ class DecodeConfig(_Config):
     tma: 1 copies whole KV tiles with Hopper bulk tensor copies (TMA) instead of gathering them
         element-wise; needs block_n <= page_size (a tile inside one page). Falls back to the gather
         when a cache's base or strides are not 16-byte aligned.
+    ws: 1 runs stage 1 as the warp-specialized Gluon kernel on Hopper (a loader warp with bulk copies,
+        one warpgroup for QK and the softmax, the 512-wide output split over two warpgroups, so QK runs
+        once per tile); needs a ``ws_capable`` spec, block_h 64 and a tile inside one page. num_warps and
+        tma do not apply to it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot
+        address) the Triton stage 1 runs with the same config.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     """
 
@@ -94,12 +106,13 @@ class DecodeConfig(_Config):
     num_warps: int = 8
     num_stages: int = 2
     tma: int = 0
+    ws: int = 0
     merge_block_h: int = 16
     merge_block_d: int = 128
     merge_num_warps: int = 4
 
     _POW2: ClassVar[tuple[str, ...]] = ("block_h", "block_n", "merge_block_h", "merge_block_d")
-    _FLAGS: ClassVar[tuple[str, ...]] = ("tma",)
+    _FLAGS: ClassVar[tuple[str, ...]] = ("tma", "ws")
 
     def __post_init__(self) -> None:
         self._check()
@@ -121,6 +134,10 @@ class DecodeConfig(_Config):
     def check_spec(self, spec: MLASpec) -> None:
         """Raise ValueError when this config cannot run ``spec``."""
         self._check_tma(spec)
+        if self.ws and not (ws_capable(spec) and self.block_h == 64 and tile_in_page(spec, self.block_n)):
+            raise ValueError(f"DecodeConfig.ws: the warp-specialized stage 1 needs decode heads in groups of 64, "
+                             f"pages of at least 16 tokens, block_h=64 and block_n <= page_size; found "
+                             f"{spec.name()} with block_h={self.block_h}, block_n={self.block_n}")
         if self.merge_block_d > spec.head_dim_ckv:
             raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
                              f"{spec.head_dim_ckv}, found {self.merge_block_d}")
@@ -166,16 +183,23 @@ class PrefillConfig(_Config):
         return self.block_m * self.block_h
 
 
-def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms: int) -> DecodeConfig:
+def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms: int,
+                          hopper: bool = True) -> DecodeConfig:
     """A sensible decode config without tuning (the best single config of the H100 sweep, perf/LOG.md):
     8 warps, 64-token tiles double-buffered (3 stages), one wave of balanced shares; at more than 32
     heads 64 heads per program (wgmma; the KV is read once per 64 heads) with 32-token tiles; tiles by
-    bulk tensor copies whenever a tile fits in a page (H200: 8-15% faster on the large page-64 rows)."""
+    bulk tensor copies whenever a tile fits in a page (H200: 8-15% faster on the large page-64 rows);
+    on a Hopper (``hopper``), the warp-specialized stage 1 wherever the spec allows it (64-token tiles,
+    2 stages)."""
     block_h = 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
     block_n = 64 if block_h <= 32 else 32
+    num_stages, ws = 3, 0
+    if hopper and ws_capable(spec):  # H200: 1.7-2.0x the Triton stage 1 at 64 and 128 heads, page size 64
+        block_n, ws = min(64, spec.page_size), 1
+        num_stages = 2 if block_n == 64 else 4
     return DecodeConfig(
         block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=64,
-        num_warps=8, num_stages=3, tma=int(tile_in_page(spec, block_n)),
+        num_warps=8, num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=ws,
         merge_block_h=min(4, next_pow2(spec.num_heads)), merge_block_d=min(128, spec.head_dim_ckv),
         merge_num_warps=4,
     )

@@ -25,7 +25,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from .config import DecodeConfig, PrefillConfig, next_pow2
+from .config import DecodeConfig, PrefillConfig, next_pow2, ws_capable
 from .device import H100_SHARED_BYTES
 from .spec import MLASpec
 
@@ -43,6 +43,7 @@ DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
     "tma": (0, 1),
+    "ws": (0, 1),
     "programs_per_sm": (1, 2, 3, 4),
     "split_tokens": (64, 128, 256, 512, 1024, 2048, 4096),
     "merge_block_d": (64, 128, 256),
@@ -156,7 +157,7 @@ def decode_space(spec: MLASpec, default: DecodeConfig) -> Space:
     if not spec.is_decode:
         raise ValueError(f"spec: expected a decode spec, found {spec.name()}")
     caps = {"block_h": max(16, next_pow2(spec.num_heads)), "merge_block_d": spec.head_dim_ckv,
-            "tma": int(spec.page_size > 1)}
+            "tma": int(spec.page_size > 1), "ws": int(ws_capable(spec))}
     params = _choices(DECODE_CHOICES, default.to_dict(), caps)
     searched = {p.name for p in params}
     fixed = tuple((k, v) for k, v in default.to_dict().items() if k not in searched)
@@ -186,6 +187,8 @@ def space_for(spec: MLASpec, default: Config) -> Space:
 def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> int:
     """Shared memory of the main kernel (a lower bound; see the module docstring)."""
     width = spec.head_dim_ckv + spec.head_dim_kpe
+    if isinstance(config, DecodeConfig) and config.ws:  # the generated module's ws_shared_bytes, 1 P buffer
+        return ((64 + config.num_stages * config.block_n) * width + 64 * config.block_n) * itemsize
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     wgmma = rows >= 64
     buffers = max(1, config.num_stages if wgmma else config.num_stages - 1)
@@ -195,13 +198,19 @@ def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> i
     return smem
 
 
+def shared_margin(config: Config) -> int:
+    """What the compiled kernel may use beyond the estimate: SHARED_MARGIN, or 512 bytes for the
+    warp-specialized stage 1, whose buffers are all explicit (measured: 190-230 bytes of barriers)."""
+    return 512 if isinstance(config, DecodeConfig) and config.ws else SHARED_MARGIN
+
+
 def fit_shared_memory(spec: MLASpec, config: Config, shared_bytes: int, itemsize: int = 2) -> Config:
     """``config``, made smaller until its shared memory fits ``shared_bytes`` (for the default configs,
     written for a Hopper's 227 KB, on GPUs with less): fewer stages first, then smaller KV tiles, then
     fewer rows per program. Returns ``config`` itself when it fits; the smallest config it can make
     otherwise (whose compile then says what does not fit)."""
     def fits(c: Config) -> bool:
-        return shared_bytes_estimate(spec, c, itemsize) + SHARED_MARGIN <= shared_bytes
+        return shared_bytes_estimate(spec, c, itemsize) + shared_margin(c) <= shared_bytes
 
     while not fits(config):
         if config.num_stages > 1:
@@ -219,6 +228,8 @@ def fit_shared_memory(spec: MLASpec, config: Config, shared_bytes: int, itemsize
 
 def acc_registers(spec: MLASpec, config: Config) -> float:
     """fp32 accumulator registers per thread of the main kernel."""
+    if isinstance(config, DecodeConfig) and config.ws:  # [64, ckv / 2] per warpgroup
+        return 64 * spec.head_dim_ckv / 2 / 128
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     return rows * spec.head_dim_ckv / (config.num_warps * 32)
 
@@ -260,7 +271,7 @@ def feasible_grid(space: Space, limits: Limits = Limits()) -> list[dict[str, int
 _SHORT = {
     "block_h": "h", "block_n": "n", "block_m": "m", "programs_per_sm": "p", "split_tokens": "s",
     "num_warps": "w", "num_stages": "st", "merge_block_h": "mh", "merge_block_d": "md",
-    "merge_num_warps": "mw", "tma": "t",
+    "merge_num_warps": "mw", "tma": "t", "ws": "ws",
 }
 
 

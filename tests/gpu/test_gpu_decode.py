@@ -9,6 +9,8 @@ import torch
 from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import DecodeConfig, MLASpec, catalogue
+from tuner.config import ws_capable
+from tuner.loader import load_module
 
 pytestmark = pytest.mark.gpu
 
@@ -75,6 +77,40 @@ def test_bulk_copy_configs(heads: int, config: DecodeConfig) -> None:
         config = DecodeConfig(**{**config.to_dict(), "block_h": 64, "num_warps": 8,
                                  "block_n": min(config.block_n, 32)})  # 64 KV rows x 64 heads: too much smem
     run_and_check(realistic_case(MLASpec("decode", heads, 512, 64, 64), batch=24, seed=310), config=config)
+
+
+WS_CONFIGS = [  # (block_n, num_stages, programs_per_sm, split_tokens)
+    (64, 2, 1, 64), (64, 1, 1, 64), (32, 4, 1, 64), (32, 3, 4, 16), (16, 4, 2, 16), (64, 2, 1, 1 << 24),
+]
+
+
+@pytest.mark.parametrize("shape", WS_CONFIGS, ids=lambda s: "n{}-st{}-p{}-s{}".format(*s))
+@pytest.mark.parametrize("spec", [s for s in SPECS if ws_capable(s)], ids=str)
+def test_warp_specialized_stage1(spec: MLASpec, shape: tuple[int, int, int, int]) -> None:
+    """The Gluon stage 1 (ws=1) on every capable spec: tile sizes, stage counts, many and no splits,
+    empty and short sequences, NaN in unused slots; and it really runs (no silent fallback)."""
+    block_n, stages, per_sm, split = shape
+    if block_n > spec.page_size:
+        pytest.skip("a tile must lie inside a page")
+    case = realistic_case(spec, batch=12, seed=320 + block_n + stages)
+    assert load_module(spec)._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, block_n)
+    config = DecodeConfig(block_h=64, block_n=block_n, num_stages=stages, programs_per_sm=per_sm,
+                          split_tokens=split, ws=1, tma=1)
+    run_and_check(case, config=config)
+
+
+def test_warp_specialized_fp16_and_fallback() -> None:
+    """fp16 runs the Gluon kernel too; q rows that are not one row array (a strided head view) fall
+    back to the Triton stage 1 with the same config, and give the same answer."""
+    spec = MLASpec("decode", 128, 512, 64, 64)
+    config = DecodeConfig(block_h=64, block_n=64, num_stages=2, ws=1, tma=1)
+    run_and_check(realistic_case(spec, batch=10, seed=330, dtype=torch.float16), config=config)
+    case = realistic_case(spec, batch=10, seed=331)
+    wide = torch.zeros(10, 256, 512, dtype=DTYPE, device=DEVICE)
+    wide[:, ::2] = case.q_nope
+    case = case.replace(q_nope=wide[:, ::2])
+    assert not load_module(spec)._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, 64)
+    run_and_check(case, config=config)
 
 
 def test_config_128_heads() -> None:

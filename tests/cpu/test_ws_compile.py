@@ -1,0 +1,111 @@
+"""The warp-specialized (Gluon) decode stage 1 cannot run under the interpreter, so CI compiles it for
+sm_90a on the CPU (Triton ships ptxas): every capable catalogue module with its default config must
+compile without register spills and within a Hopper's shared memory, and the module's shared-memory
+formula must match the compiled kernel. The GPU suite checks its results.
+
+The compiles run in a child process without TRITON_INTERPRET: under the interpreter, triton.language's
+own jit helpers (gl.max, gl.sum) are interpreter objects that Gluon cannot compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tuner import MLASpec, catalogue
+from tuner.config import default_decode_config, ws_capable
+from tuner.loader import load_module
+
+SPECS = [s for s in catalogue() if ws_capable(s)]
+
+
+
+def compile_ws(spec: MLASpec, block_n: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    m = load_module(spec)
+    if m.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    h, ckv, kpe, ps = spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size
+    q_nope, q_pe = torch.empty(2, h, ckv, dtype=torch.bfloat16), torch.empty(2, h, kpe, dtype=torch.bfloat16)
+    cache_ckv, cache_kpe = (torch.empty(4, ps, d, dtype=torch.bfloat16) for d in (ckv, kpe))
+    descs = {
+        "q_nope_desc": m._ws_rows(q_nope, 2 * h, q_nope.stride(1), [64, ckv]),
+        "q_pe_desc": m._ws_rows(q_pe, 2 * h, q_pe.stride(1), [64, kpe]),
+        "ckv_desc": m._ws_rows(cache_ckv, 4 * ps, cache_ckv.stride(1), [block_n, ckv]),
+        "kpe_desc": m._ws_rows(cache_kpe, 4 * ps, cache_kpe.stride(1), [block_n, kpe]),
+    }
+    fn = m._decode_stage1_ws
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in descs:
+            signature[name] = mangle_type(descs[name])
+        elif name.endswith("_ptr"):
+            int_ptr = any(k in name for k in ("indptr", "indices", "last_page"))
+            signature[name] = "*i32" if int_ptr else ("*bf16" if name == "out_ptr" else "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        elif name.startswith("stride"):  # contiguous outputs: multiples of 16, as Triton specializes them
+            signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.isupper():
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "i32"
+    p_bufs = m.ws_p_buffers(block_n, num_stages)
+    constexprs = {"HAS_LAST_PAGE_LEN": True, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "P_BUFS": p_bufs}
+    kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return m, kernel, p_bufs
+
+
+def compile_report(name: str, tmp: str) -> dict:
+    """Compile spec ``name``'s default ws config; shared memory, the formula's figure and ptxas spills."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    spec = MLASpec.from_name(name)
+    config = default_decode_config(spec, 32, 4096, 132)
+    m, kernel, p_bufs = compile_ws(spec, config.block_n, config.num_stages)
+    ptx = os.path.join(tmp, f"{name}.ptx")
+    with open(ptx, "w") as f:
+        f.write(kernel.asm["ptx"])
+    info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".o"],
+                          capture_output=True, text=True, check=True).stderr
+    return {"ws": config.ws, "shared": kernel.metadata.shared, "limit": m.WS_SHARED_BYTES,
+            "formula": m.ws_shared_bytes(config.block_n, config.num_stages, p_bufs),
+            "spills": [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)],
+            "setmaxnreg": "setmaxnreg" in kernel.asm["ptx"]}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[str, dict]:
+    if load_module(SPECS[0]).gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    tmp = str(tmp_path_factory.mktemp("ws"))
+    code = ("import json, sys, test_ws_compile as t; "
+            "print(json.dumps({n: t.compile_report(n, sys.argv[1]) for n in sys.argv[2:]}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code, tmp, *(s.name() for s in SPECS)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_default_config_compiles_for_hopper_without_spills(spec: MLASpec, reports: dict[str, dict]) -> None:
+    r = reports[spec.name()]
+    assert r["ws"] == 1, "the default config of a capable spec uses the warp-specialized stage 1"
+    assert r["shared"] <= r["limit"]
+    assert 0 <= r["formula"] - r["shared"] <= 512, "ws_shared_bytes is an upper bound within 512 bytes"
+    assert r["spills"] and max(r["spills"]) == 0, r
+    assert r["setmaxnreg"], "the partitions get their own register budgets"
