@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import paths
-from .fileio import write_atomic
 from .config import ws_capable
+from .fileio import write_atomic
 from .spec import MLASpec, catalogue
 
 GENERATED_INIT = '''\
