@@ -112,67 +112,76 @@ def run_row(w, ps, configs, padded=False):
     torch.cuda.empty_cache()
 
 
-BW = copy_bw()
-print(f"copy bandwidth {BW / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}, torch {torch.__version__}")
-import triton  # noqa: E402
+BW = float("nan")  # measured by main()
 
-print("triton", triton.__version__)
 
-ONLY = [a[5:] for a in sys.argv[2:] if a.startswith("rows=")]
-for w in benchmark_set():
-    if ONLY and w.name not in ONLY[0].split(","):
-        continue
-    if (w.is_decode and WHAT not in ("decode", "all")) or (not w.is_decode and WHAT not in ("prefill", "all")):
-        continue
-    for ps in (1, 64):
-        configs = [None]
-        if SWEEP and w.is_decode:
-            base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
-            grid = ([(16, 64, 8, 2, 1), (16, 64, 8, 3, 1), (16, 32, 4, 3, 1), (16, 32, 4, 3, 2), (16, 32, 4, 4, 1),
-                     (16, 16, 4, 4, 2)] if w.heads <= 16 else
-                    [(64, 32, 8, 3, 1), (64, 32, 8, 2, 1), (64, 64, 8, 1, 1), (64, 32, 8, 4, 1)])
-            for bh, bn, nw, st, pps in grid:
-                configs.append(DecodeConfig(**{**base, "block_h": bh, "block_n": bn, "num_warps": nw,
-                                               "num_stages": st, "programs_per_sm": pps}))
-        if "small" in sys.argv[2:] and w.is_decode:
-            base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
-            for st, mbh, mbd in itertools.product((32, 64, 128), (4, 16), (32, 128)):
-                configs.append(DecodeConfig(**{**base, "split_tokens": st, "merge_block_h": mbh,
-                                               "merge_block_d": mbd}))
-        if SWEEP and not w.is_decode:
-            for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
-                                       (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:
-                configs.append(PrefillConfig(block_m=bm, block_h=bh, block_n=bn, num_warps=nw, num_stages=st))
-        if "tma" in sys.argv[2:]:  # bulk tensor copies against the gather, from the committed tuned configs
-            if ps == 1:
-                continue
-            if w.is_decode:
-                cls, bucket = DecodeConfig, decode_bucket(w.batch, w.avg_kv_len)
-                default = default_decode_config(w.spec(ps), w.batch, w.avg_kv_len, 132)
-                extras = ({}, {"tma": 1}, {"block_n": 32, "tma": 1, "num_stages": 4},
-                          {"block_n": 32, "tma": 1, "num_stages": 3, "num_warps": 4, "programs_per_sm": 2})
-            else:
-                cls, bucket = PrefillConfig, prefill_bucket(w.total_q, w.avg_kv_len)
-                default = PrefillConfig()
-                extras = ({}, {"tma": 1}, {"tma": 1, "block_n": 32, "num_stages": 3})
-            table = json.load(open("generated/dispatch/nvidia-h200.json"))["kernels"][w.spec(ps).name()]
-            configs = []
-            for c in (cls.from_dict(table[bucket.name]["config"]), default):
-                for extra in extras:
-                    data = {**c.to_dict(), **extra}
-                    if data["tma"]:  # a tile that bulk copies must fit in a page
-                        data["block_n"] = min(data["block_n"], ps)
-                    cfg = cls(**data)
-                    if cfg not in configs:
-                        configs.append(cfg)
-        run_row(w, ps, configs)
-        if "padded" in sys.argv[2:] and w.is_decode and w.heads == 16:
-            run_row(w, ps, [None], padded=True)
+def main() -> None:
+    global BW
+    BW = copy_bw()
+    print(f"copy bandwidth {BW / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    import triton
 
-print("\n| row | ps | default us | best us | fa3 us | floor us | default/fa3 | floor frac |")
-for r in rows_out:
-    fa3 = r["fa3_us"] or float("nan")
-    print(f"| {r['row']} | {r['ps']} | {r['default_us']:.1f} | {r['best_us']:.1f} | {fa3:.1f} | {r['floor_us']:.1f} | "
-          f"{r['default_us'] / fa3:.2f} | {r['floor_us'] / r['default_us']:.2f} |")
-with open(os.path.join(OUT, f"probe_{WHAT}.json"), "w") as f:
-    json.dump(rows_out, f, indent=1)
+    print("triton", triton.__version__)
+
+    ONLY = [a[5:] for a in sys.argv[2:] if a.startswith("rows=")]
+    for w in benchmark_set():
+        if ONLY and w.name not in ONLY[0].split(","):
+            continue
+        if (w.is_decode and WHAT not in ("decode", "all")) or (not w.is_decode and WHAT not in ("prefill", "all")):
+            continue
+        for ps in (1, 64):
+            configs = [None]
+            if SWEEP and w.is_decode:
+                base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
+                grid = ([(16, 64, 8, 2, 1), (16, 64, 8, 3, 1), (16, 32, 4, 3, 1), (16, 32, 4, 3, 2), (16, 32, 4, 4, 1),
+                         (16, 16, 4, 4, 2)] if w.heads <= 16 else
+                        [(64, 32, 8, 3, 1), (64, 32, 8, 2, 1), (64, 64, 8, 1, 1), (64, 32, 8, 4, 1)])
+                for bh, bn, nw, st, pps in grid:
+                    configs.append(DecodeConfig(**{**base, "block_h": bh, "block_n": bn, "num_warps": nw,
+                                                   "num_stages": st, "programs_per_sm": pps}))
+            if "small" in sys.argv[2:] and w.is_decode:
+                base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
+                for st, mbh, mbd in itertools.product((32, 64, 128), (4, 16), (32, 128)):
+                    configs.append(DecodeConfig(**{**base, "split_tokens": st, "merge_block_h": mbh,
+                                                   "merge_block_d": mbd}))
+            if SWEEP and not w.is_decode:
+                for bm, bh, nw, bn, st in [(4, 16, 8, 32, 3), (4, 16, 8, 32, 4), (4, 16, 8, 64, 2), (2, 16, 4, 64, 3),
+                                           (4, 16, 8, 16, 4), (2, 16, 4, 32, 4)]:
+                    configs.append(PrefillConfig(block_m=bm, block_h=bh, block_n=bn, num_warps=nw, num_stages=st))
+            if "tma" in sys.argv[2:]:  # bulk tensor copies against the gather, from the committed tuned configs
+                if ps == 1:
+                    continue
+                if w.is_decode:
+                    cls, bucket = DecodeConfig, decode_bucket(w.batch, w.avg_kv_len)
+                    default = default_decode_config(w.spec(ps), w.batch, w.avg_kv_len, 132)
+                    extras = ({}, {"tma": 1}, {"block_n": 32, "tma": 1, "num_stages": 4},
+                              {"block_n": 32, "tma": 1, "num_stages": 3, "num_warps": 4, "programs_per_sm": 2})
+                else:
+                    cls, bucket = PrefillConfig, prefill_bucket(w.total_q, w.avg_kv_len)
+                    default = PrefillConfig()
+                    extras = ({}, {"tma": 1}, {"tma": 1, "block_n": 32, "num_stages": 3})
+                table = json.load(open("generated/dispatch/nvidia-h200.json"))["kernels"][w.spec(ps).name()]
+                configs = []
+                for c in (cls.from_dict(table[bucket.name]["config"]), default):
+                    for extra in extras:
+                        data = {**c.to_dict(), **extra}
+                        if data["tma"]:  # a tile that bulk copies must fit in a page
+                            data["block_n"] = min(data["block_n"], ps)
+                        cfg = cls(**data)
+                        if cfg not in configs:
+                            configs.append(cfg)
+            run_row(w, ps, configs)
+            if "padded" in sys.argv[2:] and w.is_decode and w.heads == 16:
+                run_row(w, ps, [None], padded=True)
+
+    print("\n| row | ps | default us | best us | fa3 us | floor us | default/fa3 | floor frac |")
+    for r in rows_out:
+        fa3 = r["fa3_us"] or float("nan")
+        print(f"| {r['row']} | {r['ps']} | {r['default_us']:.1f} | {r['best_us']:.1f} | {fa3:.1f} | "
+              f"{r['floor_us']:.1f} | {r['default_us'] / fa3:.2f} | {r['floor_us'] / r['default_us']:.2f} |")
+    with open(os.path.join(OUT, f"probe_{WHAT}.json"), "w") as f:
+        json.dump(rows_out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
