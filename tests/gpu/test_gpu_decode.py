@@ -100,15 +100,15 @@ def test_warp_specialized_stage1(spec: MLASpec, shape: tuple[int, int, int, int]
 
 
 def test_warp_specialized_fp16_and_fallback() -> None:
-    """fp16 runs the Gluon kernel too; q rows that are not one row array (a strided head view) fall
+    """fp16 runs the Gluon kernel too; q rows that are not one row array (a view of a padded batch) fall
     back to the Triton stage 1 with the same config, and give the same answer."""
     spec = MLASpec("decode", 128, 512, 64, 64)
     config = DecodeConfig(block_h=64, block_n=64, num_stages=2, ws=1, tma=1)
     run_and_check(realistic_case(spec, batch=10, seed=330, dtype=torch.float16), config=config)
     case = realistic_case(spec, batch=10, seed=331)
-    wide = torch.zeros(10, 256, 512, dtype=DTYPE, device=DEVICE)
-    wide[:, ::2] = case.q_nope
-    case = case.replace(q_nope=wide[:, ::2])
+    padded = torch.zeros(10, 129, 512, dtype=DTYPE, device=DEVICE)  # requests 129 heads apart: no row array
+    padded[:, :128] = case.q_nope
+    case = case.replace(q_nope=padded[:, :128])
     assert not load_module(spec)._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, 64)
     run_and_check(case, config=config)
 
