@@ -91,6 +91,16 @@ class Bucket:
         return Workload(self.name, spec.num_heads, tuple(q + p for q, p in zip(lengths, prefix, strict=True)), lengths,
                         causal=spec.causal, head_dim_ckv=spec.head_dim_ckv, head_dim_kpe=spec.head_dim_kpe)
 
+    def half_workload(self, spec: MLASpec) -> Workload:
+        """The first half of the representative's requests (at least one): the finalists are re-timed on
+        it too, so that a config tuned to the representative's size (a split count, say) does not lose
+        on the smaller batches of the same bucket."""
+        full = self.workload(spec)
+        n = max(1, full.batch // 2)
+        q_lens = None if full.q_lens is None else full.q_lens[:n]
+        return Workload(f"{self.name}-half", full.heads, full.kv_lens[:n], q_lens, causal=full.causal,
+                        head_dim_ckv=full.head_dim_ckv, head_dim_kpe=full.head_dim_kpe)
+
     def tiny_workload(self, spec: MLASpec) -> Workload:
         """A few sequences of tens of tokens, for the Triton interpreter (the dry run): the same
         code path, none of the bucket's scale."""

@@ -84,6 +84,10 @@ class Task:
     def workload(self) -> Workload:
         return self.bucket.tiny_workload(self.spec) if self.tiny else self.bucket.workload(self.spec)
 
+    def half_workload(self) -> Workload | None:
+        """The second batch the finalists are re-timed on (none for the interpreter's tiny batch)."""
+        return None if self.tiny else self.bucket.half_workload(self.spec)
+
 
 @dataclass
 class Settings:
@@ -608,9 +612,14 @@ class StudyRunner:
 
 
 def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settings: Settings,
-             floors: Ceilings | None) -> StudyResult:
+             floors: Ceilings | None, half: Bench | None = None) -> StudyResult:
     """Re-time the best ``settings.finalists`` distinct candidates and the default with
-    ``settings.final_runs`` runs each and make the dispatch entry of the fastest."""
+    ``settings.final_runs`` runs each and make the dispatch entry of the fastest.
+
+    With ``half`` (the bucket's half batch), a candidate's score is the geometric mean of its times on
+    both batches, so a config that wins only at the representative's exact size (H200: a split floor of
+    1024 tokens, 3% faster on the 48-request representative, 16% slower on d-b32-4k) does not replace
+    the default; the entry's time stays the representative's."""
     trials = study.get_trials(deepcopy=False)
     outcomes = Counter(_outcome(t) or t.state.name.lower() for t in trials)
     counted = counted_trials(trials) if not settings.exhaustive else sum(
@@ -624,22 +633,33 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
             break
         finalists.setdefault(str(t.user_attrs.get("effective")), (space.to_config(t.params), t.number))
     result.default = default = bench.default_config()
+
+    def score(config: Config, what: str) -> tuple[float, float] | None:
+        """(score, representative's time): the time, or its geometric mean with the half batch's."""
+        us = _retime(bench, config, settings, result.notes, what)
+        if us is None or half is None:
+            return None if us is None else (us, us)
+        half_us = _retime(half, config, settings, result.notes, what + " (half batch)")
+        return None if half_us is None else (math.sqrt(us * half_us), us)
+
     wrong = _safe_check(bench, default)
+    default_score = None
     if wrong is None:
-        result.default_us = _retime(bench, default, settings, result.notes, "the default config")
+        default_score = score(default, "the default config")
+        result.default_us = None if default_score is None else default_score[1]
     else:
         result.notes.append(f"the default config fails the correctness gate: {wrong}")
-    best: tuple[float, Config, int | None] | None = None
-    if result.default_us is not None:
-        best = (result.default_us, default, next((t.number for t in ok if t.user_attrs.get("default")), None))
+    best: tuple[float, float, Config, int | None] | None = None
+    if default_score is not None:
+        best = (*default_score, default, next((t.number for t in ok if t.user_attrs.get("default")), None))
     for config, number in finalists.values():
-        us = None if config == default else _retime(bench, config, settings, result.notes, f"trial {number}")
-        if us is not None and (best is None or us < best[0] * (1 - settings.margin if best[1] == default else 1)):
-            best = (us, config, number)
+        got = None if config == default else score(config, f"trial {number}")
+        if got is not None and (best is None or got[0] < best[0] * (1 - settings.margin if best[2] == default else 1)):
+            best = (*got, config, number)
     if best is None:
         result.notes.append("no candidate passed the correctness gate: no entry")
         return result
-    result.best_us, result.best, result.best_trial = best
+    _, result.best_us, result.best, result.best_trial = best
     result.entry = Entry(config=result.best, time_us=result.best_us, default_time_us=result.default_us,
                          kernel_hash=module_hash(task.spec), trials=counted, versions=versions())
     return result
@@ -706,6 +726,7 @@ class Prepared:
     default: Config
     name: str
     bench: Callable[[], Bench]
+    half: Callable[[], Bench | None]
 
 
 def prepare(task: Task, ctx: Context) -> Prepared:
@@ -718,9 +739,13 @@ def prepare(task: Task, ctx: Context) -> Prepared:
             holder.append(Bench(task.spec, workload, ctx.device, ctx.dtype, seed=ctx.settings.seed))
         return holder[0]
 
+    def half() -> Bench | None:
+        small = task.half_workload()
+        return None if small is None else Bench(task.spec, small, ctx.device, ctx.dtype, seed=ctx.settings.seed)
+
     default = untuned_config(task.spec, workload.total_q, workload.avg_kv_len, gpu_info(ctx.device))
     space = space_for(task.spec, default)
-    return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench)
+    return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench, half)
 
 
 def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, finalize_each: bool = True,
@@ -745,7 +770,7 @@ def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, f
             StudyRunner(task, study, prep.space, prep.bench, pool, ctx.limits, ctx.settings, heartbeat,
                         on_counted, leave_to_others=leave).run()
             if finalize_each:
-                result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors)
+                result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors, prep.half())
                 results.append(result)
                 on_result(result)
             del prep
@@ -770,7 +795,7 @@ def finalize_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None,
         study = load_study(prep.name, ctx.storage)
         if study is None:
             continue
-        result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors)
+        result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors, prep.half())
         results.append(result)
         on_result(result)
         del prep

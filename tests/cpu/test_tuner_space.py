@@ -209,3 +209,14 @@ def test_untuned_config_fits_the_gpu_shared_memory(spec: MLASpec, shared: int) -
             assert config == default
         else:
             assert config.block_n <= default.block_n and config.num_stages <= default.num_stages
+
+
+@pytest.mark.parametrize("spec", [MLASpec("decode", 16, 512, 64, 64), MLASpec("prefill_causal", 16, 512, 64, 64)],
+                         ids=MLASpec.name)
+def test_half_workload_is_the_first_half_of_the_representative(spec: MLASpec) -> None:
+    """The finalists' second batch: the first half of the representative's requests, same spec."""
+    for bucket in buckets.buckets_for(spec):
+        full, half = bucket.workload(spec), bucket.half_workload(spec)
+        assert half.batch == max(1, full.batch // 2)
+        assert half.kv_lens == full.kv_lens[: half.batch] and half.spec(64) == full.spec(64)
+        assert half.q_lens == (None if full.q_lens is None else full.q_lens[: half.batch])
