@@ -203,7 +203,7 @@ def launch(
     q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     kv_last_page_len: torch.Tensor | None, sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
-    *, block_m: int, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int,
+    *, block_m: int, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int, ws: int,
 ) -> None:
     """Launch the prefill kernel. Validated tensors only (tuner.runtime checks them); no host sync.
 

@@ -23,10 +23,11 @@ def tile_in_page(spec: MLASpec, block_n: int) -> bool:
 
 
 def ws_capable(spec: MLASpec) -> bool:
-    """Whether ``spec``'s generated module holds the warp-specialized decode stage 1 (Gluon, Hopper):
-    decode, heads in groups of 64, pages of at least 16 tokens, head dims a wgmma can take."""
-    return (spec.is_decode and spec.num_heads % 64 == 0 and spec.page_size >= 16
-            and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256)
+    """Whether ``spec``'s generated module holds the warp-specialized kernel (Gluon, Hopper): 64-row
+    tiles (decode: heads in groups of 64; prefill: 64 // heads tokens x all heads, or one token x 64
+    heads), pages of at least 16 tokens, head dims a wgmma can take."""
+    heads = spec.num_heads % 64 == 0 if spec.is_decode else (64 % spec.num_heads == 0 or spec.num_heads % 64 == 0)
+    return heads and spec.page_size >= 16 and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256
 
 
 def next_pow2(x: int) -> int:
@@ -154,6 +155,9 @@ class PrefillConfig(_Config):
     (token, head) rows form the M dimension of tl.dot (at least 16).
     block_n: KV tokens per tile. num_warps, num_stages: warps and pipelining depth.
     tma: as :class:`DecodeConfig` (for the KV tiles that every row of a query tile sees).
+    ws: 1 runs the warp-specialized Gluon kernel on Hopper (as :class:`DecodeConfig`): needs a
+        ``ws_capable`` spec, 64 rows (block_m * block_h) with block_h = min(heads, 64), and a KV tile
+        inside one page; num_warps and tma do not apply to it.
     """
 
     block_m: int = 4
@@ -162,9 +166,10 @@ class PrefillConfig(_Config):
     num_warps: int = 8
     num_stages: int = 2
     tma: int = 0
+    ws: int = 0
 
     _POW2: ClassVar[tuple[str, ...]] = ("block_m", "block_h", "block_n")
-    _FLAGS: ClassVar[tuple[str, ...]] = ("tma",)
+    _FLAGS: ClassVar[tuple[str, ...]] = ("tma", "ws")
 
     def __post_init__(self) -> None:
         self._check()
@@ -174,6 +179,12 @@ class PrefillConfig(_Config):
 
     def check_spec(self, spec: MLASpec) -> None:
         self._check_tma(spec)
+        if self.ws and not (ws_capable(spec) and self.block_h == min(spec.num_heads, 64) and self.rows == 64
+                            and tile_in_page(spec, self.block_n)):
+            raise ValueError(f"PrefillConfig.ws: the warp-specialized kernel needs 64 rows of block_h="
+                             f"{min(spec.num_heads, 64)} heads, pages of at least 16 tokens and block_n <= page_size; "
+                             f"found {spec.name()} with block_m={self.block_m}, block_h={self.block_h}, "
+                             f"block_n={self.block_n}")
         if self.block_h > next_pow2(spec.num_heads):
             raise ValueError(f"PrefillConfig.block_h: expected at most {next_pow2(spec.num_heads)} "
                              f"for {spec.num_heads} heads, found {self.block_h}")
@@ -205,7 +216,14 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     )
 
 
-def default_prefill_config(spec: MLASpec) -> PrefillConfig:
+def default_prefill_config(spec: MLASpec, hopper: bool = True) -> PrefillConfig:
+    """64 rows of up to 16 heads, 64-token KV tiles, 2 stages, bulk copies where a tile fits in a page;
+    on a Hopper (``hopper``) the warp-specialized kernel wherever the spec allows it (block_h becomes
+    min(heads, 64))."""
     block_h, block_n = min(16, next_pow2(spec.num_heads)), 64
+    if hopper and ws_capable(spec):
+        block_h, block_n = min(spec.num_heads, 64), min(64, spec.page_size)
+        return PrefillConfig(block_m=64 // block_h, block_h=block_h, block_n=block_n, num_warps=8,
+                             num_stages=2 if block_n == 64 else 4, tma=1, ws=1)
     return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=block_n,
                          num_warps=8, num_stages=2, tma=int(tile_in_page(spec, block_n)))

@@ -360,8 +360,9 @@ def select(spec: MLASpec, rows: int, avg_kv_len: float, gpu: GPUInfo) -> tuple[C
 def untuned_config(spec: MLASpec, rows: int, avg_kv_len: float, gpu: GPUInfo) -> Config:
     """What runs without a tuned entry: the default config for ``rows`` (decode: batch, prefill: total
     queries) of ``avg_kv_len`` mean KV tokens, shrunk to ``gpu``'s shared memory where it needs more."""
-    config = (default_decode_config(spec, rows, avg_kv_len, gpu.num_sms, gpu.capability.startswith("9."))
-              if spec.is_decode else default_prefill_config(spec))
+    hopper = gpu.capability.startswith("9.")
+    config = (default_decode_config(spec, rows, avg_kv_len, gpu.num_sms, hopper) if spec.is_decode
+              else default_prefill_config(spec, hopper))
     return fit_shared_memory(spec, config, gpu.shared_bytes)
 
 

@@ -58,6 +58,7 @@ PREFILL_CHOICES: dict[str, tuple[int, ...]] = {
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3),
     "tma": (0, 1),
+    "ws": (0, 1),
 }
 """Candidate values of the prefill kernel's parameters (block_m = rows // block_h)."""
 
@@ -170,7 +171,7 @@ def prefill_space(spec: MLASpec, default: PrefillConfig) -> Space:
         raise ValueError(f"spec: expected a prefill spec, found {spec.name()}")
     values = dict(default.to_dict(), rows=default.block_m * default.block_h)
     params = _choices(PREFILL_CHOICES, values, {"block_h": next_pow2(spec.num_heads),
-                                                "tma": int(spec.page_size > 1)})
+                                                "tma": int(spec.page_size > 1), "ws": int(ws_capable(spec))})
     return Space(spec, params, ())
 
 
@@ -187,7 +188,7 @@ def space_for(spec: MLASpec, default: Config) -> Space:
 def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> int:
     """Shared memory of the main kernel (a lower bound; see the module docstring)."""
     width = spec.head_dim_ckv + spec.head_dim_kpe
-    if isinstance(config, DecodeConfig) and config.ws:  # the generated module's ws_shared_bytes, 1 P buffer
+    if config.ws:  # the generated module's ws_shared_bytes with 1 P buffer
         return ((64 + config.num_stages * config.block_n) * width + 64 * config.block_n) * itemsize
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     wgmma = rows >= 64
@@ -201,7 +202,7 @@ def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> i
 def shared_margin(config: Config) -> int:
     """What the compiled kernel may use beyond the estimate: SHARED_MARGIN, or 512 bytes for the
     warp-specialized stage 1, whose buffers are all explicit (measured: 190-230 bytes of barriers)."""
-    return 512 if isinstance(config, DecodeConfig) and config.ws else SHARED_MARGIN
+    return 512 if config.ws else SHARED_MARGIN
 
 
 def fit_shared_memory(spec: MLASpec, config: Config, shared_bytes: int, itemsize: int = 2) -> Config:
@@ -228,7 +229,7 @@ def fit_shared_memory(spec: MLASpec, config: Config, shared_bytes: int, itemsize
 
 def acc_registers(spec: MLASpec, config: Config) -> float:
     """fp32 accumulator registers per thread of the main kernel."""
-    if isinstance(config, DecodeConfig) and config.ws:  # [64, ckv / 2] per warpgroup
+    if config.ws:  # [64, ckv / 2] per warpgroup
         return 64 * spec.head_dim_ckv / 2 / 128
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     return rows * spec.head_dim_ckv / (config.num_warps * 32)
