@@ -122,7 +122,7 @@ def test_prefill_rows_must_split_into_heads() -> None:
     spec = MLASpec("prefill_causal", 64, 512, 64, 1)
     sp = space.prefill_space(spec, default_prefill_config(spec))
     config, reason = space.check_values(sp, {"rows": 16, "block_h": 32, "block_n": 32, "num_warps": 4,
-                                             "num_stages": 2, "tma": 0})
+                                             "num_stages": 2, "tma": 0, "ws": 0})
     assert config is None and reason is not None and "rows" in reason
     with pytest.raises(ValueError, match="missing parameters"):
         sp.to_config({"rows": 16})
@@ -130,7 +130,7 @@ def test_prefill_rows_must_split_into_heads() -> None:
 
 def test_compact_form() -> None:
     assert space.compact(PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=2)) == \
-        "m4 h16 n64 w8 st2 t0"
+        "m4 h16 n64 w8 st2 t0 ws0"
 
 
 # -- buckets -------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_untuned_config_fits_the_gpu_shared_memory(spec: MLASpec, shared: int) -
         config.check_spec(spec)
         assert space.shared_bytes_estimate(spec, config) + space.shared_margin(config) <= shared, config
         default = (default_decode_config(spec, rows, avg_kv, 108, hopper=False) if spec.is_decode
-                   else default_prefill_config(spec))
+                   else default_prefill_config(spec, hopper=False))
         if shared == space.H100_SHARED_BYTES:
             assert config == default
         else:
