@@ -46,7 +46,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,9 @@ class Table:
     gpu: GPUInfo
     kernels: dict[str, dict[str, Entry]] = field(default_factory=dict)
     path: Path | None = None
+    outdated: dict[str, str] = field(default_factory=dict)
+    """Entries skipped on reading ("kernel.bucket" -> why): their config has the keys of another
+    mla-tuner version, so they are stale by construction; they are not written back."""
 
     def entry(self, kernel: str, bucket: str) -> Entry | None:
         return self.kernels.get(kernel, {}).get(bucket)
@@ -150,12 +153,20 @@ def _number(where: str, value: object, allow_none: bool = False) -> float | None
     return float(value)
 
 
+class _OutdatedEntry(ValueError):
+    """An entry whose config keys are another version's (a launch parameter added or removed since)."""
+
+
 def _entry_from_json(spec: MLASpec, where: str, data: object) -> Entry:
     data = _keys(where, data, _ENTRY_KEYS)
     config_cls = DecodeConfig if spec.is_decode else PrefillConfig
     raw = data["config"]
     if not isinstance(raw, dict):
         raise ValueError(f"{where}.config: expected an object, found {type(raw).__name__}")
+    names = {f.name for f in fields(config_cls)}
+    if set(raw) != names:
+        raise _OutdatedEntry(f"{where}.config: unknown keys {sorted(set(raw) - names)}, missing keys "
+                             f"{sorted(names - set(raw))} (tuned by another mla-tuner version)")
     try:
         config = config_cls.from_dict(raw)
         config.check_spec(spec)
@@ -207,6 +218,7 @@ def parse_table(text: str, path: Path | str | None = None) -> Table:
         if not isinstance(kernels_raw, dict):
             raise ValueError(f"kernels: expected an object, found {type(kernels_raw).__name__}")
         kernels: dict[str, dict[str, Entry]] = {}
+        outdated: dict[str, str] = {}
         for kernel, entries in kernels_raw.items():
             try:
                 spec = MLASpec.from_name(kernel)
@@ -220,10 +232,15 @@ def parse_table(text: str, path: Path | str | None = None) -> Table:
                     by_name(kind, bucket)
                 except ValueError as err:
                     raise ValueError(f"kernels.{kernel}: {err}") from None
-            kernels[kernel] = {b: _entry_from_json(spec, f"kernels.{kernel}.{b}", e) for b, e in entries.items()}
+            kernels[kernel] = {}
+            for b, e in entries.items():
+                try:
+                    kernels[kernel][b] = _entry_from_json(spec, f"kernels.{kernel}.{b}", e)
+                except _OutdatedEntry as err:
+                    outdated[f"{kernel}.{b}"] = str(err)
     except ValueError as err:
         raise DispatchTableError(path, str(err)) from None
-    return Table(gpu, kernels, Path(path) if path is not None else None)
+    return Table(gpu, kernels, Path(path) if path is not None else None, outdated)
 
 
 def load_table(path: Path) -> Table:
@@ -255,8 +272,9 @@ def versions() -> dict[str, str]:
 def merge(gpu: GPUInfo, entries: Mapping[tuple[str, str], Entry], folder: Path | None = None) -> Path:
     """Merge ``entries`` ((kernel name, bucket) -> Entry) into ``gpu``'s table and write it atomically.
 
-    Entries for other kernels and buckets are kept. An existing file that cannot be read is an error
-    (DispatchTableError): it is not overwritten.
+    Entries for other kernels and buckets are kept, except those tuned by another mla-tuner version
+    (their config keys differ: stale by construction), which are dropped. An existing file that cannot
+    be read is an error (DispatchTableError): it is not overwritten.
     """
     from .fileio import write_atomic
 
@@ -299,6 +317,10 @@ def _tables(token: str | None) -> dict[str, Table]:
             _warn_once(str(path), "unreadable", f"ignoring dispatch table: {err}; the default configs "
                                                 "are used for that GPU")
             continue
+        if table.outdated:
+            _warn_once(str(path), "outdated", f"{path}: ignoring {len(table.outdated)} entries tuned by another "
+                                              f"mla-tuner version (e.g. {next(iter(table.outdated.values()))}); "
+                                              "re-run `mla-tune tune`")
         tables[table.gpu.key] = table
     return tables
 

@@ -156,7 +156,6 @@ BROKEN = {
     "missing key": lambda d: {k: v for k, v in d.items() if k != "gpu"},
     "schema version": lambda d: {**d, "schema_version": 99},
     "invalid config value": lambda d: _edit_entry(d, config={**TUNED.to_dict(), "block_n": 48}),
-    "unknown config key": lambda d: _edit_entry(d, config={**TUNED.to_dict(), "block_k": 16}),
     "config not for this spec": lambda d: _edit_entry(d, config={**TUNED.to_dict(), "block_h": 128}),
     "unknown entry key": lambda d: _edit_entry(d, note="x"),
     "negative time": lambda d: _edit_entry(d, time_us=-1),
@@ -222,3 +221,31 @@ def test_runtime_plan_and_functional_form_use_the_table() -> None:
     plan = tuner.MLADecode().plan(indptr, torch.arange(3, dtype=torch.int32), num_heads=16, page_size=64,
                                   sm_scale=0.1, num_pages=3)
     assert plan.config == TUNED
+
+
+def test_entries_of_another_version_are_skipped_and_dropped_on_merge(generated: Path) -> None:
+    """An entry whose config has another version's keys (a launch parameter added since, like ``ws``)
+    is stale by construction: reading skips it with one warning and keeps the rest of the table, and
+    the next merge writes the table without it (this session's `mla-tune tune` crashed on one)."""
+    path = dispatch.merge(H200, {(DECODE.name(), "b1-16_kv1-2k"): entry(TUNED),
+                                 (PREFILL.name(), "q1-256"): entry(TUNED_PREFILL, PREFILL)})
+    data = json.loads(path.read_text())
+    del data["kernels"][PREFILL.name()]["q1-256"]["config"]["ws"]  # as written before `ws` existed
+    path.write_text(json.dumps(data))
+    dispatch.reload()
+    table = dispatch.load_table(path)
+    assert table.entry(DECODE.name(), "b1-16_kv1-2k") == entry(TUNED)
+    assert table.entry(PREFILL.name(), "q1-256") is None
+    assert "missing keys ['ws']" in table.outdated[f"{PREFILL.name()}.q1-256"]
+    config, source, warned = lookup(DECODE, 4, 1000, H200)
+    assert config == TUNED and source == "tuned on nvidia-h200"
+    assert any("tuned by another mla-tuner version" in w for w in warned)
+    dispatch.merge(H200, {(DECODE.name(), "b17-96_kv1-2k"): entry(TUNED)})
+    kept = json.loads(path.read_text())["kernels"]
+    assert PREFILL.name() not in kept and set(kept[DECODE.name()]) == {"b1-16_kv1-2k", "b17-96_kv1-2k"}
+    bad = json.loads(path.read_text())
+    bad["kernels"][DECODE.name()]["b1-16_kv1-2k"]["config"]["ws"] = 2
+    with pytest.raises(dispatch.DispatchTableError, match="ws"):  # a wrong value is still an error
+        dispatch.parse_table(json.dumps(bad))
+    bad["kernels"][DECODE.name()]["b1-16_kv1-2k"]["config"]["block_k"] = 16  # an unknown key: another version's
+    assert dispatch.parse_table(json.dumps(bad)).outdated
