@@ -82,7 +82,10 @@ class Bench:
         if workload.spec(spec.page_size) != spec:
             raise ValueError(f"workload: expected one of {spec.name()}, found {workload.spec(spec.page_size).name()}")
         self.spec, self.workload, self.device = spec, workload, device
-        self.num_sms = gpu_info(device).num_sms
+        info = gpu_info(device)
+        self.num_sms = info.num_sms
+        # Whether a ws=1 config runs the warp-specialized Gluon kernel here (a Hopper) or falls back.
+        self.ws_runs = device.type == "cuda" and info.capability.startswith("9.")
         self.inputs = make_inputs(workload, spec.page_size, dtype, device, seed)
         self.gate_inputs = make_inputs(workload, spec.page_size, dtype, device, seed + 1)
         g = self.gate_inputs
@@ -117,8 +120,13 @@ class Bench:
 
     def effective_key(self, config: Config) -> tuple[int, ...]:
         """What the device runs: configs with equal keys launch identical work on this workload (the
-        decode split policy reaches the device only as the number of shares)."""
+        decode split policy reaches the device only as the number of shares; the warp-specialized kernel
+        has fixed warps and always copies in bulk, and where it cannot run ws=1 is the Triton kernel)."""
         data = config.to_dict()
+        if config.ws and self.ws_runs:
+            data["num_warps"] = data["tma"] = 0
+        elif config.ws:
+            data["ws"] = 0
         if isinstance(config, DecodeConfig):
             max_tokens = self.inputs.kv_indices.numel() * self.spec.page_size
             data["programs_per_sm"] = config.num_programs(self.spec, self.num_sms, max_tokens)

@@ -292,3 +292,25 @@ def test_exhaustive_sweep_measures_every_point_once_and_compares_with_tpe() -> N
     best = min(t.value for t in grid_study.trials if t.value is not None)
     report = search.tpe_vs_grid(tpe_study, best)
     assert report is not None and report["tpe_measured"] == 3 and report["tpe_best_us"] >= best * 0.5
+
+
+def test_effective_key_of_warp_specialized_configs() -> None:
+    """ws=1 configs that differ only in what the Gluon kernel ignores (num_warps, tma) are one launch on
+    a Hopper; where the Gluon kernel cannot run (here: the interpreter) ws=1 is the Triton kernel."""
+    import dataclasses
+
+    import torch
+
+    from tuner import buckets, search
+    from tuner.config import DecodeConfig
+
+    spec = MLASpec("decode", 64, 512, 64, 16)
+    bench = search.Bench(spec, buckets.DECODE_BUCKETS[0].tiny_workload(spec), torch.device("cpu"), torch.float16)
+    ws = DecodeConfig(block_h=64, block_n=16, num_warps=4, num_stages=2, tma=1, ws=1, merge_block_h=4)
+    assert not bench.ws_runs
+    assert bench.effective_key(ws) == bench.effective_key(dataclasses.replace(ws, ws=0))
+    assert bench.effective_key(ws) != bench.effective_key(dataclasses.replace(ws, num_warps=8))
+    bench.ws_runs = True  # as on a Hopper
+    assert bench.effective_key(ws) == bench.effective_key(dataclasses.replace(ws, num_warps=8, tma=0))
+    assert bench.effective_key(ws) != bench.effective_key(dataclasses.replace(ws, ws=0))
+    assert bench.effective_key(ws) != bench.effective_key(dataclasses.replace(ws, num_stages=3))

@@ -111,3 +111,22 @@ def test_default_config_compiles_for_hopper_without_spills(spec: MLASpec, report
     # bytes, six 8-byte reloads per KV tile from L1, measured in the SASS); more would be a regression.
     assert r["spills"] and max(r["spills"]) <= (0 if spec.is_decode else 128), r
     assert r["setmaxnreg"], "the partitions get their own register budgets"
+
+
+def test_ws_configs_fall_back_under_the_interpreter() -> None:
+    """A ws=1 config is valid everywhere: where the Gluon kernel cannot run (the interpreter, CPU
+    tensors) the Triton kernel runs with the same config and gives the reference's answer."""
+    from helpers import TOLERANCES, assert_matches, make_case
+
+    from tuner import DecodeConfig, PrefillConfig
+
+    spec = MLASpec("decode", 64, 64, 16, 16)
+    m = load_module(spec)
+    case = make_case(64, [37, 0, 16, 5], page_size=16, ckv=64, kpe=16, dtype=torch.float16, seed=7)
+    assert not m._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, 16)
+    out, lse = case.decode(config=DecodeConfig(block_h=64, block_n=16, num_stages=2, tma=1, ws=1, merge_block_h=4,
+                                               merge_block_d=64))
+    assert_matches(out, lse, *case.decode_ref(), TOLERANCES[torch.float16])
+    case = make_case(16, [40, 9], [24, 9], page_size=16, ckv=64, kpe=16, dtype=torch.float16, seed=8)
+    out, lse = case.prefill(True, config=PrefillConfig(block_m=4, block_h=16, block_n=16, num_stages=2, tma=1, ws=1))
+    assert_matches(out, lse, *case.prefill_ref(True), TOLERANCES[torch.float16])
