@@ -30,8 +30,19 @@ def ws_capable(spec: MLASpec) -> bool:
     return heads and spec.page_size >= 16 and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256
 
 
+def _ws_tiles(spec: MLASpec) -> tuple[int, int]:
+    """(block_n, num_stages) of the warp-specialized kernel's default: 64-token tiles (at most a page),
+    2 stages of them, or 4 of smaller tiles (what fits in 227 KB beside the 64 query rows)."""
+    block_n = min(64, spec.page_size)
+    return block_n, 2 if block_n == 64 else 4
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+class ConfigKeysError(ValueError):
+    """A config dict whose keys are not the dataclass's fields (e.g. written by another version)."""
 
 
 class _Config:
@@ -71,7 +82,7 @@ class _Config:
         unknown = sorted(set(data) - names)
         missing = sorted(names - set(data))
         if unknown or missing:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}")
+            raise ConfigKeysError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}")
         return cls(**data)
 
     def short(self) -> str:
@@ -206,8 +217,7 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     block_n = 64 if block_h <= 32 else 32
     num_stages, ws = 3, 0
     if hopper and ws_capable(spec):  # H200: 1.7-2.0x the Triton stage 1 at 64 and 128 heads, page size 64
-        block_n, ws = min(64, spec.page_size), 1
-        num_stages = 2 if block_n == 64 else 4
+        (block_n, num_stages), ws = _ws_tiles(spec), 1
     return DecodeConfig(
         block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=64,
         num_warps=8, num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=ws,
@@ -222,8 +232,8 @@ def default_prefill_config(spec: MLASpec, hopper: bool = True) -> PrefillConfig:
     min(heads, 64))."""
     block_h, block_n = min(16, next_pow2(spec.num_heads)), 64
     if hopper and ws_capable(spec):
-        block_h, block_n = min(spec.num_heads, 64), min(64, spec.page_size)
+        block_h, (block_n, num_stages) = min(spec.num_heads, 64), _ws_tiles(spec)
         return PrefillConfig(block_m=64 // block_h, block_h=block_h, block_n=block_n, num_warps=8,
-                             num_stages=2 if block_n == 64 else 4, tma=1, ws=1)
+                             num_stages=num_stages, tma=1, ws=1)
     return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=block_n,
                          num_warps=8, num_stages=2, tma=int(tile_in_page(spec, block_n)))

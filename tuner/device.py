@@ -32,6 +32,11 @@ class GPUInfo:
     num_sms: int
     shared_bytes: int = H100_SHARED_BYTES
 
+    @property
+    def hopper(self) -> bool:
+        """A Hopper GPU (compute capability 9.x): where the warp-specialized Gluon kernels run."""
+        return self.capability.startswith("9.")
+
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

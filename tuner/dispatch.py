@@ -46,7 +46,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ import torch
 
 from . import paths
 from .buckets import by_name, decode_bucket, prefill_bucket
-from .config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from .config import ConfigKeysError, DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
 from .device import GPUInfo, gpu_info
 from .loader import module_hash
 from .space import Config, fit_shared_memory
@@ -153,23 +153,17 @@ def _number(where: str, value: object, allow_none: bool = False) -> float | None
     return float(value)
 
 
-class _OutdatedEntry(ValueError):
-    """An entry whose config keys are another version's (a launch parameter added or removed since)."""
-
-
 def _entry_from_json(spec: MLASpec, where: str, data: object) -> Entry:
     data = _keys(where, data, _ENTRY_KEYS)
     config_cls = DecodeConfig if spec.is_decode else PrefillConfig
     raw = data["config"]
     if not isinstance(raw, dict):
         raise ValueError(f"{where}.config: expected an object, found {type(raw).__name__}")
-    names = {f.name for f in fields(config_cls)}
-    if set(raw) != names:
-        raise _OutdatedEntry(f"{where}.config: unknown keys {sorted(set(raw) - names)}, missing keys "
-                             f"{sorted(names - set(raw))} (tuned by another mla-tuner version)")
     try:
         config = config_cls.from_dict(raw)
         config.check_spec(spec)
+    except ConfigKeysError as err:  # a launch parameter added or removed since: another version's entry
+        raise ConfigKeysError(f"{where}.config: {err} (tuned by another mla-tuner version)") from None
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}.config: {err}") from None
     versions = _keys(f"{where}.versions", data["versions"], _VERSION_KEYS)
@@ -236,7 +230,7 @@ def parse_table(text: str, path: Path | str | None = None) -> Table:
             for b, e in entries.items():
                 try:
                     kernels[kernel][b] = _entry_from_json(spec, f"kernels.{kernel}.{b}", e)
-                except _OutdatedEntry as err:
+                except ConfigKeysError as err:
                     outdated[f"{kernel}.{b}"] = str(err)
     except ValueError as err:
         raise DispatchTableError(path, str(err)) from None
@@ -382,9 +376,8 @@ def select(spec: MLASpec, rows: int, avg_kv_len: float, gpu: GPUInfo) -> tuple[C
 def untuned_config(spec: MLASpec, rows: int, avg_kv_len: float, gpu: GPUInfo) -> Config:
     """What runs without a tuned entry: the default config for ``rows`` (decode: batch, prefill: total
     queries) of ``avg_kv_len`` mean KV tokens, shrunk to ``gpu``'s shared memory where it needs more."""
-    hopper = gpu.capability.startswith("9.")
-    config = (default_decode_config(spec, rows, avg_kv_len, gpu.num_sms, hopper) if spec.is_decode
-              else default_prefill_config(spec, hopper))
+    config = (default_decode_config(spec, rows, avg_kv_len, gpu.num_sms, gpu.hopper) if spec.is_decode
+              else default_prefill_config(spec, gpu.hopper))
     return fit_shared_memory(spec, config, gpu.shared_bytes)
 
 

@@ -84,8 +84,7 @@ class Bench:
         self.spec, self.workload, self.device = spec, workload, device
         info = gpu_info(device)
         self.num_sms = info.num_sms
-        # Whether a ws=1 config runs the warp-specialized Gluon kernel here (a Hopper) or falls back.
-        self.ws_runs = device.type == "cuda" and info.capability.startswith("9.")
+        self.ws_runs = info.hopper  # a ws=1 config runs the Gluon kernel here, else falls back
         self.inputs = make_inputs(workload, spec.page_size, dtype, device, seed)
         self.gate_inputs = make_inputs(workload, spec.page_size, dtype, device, seed + 1)
         g = self.gate_inputs
