@@ -1,6 +1,6 @@
 """GPU probe: bf16 correctness, default-config timings and a small config sweep beside FlashInfer fa3.
 
-Run on the GPU machine:  source .peers/activate.sh; python perf/probe.py [decode|prefill|all] [sweep]
+Run on the GPU machine:  source .peers/activate.sh; python perf/probe.py [decode|prefill|all] [sweep|tma|gather]
 Development tool for the performance log (perf/LOG.md); the product's benchmark is `mla-tune bench`.
 """
 
@@ -10,12 +10,13 @@ import itertools
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
 import tuner
 from tuner.buckets import decode_bucket, prefill_bucket
-from tuner.config import DecodeConfig, PrefillConfig, default_decode_config
+from tuner.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config, ws_capable
 from tuner.reference import mla_decode_ref, mla_prefill_ref
 from tuner.timing import time_call
 from tuner.workloads import benchmark_set, make_inputs
@@ -170,6 +171,19 @@ def main() -> None:
                         cfg = cls(**data)
                         if cfg not in configs:
                             configs.append(cfg)
+            if "gather" in sys.argv[2:]:  # the ws kernels' gathering loader (page size 1) against the Triton kernels
+                if ps != 1 or not ws_capable(w.spec(ps)):
+                    continue
+                spec = w.spec(ps)
+                if w.is_decode:
+                    triton_cfg = default_decode_config(spec, w.batch, w.avg_kv_len, 132, hopper=False)
+                    configs = [triton_cfg] + [replace(triton_cfg, ws=1, block_h=64, block_n=n, num_stages=st)
+                                              for n, st in ((64, 2), (32, 4), (64, 1), (16, 4))]
+                else:
+                    triton_cfg = default_prefill_config(spec, hopper=False)
+                    ws = default_prefill_config(spec)
+                    configs = [triton_cfg] + [replace(ws, block_n=n, num_stages=st)
+                                              for n, st in ((64, 2), (32, 4), (64, 1), (16, 4))]
             run_row(w, ps, configs)
             if "padded" in sys.argv[2:] and w.is_decode and w.heads == 16:
                 run_row(w, ps, [None], padded=True)

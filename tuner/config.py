@@ -25,15 +25,17 @@ def tile_in_page(spec: MLASpec, block_n: int) -> bool:
 def ws_capable(spec: MLASpec) -> bool:
     """Whether ``spec``'s generated module holds the warp-specialized kernel (Gluon, Hopper): 64-row
     tiles (decode: heads in groups of 64; prefill: 64 // heads tokens x all heads, or one token x 64
-    heads), pages of at least 16 tokens, head dims a wgmma can take."""
+    heads) and head dims a wgmma can take. Any page size: a KV tile inside one page arrives by bulk
+    copies, one that spans pages is gathered row by row."""
     heads = spec.num_heads % 64 == 0 if spec.is_decode else (64 % spec.num_heads == 0 or spec.num_heads % 64 == 0)
-    return heads and spec.page_size >= 16 and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256
+    return heads and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256
 
 
 def _ws_tiles(spec: MLASpec) -> tuple[int, int]:
-    """(block_n, num_stages) of the warp-specialized kernel's default: 64-token tiles (at most a page),
-    2 stages of them, or 4 of smaller tiles (what fits in 227 KB beside the 64 query rows)."""
-    block_n = min(64, spec.page_size)
+    """(block_n, num_stages) of the warp-specialized kernel's default: 64-token tiles, 2 stages of them,
+    or at pages of 16 or 32 tokens one page per tile, 4 stages (what fits in 227 KB beside the 64 query
+    rows): bulk copies from one page where pages are at least 16 tokens, else gathered tiles."""
+    block_n = 64 if spec.page_size < 16 else min(64, spec.page_size)
     return block_n, 2 if block_n == 64 else 4
 
 
@@ -103,11 +105,12 @@ class DecodeConfig(_Config):
     tma: 1 copies whole KV tiles with Hopper bulk tensor copies (TMA) instead of gathering them
         element-wise; needs block_n <= page_size (a tile inside one page). Falls back to the gather
         when a cache's base or strides are not 16-byte aligned.
-    ws: 1 runs stage 1 as the warp-specialized Gluon kernel on Hopper (a loader warp with bulk copies,
+    ws: 1 runs stage 1 as the warp-specialized Gluon kernel on Hopper (a loader: one warp of bulk copies
+        for a tile inside one page, four warps gathering rows by cp.async for a tile that spans pages;
         one warpgroup for QK and the softmax, the 512-wide output split over two warpgroups, so QK runs
-        once per tile); needs a ``ws_capable`` spec, block_h 64 and a tile inside one page. num_warps and
-        tma do not apply to it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot
-        address) the Triton stage 1 runs with the same config.
+        once per tile); needs a ``ws_capable`` spec and block_h 64. num_warps and tma do not apply to
+        it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot address) the Triton
+        stage 1 runs with the same config.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     """
 
@@ -146,10 +149,9 @@ class DecodeConfig(_Config):
     def check_spec(self, spec: MLASpec) -> None:
         """Raise ValueError when this config cannot run ``spec``."""
         self._check_tma(spec)
-        if self.ws and not (ws_capable(spec) and self.block_h == 64 and tile_in_page(spec, self.block_n)):
-            raise ValueError(f"DecodeConfig.ws: the warp-specialized stage 1 needs decode heads in groups of 64, "
-                             f"pages of at least 16 tokens, block_h=64 and block_n <= page_size; found "
-                             f"{spec.name()} with block_h={self.block_h}, block_n={self.block_n}")
+        if self.ws and not (ws_capable(spec) and self.block_h == 64):
+            raise ValueError(f"DecodeConfig.ws: the warp-specialized stage 1 needs decode heads in groups of 64 "
+                             f"and block_h=64; found {spec.name()} with block_h={self.block_h}")
         if self.merge_block_d > spec.head_dim_ckv:
             raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
                              f"{spec.head_dim_ckv}, found {self.merge_block_d}")
@@ -167,8 +169,8 @@ class PrefillConfig(_Config):
     block_n: KV tokens per tile. num_warps, num_stages: warps and pipelining depth.
     tma: as :class:`DecodeConfig` (for the KV tiles that every row of a query tile sees).
     ws: 1 runs the warp-specialized Gluon kernel on Hopper (as :class:`DecodeConfig`): needs a
-        ``ws_capable`` spec, 64 rows (block_m * block_h) with block_h = min(heads, 64), and a KV tile
-        inside one page; num_warps and tma do not apply to it.
+        ``ws_capable`` spec and 64 rows (block_m * block_h) with block_h = min(heads, 64); num_warps and
+        tma do not apply to it.
     """
 
     block_m: int = 4
@@ -190,12 +192,10 @@ class PrefillConfig(_Config):
 
     def check_spec(self, spec: MLASpec) -> None:
         self._check_tma(spec)
-        if self.ws and not (ws_capable(spec) and self.block_h == min(spec.num_heads, 64) and self.rows == 64
-                            and tile_in_page(spec, self.block_n)):
+        if self.ws and not (ws_capable(spec) and self.block_h == min(spec.num_heads, 64) and self.rows == 64):
             raise ValueError(f"PrefillConfig.ws: the warp-specialized kernel needs 64 rows of block_h="
-                             f"{min(spec.num_heads, 64)} heads, pages of at least 16 tokens and block_n <= page_size; "
-                             f"found {spec.name()} with block_m={self.block_m}, block_h={self.block_h}, "
-                             f"block_n={self.block_n}")
+                             f"{min(spec.num_heads, 64)} heads; found {spec.name()} with block_m={self.block_m}, "
+                             f"block_h={self.block_h}")
         if self.block_h > next_pow2(spec.num_heads):
             raise ValueError(f"PrefillConfig.block_h: expected at most {next_pow2(spec.num_heads)} "
                              f"for {spec.num_heads} heads, found {self.block_h}")
@@ -234,6 +234,6 @@ def default_prefill_config(spec: MLASpec, hopper: bool = True) -> PrefillConfig:
     if hopper and ws_capable(spec):
         block_h, (block_n, num_stages) = min(spec.num_heads, 64), _ws_tiles(spec)
         return PrefillConfig(block_m=64 // block_h, block_h=block_h, block_n=block_n, num_warps=8,
-                             num_stages=num_stages, tma=1, ws=1)
+                             num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=1)
     return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=block_n,
                          num_warps=8, num_stages=2, tma=int(tile_in_page(spec, block_n)))

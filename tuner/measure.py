@@ -120,7 +120,7 @@ class Bench:
     def effective_key(self, config: Config) -> tuple[int, ...]:
         """What the device runs: configs with equal keys launch identical work on this workload (the
         decode split policy reaches the device only as the number of shares; the warp-specialized kernel
-        has fixed warps and always copies in bulk, and where it cannot run ws=1 is the Triton kernel)."""
+        has fixed warps and its own copies, and where it cannot run ws=1 is the Triton kernel)."""
         data = config.to_dict()
         if config.ws and self.ws_runs:
             data["num_warps"] = data["tma"] = 0

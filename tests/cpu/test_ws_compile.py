@@ -50,7 +50,7 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int):
             signature[name] = mangle_type(descs[name])
         elif name.endswith("_ptr"):
             int_ptr = any(k in name for k in ("indptr", "indices", "last_page"))
-            signature[name] = "*i32" if int_ptr else ("*bf16" if name == "out_ptr" else "*fp32")
+            signature[name] = "*i32" if int_ptr else ("*bf16" if name in ("out_ptr", "ckv_ptr", "kpe_ptr") else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             signature[name] = "fp32"
@@ -62,7 +62,8 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int):
         else:
             signature[name] = "i32"
     p_bufs = m.ws_p_buffers(block_n, num_stages)
-    constexprs = {"HAS_LAST_PAGE_LEN": True, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "P_BUFS": p_bufs}
+    constexprs = {"HAS_LAST_PAGE_LEN": True, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "P_BUFS": p_bufs,
+                  "GATHER": block_n > ps}
     kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     return m, kernel, p_bufs
@@ -80,7 +81,8 @@ def compile_report(name: str, tmp: str) -> dict:
         f.write(kernel.asm["ptx"])
     info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".o"],
                           capture_output=True, text=True, check=True).stderr
-    return {"ws": config.ws, "shared": kernel.metadata.shared, "limit": m.WS_SHARED_BYTES,
+    return {"ws": config.ws, "gather": config.block_n > spec.page_size, "shared": kernel.metadata.shared,
+            "limit": m.WS_SHARED_BYTES,
             "formula": m.ws_shared_bytes(config.block_n, config.num_stages, p_bufs),
             "spills": [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)],
             "setmaxnreg": "setmaxnreg" in kernel.asm["ptx"]}
@@ -123,7 +125,7 @@ def test_ws_configs_fall_back_under_the_interpreter() -> None:
     spec = MLASpec("decode", 64, 64, 16, 16)
     m = load_module(spec)
     case = make_case(64, [37, 0, 16, 5], page_size=16, ckv=64, kpe=16, dtype=torch.float16, seed=7)
-    assert not m._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, 16)
+    assert not m._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache)
     out, lse = case.decode(config=DecodeConfig(block_h=64, block_n=16, num_stages=2, tma=1, ws=1, merge_block_h=4,
                                                merge_block_d=64))
     assert_matches(out, lse, *case.decode_ref(), TOLERANCES[torch.float16])
