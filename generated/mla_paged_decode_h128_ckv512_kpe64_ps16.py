@@ -713,11 +713,15 @@ def _ws_ready(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
     return True
 
 
+WS_BLOCK_H = 64
+"""The block_h of a warp-specialized config (tuner.config.ws_block_h): 64 heads per 64-row tile."""
+
+
 def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
                       sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages):
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
-    _decode_stage1_ws[(num_programs * (NUM_HEADS // 64),)](
+    _decode_stage1_ws[(num_programs * max(1, NUM_HEADS // 64),)](
         *_ws_args(q_nope, q_pe, ckv_cache, kpe_cache, batch * NUM_HEADS, block_n),
         kv_indptr, kv_indices, kv_last_page_len if has_last else kv_indptr,
         out, lse, partial_out, partial_lse, sm_scale * LOG2E, batch, num_programs,
@@ -772,7 +776,7 @@ def launch(
     batch = q_nope.shape[0]
     if batch == 0:
         return
-    if ws and block_h == 64 and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache):
+    if ws and block_h == WS_BLOCK_H and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache):
         _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                           out, lse, partial_out, partial_lse, num_programs, block_n, num_stages)
     else:

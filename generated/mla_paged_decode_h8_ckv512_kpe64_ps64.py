@@ -26,6 +26,21 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+try:  # Gluon's Hopper API (Triton 3.6): without it the Triton kernels serve every config
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
 NAME = "mla_paged_decode_h8_ckv512_kpe64_ps64"
 VARIANT = "decode"
 NUM_HEADS = 8
@@ -266,6 +281,456 @@ def _decode_stage2(
         tl.store(lse_ptr + seq * stride_lse_b + offs_h, lse, mask=mask_h)
 
 
+if gluon is not None:
+    WS_LOADER_WARPS = gl.constexpr(4)
+    """Warps of the gathering loader (a loader that issues bulk copies is one warp)."""
+    _WS_GATHER = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+    """[rows, 64] column chunks of gathered KV rows: 16 bytes per thread and copy."""
+
+    @gluon.jit
+    def _ws_gather_rows(kv_indices_ptr, first_page, n0, end, BLOCK_N: gl.constexpr):
+        """Cache rows (page_id * page_size + slot, int64) of KV tokens [n0, n0 + BLOCK_N), and which are < end."""
+        tok = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _WS_GATHER))
+        ok = tok < end
+        page_id = gl.load(kv_indices_ptr + first_page + tok // 64, mask=ok, other=0)
+        return page_id.to(gl.int64) * 64 + tok % 64, ok
+
+    @gluon.jit
+    def _ws_gather(ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, rows, ok, kc, kp, ready):
+        """cp.async of the rows' ckv and kpe vectors into one stage (zeros for rows not ok); `ready`
+        completes when the copies of every loader thread have landed (its count is the loader's threads)."""
+        cols = gl.arange(0, 64, layout=gl.SliceLayout(0, _WS_GATHER))
+        src = ckv_ptr + gl.multiple_of(rows * stride_ckv, 8)[:, None] + cols[None, :]
+        for c in gl.static_range(0, 512, 64):
+            async_copy.async_copy_global_to_shared(kc.slice(c, 64, dim=1), src + c, mask=ok[:, None])
+        src = kpe_ptr + gl.multiple_of(rows * stride_kpe, 8)[:, None] + cols[None, :]
+        for c in gl.static_range(0, 64, 64):
+            async_copy.async_copy_global_to_shared(kp.slice(c, 64, dim=1), src + c, mask=ok[:, None])
+        async_copy.mbarrier_arrive(ready, increment_count=False)
+
+    @gluon.jit
+    def _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, kc, kp, ready):
+        """Bulk tensor copies of the KV tile of tokens [n0, n0 + BLOCK_N), which lies inside one page."""
+        page_id = gl.load(kv_indices_ptr + first_page + n0 // 64)
+        row = page_id * 64 + n0 % 64
+        mbarrier.expect(ready, ckv_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(ckv_desc, [row, 0], ready, kc)
+        tma.async_copy_global_to_shared(kpe_desc, [row, 0], ready, kp)
+
+    @gluon.jit
+    def _ws_load_kv(ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, kv_indices_ptr, first_page,
+                    start, end, it, kc_s, kp_s, kv_ready, kv_empty,
+                    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, GATHER: gl.constexpr):
+        """The loader's KV tiles of tokens [start, end) into the stage ring; returns the next ring count.
+        Gathering, the next tile's page ids are read while the current tile's copies fly."""
+        if GATHER:
+            rows, ok = _ws_gather_rows(kv_indices_ptr, first_page, start, end, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            s = it % NUM_STAGES
+            mbarrier.wait(kv_empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+            if GATHER:
+                _ws_gather(ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, rows, ok, kc_s.index(s), kp_s.index(s),
+                           kv_ready.index(s))
+                rows, ok = _ws_gather_rows(kv_indices_ptr, first_page, n0 + BLOCK_N, end, BLOCK_N)
+            else:
+                _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, kc_s.index(s), kp_s.index(s),
+                         kv_ready.index(s))
+            it += 1
+        return it
+
+    @gluon.jit
+    def _ws_softmax_tile(q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, kv_ready, kv_empty, p_ready, p_empty,
+                         it, n0, limit, tail, m_i, l_i, acc, qk_scale,
+                         BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, P_BUFS: gl.constexpr,
+                         GATHER: gl.constexpr):
+        """One KV tile in the softmax warpgroup: QK (once per tile), the mask (column < limit[row]), the
+        online softmax step, P and its row rescale handed to the output warpgroup through shared memory,
+        and PV into output columns [0, HALF). Bulk-copied tiles may hold NaN in rows past `tail` (unused
+        slots of the last page): those rows are zeroed before PV; gathered ones arrive as zeros."""
+        HALF: gl.constexpr = 256
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        s = it % NUM_STAGES
+        mbarrier.wait(kv_ready.index(s), (it // NUM_STAGES) & 1)
+        if GATHER:
+            fence_async_shared()  # cp.async wrote the tile through the generic proxy; wgmma reads it through the async one
+        kc = kc_s.index(s)
+        qk = warpgroup_mma(q_pe_s, kp_s.index(s).permute((1, 0)),
+                           gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout), use_acc=False, is_async=True)
+        qk = warpgroup_mma(q_nope_s, kc.permute((1, 0)), qk, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+        cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        sc = gl.where(cols[None, :] < limit[:, None], qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        pr = gl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + gl.sum(pr, 1)
+        if not GATHER:
+            if n0 + BLOCK_N > tail:  # a partial last tile: zero its unused rows (NaN may sit there)
+                valid = tail - n0
+                for r0 in gl.static_range(0, BLOCK_N, 8):
+                    if r0 + 8 > valid:
+                        chunk = kc.slice(r0, 8, dim=0)
+                        rows = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, zero_layout))
+                        chunk.store(gl.where((rows < valid)[:, None], chunk.load(zero_layout), 0.0))
+        pb = it % P_BUFS
+        p_lo = pr.to(kc_s.dtype)
+        mbarrier.wait(p_empty.index(pb), ((it // P_BUFS) & 1) ^ 1)
+        p_s.index(pb).store(p_lo)
+        alpha_s.index(pb).store(alpha)
+        fence_async_shared()
+        mbarrier.arrive(p_ready.index(pb), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(gl.convert_layout(p_lo, p_op), kc.slice(0, HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(s), count=1)
+        return m_new, l_i, acc
+
+    @gluon.jit
+    def _ws_output_tile(acc, kc_s, p_s, alpha_s, kv_ready, kv_empty, p_ready, p_empty, it,
+                        NUM_STAGES: gl.constexpr, P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+        """One KV tile in the output warpgroup: rescale, then PV into output columns [HALF, CKV) from the
+        shared P."""
+        HALF: gl.constexpr = 256
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        s = it % NUM_STAGES
+        pb = it % P_BUFS
+        mbarrier.wait(p_ready.index(pb), (it // P_BUFS) & 1)
+        mbarrier.wait(kv_ready.index(s), (it // NUM_STAGES) & 1)
+        if GATHER:
+            fence_async_shared()
+        acc = acc * alpha_s.index(pb).load(gl.SliceLayout(1, o_layout))[:, None]
+        acc = warpgroup_mma(p_s.index(pb), kc_s.index(s).slice(HALF, HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(p_empty.index(pb), count=1)
+        mbarrier.arrive(kv_empty.index(s), count=1)
+        return acc
+
+    @gluon.jit
+    def _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+        """Shared memory of a warp-specialized kernel and its barriers (initialised): the query rows, the
+        KV stage ring, the P buffers with their row rescales, the final row sums."""
+        dtype: gl.constexpr = ckv_desc.dtype
+        q_nope_s = gl.allocate_shared_memory(dtype, q_nope_desc.block_type.shape, q_nope_desc.layout)
+        q_pe_s = gl.allocate_shared_memory(dtype, q_pe_desc.block_type.shape, q_pe_desc.layout)
+        kc_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + ckv_desc.block_type.shape, ckv_desc.layout)
+        kp_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + kpe_desc.block_type.shape, kpe_desc.layout)
+        p_s = gl.allocate_shared_memory(dtype, [P_BUFS, 64, BLOCK_N],
+                                        gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dtype))
+        vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        alpha_s = gl.allocate_shared_memory(gl.float32, [P_BUFS, 64], vec)
+        fin_s = gl.allocate_shared_memory(gl.float32, [64], vec)
+        bar: gl.constexpr = mbarrier.MBarrierLayout()
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], bar)
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], bar)
+        fin_ready = gl.allocate_shared_memory(gl.int64, [1], bar)
+        fin_empty = gl.allocate_shared_memory(gl.int64, [1], bar)
+        kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar)
+        kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar)
+        p_ready = gl.allocate_shared_memory(gl.int64, [P_BUFS, 1], bar)
+        p_empty = gl.allocate_shared_memory(gl.int64, [P_BUFS, 1], bar)
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=1)
+        mbarrier.init(fin_ready, count=1)
+        mbarrier.init(fin_empty, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            # gathered: every loader thread arrives when its own copies land; bulk: one arrival + bytes
+            mbarrier.init(kv_ready.index(i), count=WS_LOADER_WARPS * 32 if GATHER else 1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both warpgroups read a tile
+        for i in gl.static_range(P_BUFS):
+            mbarrier.init(p_ready.index(i), count=1)
+            mbarrier.init(p_empty.index(i), count=1)
+        return (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
+                q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty)
+
+    @gluon.jit
+    def _ws_share(kv_indptr_ptr, batch, num_programs, p):
+        """[start, end) of program p's share of the page stream (as _share_start)."""
+        total = gl.load(kv_indptr_ptr + batch).to(gl.int64)
+        return (total * p) // num_programs, (total * (p + 1)) // num_programs
+
+    @gluon.jit
+    def _ws_find_request(kv_indptr_ptr, batch, page):
+        """The last request b with kv_indptr[b] <= page (as _find_request)."""
+        lo = 0
+        hi = batch - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if gl.load(kv_indptr_ptr + mid) <= page:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    @gluon.jit
+    def _ws_piece(kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN: gl.constexpr):
+        """Request seq's piece of a share: (first_page, seq_end, chunk_end, start token, end token)."""
+        first_page = gl.load(kv_indptr_ptr + seq)
+        seq_end = gl.load(kv_indptr_ptr + seq + 1)
+        n_pages = seq_end - first_page
+        if HAS_LAST_PAGE_LEN:
+            last = gl.minimum(gl.maximum(gl.load(kv_last_page_len_ptr + seq), 0), 64)
+        else:
+            last = 64
+        kv_len = gl.where(n_pages > 0, (n_pages - 1) * 64 + last, 0)
+        chunk_end = gl.minimum(share_end, seq_end)
+        start = ((page - first_page) * 64).to(gl.int32)
+        end = gl.maximum(gl.minimum((chunk_end - first_page) * 64, kv_len).to(gl.int32), start)
+        return first_page, seq_end, chunk_end, start, end
+
+    @gluon.jit
+    def _ws_loader(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
+                   kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
+                   q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
+                   HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   GATHER: gl.constexpr):
+        """The loader: per piece the query rows (bulk copies), then its KV tiles into the stage ring."""
+        pid = gl.program_id(0)
+        p = pid // 1
+        g = pid % 1
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
+        if page < share_end:
+            seq = _ws_find_request(kv_indptr_ptr, batch, page)
+            it = 0
+            pc = 0
+            while page < share_end:
+                first_page, seq_end, chunk_end, start, end = _ws_piece(
+                    kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN)
+                mbarrier.wait(q_empty, (pc & 1) ^ 1)
+                mbarrier.expect(q_ready, q_nope_desc.block_type.nbytes + q_pe_desc.block_type.nbytes)
+                row_q = (seq * 8 + g * 64).to(gl.int32)
+                tma.async_copy_global_to_shared(q_nope_desc, [row_q, 0], q_ready, q_nope_s)
+                tma.async_copy_global_to_shared(q_pe_desc, [row_q, 0], q_ready, q_pe_s)
+                it = _ws_load_kv(ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, kv_indices_ptr,
+                                 first_page, start, end, it, kc_s, kp_s, kv_ready, kv_empty,
+                                 BLOCK_N, NUM_STAGES, GATHER)
+                pc += 1
+                page = chunk_end
+                seq += 1
+
+    @gluon.jit
+    def _ws_softmax(kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                    qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+                    q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
+                    q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
+                    HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+        """The default warpgroup: per piece its KV tiles (_ws_softmax_tile), then the finished rows: out
+        and lse, or the piece's scratch slot."""
+        HALF: gl.constexpr = 256
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        pid = gl.program_id(0)
+        p = pid // 1
+        g = pid % 1
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
+        offs_h = g * 64 + gl.arange(0, 64, layout=row_o)
+        offs_hs = g * 64 + gl.arange(0, 64, layout=row_s)
+        offs_d = gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
+        if page < share_end:
+            seq = _ws_find_request(kv_indptr_ptr, batch, page)
+            it = 0
+            pc = 0
+            while page < share_end:
+                first_page, seq_end, chunk_end, start, end = _ws_piece(
+                    kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN)
+                m_i = gl.full([64], float("-inf"), gl.float32, layout=row_s)
+                l_i = gl.zeros([64], gl.float32, layout=row_s)
+                acc = gl.zeros([64, HALF], gl.float32, layout=o_layout)
+                limit = gl.zeros([64], gl.int32, layout=row_s) + end
+                mbarrier.wait(q_ready, pc & 1)
+                for n0 in range(start, end, BLOCK_N):
+                    m_i, l_i, acc = _ws_softmax_tile(q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, kv_ready, kv_empty,
+                                                     p_ready, p_empty, it, n0, limit, end, m_i, l_i, acc, qk_scale,
+                                                     BLOCK_N, NUM_STAGES, P_BUFS, GATHER)
+                    it += 1
+                mbarrier.arrive(q_empty, count=1)
+                empty = l_i == 0.0
+                l_safe = gl.where(empty, 1.0, l_i)
+                lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
+                mbarrier.wait(fin_empty, (pc & 1) ^ 1)
+                fin_s.store(l_safe)
+                mbarrier.arrive(fin_ready, count=1)
+                o = acc / gl.convert_layout(l_safe, row_o)[:, None]
+                seq64 = seq.to(gl.int64)
+                if (page == first_page) & (chunk_end == seq_end):
+                    gl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
+                             o.to(out_ptr.dtype.element_ty), mask=(offs_h < 8)[:, None])
+                    gl.store(lse_ptr + seq64 * stride_lse_b + offs_hs, lse, mask=offs_hs < 8)
+                else:
+                    row = (p + seq64) * 8 + offs_h
+                    gl.store(part_out_ptr + row[:, None] * 512 + offs_d[None, :], o, mask=(offs_h < 8)[:, None])
+                    gl.store(part_lse_ptr + (p + seq64) * 8 + offs_hs, lse, mask=offs_hs < 8)
+                pc += 1
+                page = chunk_end
+                seq += 1
+
+    @gluon.jit
+    def _ws_output(kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, part_out_ptr, batch, num_programs,
+                   stride_o_b, stride_o_h, kc_s, p_s, alpha_s, fin_s,
+                   kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
+                   HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+        """The second warpgroup: PV into output columns [HALF, CKV) from the shared P (_ws_output_tile)."""
+        HALF: gl.constexpr = 256
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        pid = gl.program_id(0)
+        p = pid // 1
+        g = pid % 1
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
+        offs_h = g * 64 + gl.arange(0, 64, layout=row_o)
+        offs_d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
+        if page < share_end:
+            seq = _ws_find_request(kv_indptr_ptr, batch, page)
+            it = 0
+            pc = 0
+            while page < share_end:
+                first_page, seq_end, chunk_end, start, end = _ws_piece(
+                    kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN)
+                acc = gl.zeros([64, HALF], gl.float32, layout=o_layout)
+                for _ in range(start, end, BLOCK_N):
+                    acc = _ws_output_tile(acc, kc_s, p_s, alpha_s, kv_ready, kv_empty, p_ready, p_empty, it,
+                                          NUM_STAGES, P_BUFS, GATHER)
+                    it += 1
+                mbarrier.wait(fin_ready, pc & 1)
+                l_safe = fin_s.load(row_o)
+                mbarrier.arrive(fin_empty, count=1)
+                o = acc / l_safe[:, None]
+                seq64 = seq.to(gl.int64)
+                if (page == first_page) & (chunk_end == seq_end):
+                    gl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
+                             o.to(out_ptr.dtype.element_ty), mask=(offs_h < 8)[:, None])
+                else:
+                    row = (p + seq64) * 8 + offs_h
+                    gl.store(part_out_ptr + row[:, None] * 512 + offs_d[None, :], o, mask=(offs_h < 8)[:, None])
+                pc += 1
+                page = chunk_end
+                seq += 1
+
+    @gluon.jit
+    def _decode_stage1_ws(
+        q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
+        kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
+        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+        qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+        HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+        P_BUFS: gl.constexpr, GATHER: gl.constexpr,
+    ):
+        """Stage 1 for one (share, 64-head group): a loader, a softmax warpgroup and an output
+        warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
+        (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
+         fin_ready, fin_empty) = _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS,
+                                             GATHER)
+        gl.warp_specialize([
+            (_ws_softmax, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                           qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+                           q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
+                           q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
+                           HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)),
+            (_ws_output, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, part_out_ptr, batch, num_programs,
+                          stride_o_b, stride_o_h, kc_s, p_s, alpha_s, fin_s,
+                          kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
+                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)),
+            (_ws_loader, (q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
+                          kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
+                          q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
+                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER)),
+        ], [4, WS_LOADER_WARPS if GATHER else 1], [200, 64 if GATHER else 40])  # registers: output warpgroup, loader
+
+
+WS_SHARED_BYTES = 232448
+"""Shared memory per block of a Hopper (227 KB, opt-in maximum)."""
+
+
+def ws_shared_bytes(block_n: int, num_stages: int, p_bufs: int, itemsize: int = 2) -> int:
+    """Shared memory of a warp-specialized kernel: query rows, the KV stage ring, P buffers, vectors."""
+    width = HEAD_DIM_CKV + HEAD_DIM_KPE
+    return ((64 + num_stages * block_n) * width + p_bufs * 64 * block_n) * itemsize + 4 * 64 * (p_bufs + 1) + 512
+
+
+def ws_p_buffers(block_n: int, num_stages: int) -> int:
+    """P buffers (2 lets the softmax warpgroup run a tile ahead) when they fit, else 1."""
+    return 2 if ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
+
+
+_HOPPER: dict[int, bool] = {}
+
+
+def _is_hopper(index: int) -> bool:
+    if index not in _HOPPER:
+        _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
+    return _HOPPER[index]
+
+
+def _ws_rows(t: torch.Tensor, rows: int, row_stride: int, block: list[int]):
+    """A 2-D descriptor over `rows` rows of t (row stride row_stride elements, last dim contiguous)."""
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
+    return GluonTensorDescriptor(t, [rows, t.shape[-1]], [row_stride, 1], block, layout)
+
+
+def _ws_args(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+             q_rows: int, block_n: int) -> tuple:
+    """The leading arguments of both warp-specialized kernels: descriptors of the query rows and of the
+    cache rows (which also give the shared-memory layouts of a gathered tile), the caches and their row
+    strides (what a gathering loader reads)."""
+    rows = ckv_cache.shape[0] * PAGE_SIZE
+    return (_ws_rows(q_nope, q_rows, q_nope.stride(1), [64, HEAD_DIM_CKV]),
+            _ws_rows(q_pe, q_rows, q_pe.stride(1), [64, HEAD_DIM_KPE]),
+            _ws_rows(ckv_cache, rows, ckv_cache.stride(1), [block_n, HEAD_DIM_CKV]),
+            _ws_rows(kpe_cache, rows, kpe_cache.stride(1), [block_n, HEAD_DIM_KPE]),
+            ckv_cache, kpe_cache, ckv_cache.stride(1), kpe_cache.stride(1))
+
+
+def _ws_ready(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> bool:
+    """Whether a warp-specialized kernel can run these tensors: Gluon present, not interpreting, a
+    Hopper, 16-bit data, q rows and cache rows addressable as 2-D row arrays with 16-byte alignment."""
+    if gluon is None or triton.knobs.runtime.interpret or not q_nope.is_cuda:
+        return False
+    if q_nope.dtype not in (torch.bfloat16, torch.float16) or not _is_hopper(q_nope.device.index or 0):
+        return False
+    if ckv_cache.shape[0] * PAGE_SIZE >= 2**31 or q_nope.shape[0] * NUM_HEADS >= 2**31:
+        return False
+    size = q_nope.element_size()
+    for t in (q_nope, q_pe, ckv_cache, kpe_cache):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(1) * size) % 16:
+            return False
+        if t.stride(0) != t.shape[1] * t.stride(1) and t.shape[0] > 1:
+            return False
+    return True
+
+
+WS_BLOCK_H = 16
+"""The block_h of a warp-specialized config (tuner.config.ws_block_h): 8 heads per 64-row tile, the other rows padding."""
+
+
+def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
+                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages):
+    batch = q_nope.shape[0]
+    has_last = kv_last_page_len is not None
+    _decode_stage1_ws[(num_programs * max(1, NUM_HEADS // 64),)](
+        *_ws_args(q_nope, q_pe, ckv_cache, kpe_cache, batch * NUM_HEADS, block_n),
+        kv_indptr, kv_indices, kv_last_page_len if has_last else kv_indptr,
+        out, lse, partial_out, partial_lse, sm_scale * LOG2E, batch, num_programs,
+        out.stride(0), out.stride(1), lse.stride(0),
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n, NUM_STAGES=num_stages,
+        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, num_warps=4,
+    )
+
+
 def _tma_ready(cache: torch.Tensor) -> bool:
     """A bulk-copy descriptor needs a 16-byte aligned base and 16-byte multiple strides (but the last)."""
     size = cache.element_size()
@@ -311,8 +776,12 @@ def launch(
     batch = q_nope.shape[0]
     if batch == 0:
         return
-    _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                   out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma)
+    if ws and block_h == WS_BLOCK_H and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache):
+        _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
+                          out, lse, partial_out, partial_lse, num_programs, block_n, num_stages)
+    else:
+        _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
+                       out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma)
     grid2 = (batch * triton.cdiv(8, merge_block_h) * (512 // merge_block_d),)
     _decode_stage2[grid2](
         kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,

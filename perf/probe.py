@@ -171,19 +171,17 @@ def main() -> None:
                         cfg = cls(**data)
                         if cfg not in configs:
                             configs.append(cfg)
-            if "gather" in sys.argv[2:]:  # the ws kernels' gathering loader (page size 1) against the Triton kernels
-                if ps != 1 or not ws_capable(w.spec(ps)):
-                    continue
+            if "gather" in sys.argv[2:]:  # the ws kernels (gathering at page size 1) against the Triton kernels
                 spec = w.spec(ps)
+                if not ws_capable(spec) or (ps != 1 and not w.is_decode):
+                    continue
                 if w.is_decode:
                     triton_cfg = default_decode_config(spec, w.batch, w.avg_kv_len, 132, hopper=False)
-                    configs = [triton_cfg] + [replace(triton_cfg, ws=1, block_h=64, block_n=n, num_stages=st)
-                                              for n, st in ((64, 2), (32, 4), (64, 1), (16, 4))]
+                    ws = default_decode_config(spec, w.batch, w.avg_kv_len, 132)
                 else:
-                    triton_cfg = default_prefill_config(spec, hopper=False)
-                    ws = default_prefill_config(spec)
-                    configs = [triton_cfg] + [replace(ws, block_n=n, num_stages=st)
-                                              for n, st in ((64, 2), (32, 4), (64, 1), (16, 4))]
+                    triton_cfg, ws = default_prefill_config(spec, hopper=False), default_prefill_config(spec)
+                configs = [triton_cfg] + [replace(ws, block_n=n, num_stages=st, tma=int(n <= ps))
+                                          for n, st in ((64, 2), (32, 4))]
             run_row(w, ps, configs)
             if "padded" in sys.argv[2:] and w.is_decode and w.heads == 16:
                 run_row(w, ps, [None], padded=True)

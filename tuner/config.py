@@ -24,11 +24,19 @@ def tile_in_page(spec: MLASpec, block_n: int) -> bool:
 
 def ws_capable(spec: MLASpec) -> bool:
     """Whether ``spec``'s generated module holds the warp-specialized kernel (Gluon, Hopper): 64-row
-    tiles (decode: heads in groups of 64; prefill: 64 // heads tokens x all heads, or one token x 64
-    heads) and head dims a wgmma can take. Any page size: a KV tile inside one page arrives by bulk
-    copies, one that spans pages is gathered row by row."""
-    heads = spec.num_heads % 64 == 0 if spec.is_decode else (64 % spec.num_heads == 0 or spec.num_heads % 64 == 0)
+    tiles (decode: heads in groups of 64, or all of fewer heads with the other rows padding; prefill:
+    64 // heads tokens x all heads, or one token x 64 heads) and head dims a wgmma can take. Any page
+    size: a KV tile inside one page arrives by bulk copies, one that spans pages is gathered row by row."""
+    heads = 64 % spec.num_heads == 0 or spec.num_heads % 64 == 0
     return heads and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256
+
+
+def ws_block_h(spec: MLASpec) -> int:
+    """block_h of a warp-specialized config: decode, the default's heads per program (16, 32 or 64; the
+    kernel's tile is 64 rows either way); prefill, the heads of a 64-row query tile (at most 64)."""
+    if spec.is_decode:
+        return 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
+    return min(spec.num_heads, 64)
 
 
 def _ws_tiles(spec: MLASpec) -> tuple[int, int]:
@@ -108,8 +116,8 @@ class DecodeConfig(_Config):
     ws: 1 runs stage 1 as the warp-specialized Gluon kernel on Hopper (a loader: one warp of bulk copies
         for a tile inside one page, four warps gathering rows by cp.async for a tile that spans pages;
         one warpgroup for QK and the softmax, the 512-wide output split over two warpgroups, so QK runs
-        once per tile); needs a ``ws_capable`` spec and block_h 64. num_warps and tma do not apply to
-        it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot address) the Triton
+        once per tile); needs a ``ws_capable`` spec and block_h = ``ws_block_h(spec)``. num_warps and
+        tma do not apply to it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot address) the Triton
         stage 1 runs with the same config.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     """
@@ -149,9 +157,10 @@ class DecodeConfig(_Config):
     def check_spec(self, spec: MLASpec) -> None:
         """Raise ValueError when this config cannot run ``spec``."""
         self._check_tma(spec)
-        if self.ws and not (ws_capable(spec) and self.block_h == 64):
-            raise ValueError(f"DecodeConfig.ws: the warp-specialized stage 1 needs decode heads in groups of 64 "
-                             f"and block_h=64; found {spec.name()} with block_h={self.block_h}")
+        if self.ws and not (ws_capable(spec) and self.block_h == ws_block_h(spec)):
+            raise ValueError(f"DecodeConfig.ws: the warp-specialized stage 1 needs heads in groups of 64 (or "
+                             f"dividing 64) and block_h={ws_block_h(spec) if ws_capable(spec) else 64}; found "
+                             f"{spec.name()} with block_h={self.block_h}")
         if self.merge_block_d > spec.head_dim_ckv:
             raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
                              f"{spec.head_dim_ckv}, found {self.merge_block_d}")
@@ -169,8 +178,8 @@ class PrefillConfig(_Config):
     block_n: KV tokens per tile. num_warps, num_stages: warps and pipelining depth.
     tma: as :class:`DecodeConfig` (for the KV tiles that every row of a query tile sees).
     ws: 1 runs the warp-specialized Gluon kernel on Hopper (as :class:`DecodeConfig`): needs a
-        ``ws_capable`` spec and 64 rows (block_m * block_h) with block_h = min(heads, 64); num_warps and
-        tma do not apply to it.
+        ``ws_capable`` spec and 64 rows (block_m * block_h) with block_h = ``ws_block_h(spec)`` =
+        min(heads, 64); num_warps and tma do not apply to it.
     """
 
     block_m: int = 4
@@ -192,7 +201,7 @@ class PrefillConfig(_Config):
 
     def check_spec(self, spec: MLASpec) -> None:
         self._check_tma(spec)
-        if self.ws and not (ws_capable(spec) and self.block_h == min(spec.num_heads, 64) and self.rows == 64):
+        if self.ws and not (ws_capable(spec) and self.block_h == ws_block_h(spec) and self.rows == 64):
             raise ValueError(f"PrefillConfig.ws: the warp-specialized kernel needs 64 rows of block_h="
                              f"{min(spec.num_heads, 64)} heads; found {spec.name()} with block_m={self.block_m}, "
                              f"block_h={self.block_h}")
@@ -213,7 +222,7 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     bulk tensor copies whenever a tile fits in a page (H200: 8-15% faster on the large page-64 rows);
     on a Hopper (``hopper``), the warp-specialized stage 1 wherever the spec allows it (64-token tiles,
     2 stages)."""
-    block_h = 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
+    block_h = ws_block_h(spec)  # 16, 32 or 64 heads per program
     block_n = 64 if block_h <= 32 else 32
     num_stages, ws = 3, 0
     if hopper and ws_capable(spec):  # H200: 1.7-2.0x the Triton stage 1 at 64 and 128 heads, page size 64
@@ -232,7 +241,7 @@ def default_prefill_config(spec: MLASpec, hopper: bool = True) -> PrefillConfig:
     min(heads, 64))."""
     block_h, block_n = min(16, next_pow2(spec.num_heads)), 64
     if hopper and ws_capable(spec):
-        block_h, (block_n, num_stages) = min(spec.num_heads, 64), _ws_tiles(spec)
+        block_h, (block_n, num_stages) = ws_block_h(spec), _ws_tiles(spec)
         return PrefillConfig(block_m=64 // block_h, block_h=block_h, block_n=block_n, num_warps=8,
                              num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=1)
     return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=block_n,

@@ -9,7 +9,7 @@ import torch
 from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import DecodeConfig, MLASpec, catalogue
-from tuner.config import ws_capable
+from tuner.config import ws_block_h, ws_capable
 from tuner.loader import load_module
 
 pytestmark = pytest.mark.gpu
@@ -92,7 +92,7 @@ def test_warp_specialized_stage1(spec: MLASpec, shape: tuple[int, int, int, int]
     block_n, stages, per_sm, split = shape
     case = realistic_case(spec, batch=12, seed=320 + block_n + stages)
     assert load_module(spec)._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache)
-    config = DecodeConfig(block_h=64, block_n=block_n, num_stages=stages, programs_per_sm=per_sm,
+    config = DecodeConfig(block_h=ws_block_h(spec), block_n=block_n, num_stages=stages, programs_per_sm=per_sm,
                           split_tokens=split, ws=1, tma=int(block_n <= spec.page_size))
     run_and_check(case, config=config)
 
