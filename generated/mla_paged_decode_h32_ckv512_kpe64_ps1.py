@@ -455,11 +455,7 @@ if gluon is not None:
         first_page = gl.load(kv_indptr_ptr + seq)
         seq_end = gl.load(kv_indptr_ptr + seq + 1)
         n_pages = seq_end - first_page
-        if HAS_LAST_PAGE_LEN:
-            last = gl.minimum(gl.maximum(gl.load(kv_last_page_len_ptr + seq), 0), 1)
-        else:
-            last = 1
-        kv_len = gl.where(n_pages > 0, (n_pages - 1) * 1 + last, 0)
+        kv_len = gl.maximum(n_pages, 0)  # one token per page: kv_last_page_len is 1 (as _kv_len)
         chunk_end = gl.minimum(share_end, seq_end)
         start = ((page - first_page) * 1).to(gl.int32)
         end = gl.maximum(gl.minimum((chunk_end - first_page) * 1, kv_len).to(gl.int32), start)

@@ -399,11 +399,7 @@ if gluon is not None:
         m0 = (n_tiles - 1 - local) * 1
         first_page = gl.load(kv_indptr_ptr + lo)
         n_pages = gl.load(kv_indptr_ptr + lo + 1) - first_page
-        if HAS_LAST_PAGE_LEN:
-            last = gl.minimum(gl.maximum(gl.load(kv_last_page_len_ptr + lo), 0), 1)
-        else:
-            last = 1
-        kv_len = gl.where(n_pages > 0, (n_pages - 1) * 1 + last, 0)
+        kv_len = gl.maximum(n_pages, 0)  # one token per page: kv_last_page_len is 1 (as _kv_len)
         kv_hi = gl.maximum(gl.minimum(kv_len, kv_len - q_len + gl.minimum(m0 + 1, q_len)), 0)
         return local < n_tiles, lo, q_start, q_len, m0, pid % 1, first_page, kv_len, kv_hi
 

@@ -125,7 +125,7 @@ def test_same_capability_fallback_prefers_the_same_sm_count() -> None:
     assert config == TUNED and "same capability" in source
     assert len(warned) == 1 and H100.key in warned[0] and "same compute capability" in warned[0]
     config, source, _ = lookup(DECODE, 4, 1000, A100)  # another capability: the default
-    assert source == "default" and config == default_decode_config(DECODE, 4, 1000, A100.num_sms)
+    assert source == "default" and config == default_decode_config(DECODE, 4, 1000, A100.num_sms, hopper=False)
 
 
 def test_stale_entry_is_ignored_with_a_warning() -> None:
