@@ -339,6 +339,19 @@ if gluon is not None:
         return it
 
     @gluon.jit
+    def _ws_zero_tail(kc, n0, tail, BLOCK_N: gl.constexpr):
+        """Zero the rows of a bulk-copied tile past `tail` (unused slots of the last page may hold NaN,
+        and 0 * NaN would reach the output through PV)."""
+        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        if n0 + BLOCK_N > tail:
+            valid = tail - n0
+            for r0 in gl.static_range(0, BLOCK_N, 8):
+                if r0 + 8 > valid:
+                    chunk = kc.slice(r0, 8, dim=0)
+                    rows = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, zero_layout))
+                    chunk.store(gl.where((rows < valid)[:, None], chunk.load(zero_layout), 0.0))
+
+    @gluon.jit
     def _ws_softmax_tile(q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, kv_ready, kv_empty, p_ready, p_empty,
                          it, n0, limit, tail, m_i, l_i, acc, qk_scale,
                          BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, P_BUFS: gl.constexpr,
@@ -354,7 +367,6 @@ if gluon is not None:
                                                            instr_shape=[16, HALF, 16])
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         s = it % NUM_STAGES
         mbarrier.wait(kv_ready.index(s), (it // NUM_STAGES) & 1)
         if GATHER:
@@ -372,13 +384,7 @@ if gluon is not None:
         pr = gl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + gl.sum(pr, 1)
         if not GATHER:
-            if n0 + BLOCK_N > tail:  # a partial last tile: zero its unused rows (NaN may sit there)
-                valid = tail - n0
-                for r0 in gl.static_range(0, BLOCK_N, 8):
-                    if r0 + 8 > valid:
-                        chunk = kc.slice(r0, 8, dim=0)
-                        rows = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, zero_layout))
-                        chunk.store(gl.where((rows < valid)[:, None], chunk.load(zero_layout), 0.0))
+            _ws_zero_tail(kc, n0, tail, BLOCK_N)
         pb = it % P_BUFS
         p_lo = pr.to(kc_s.dtype)
         mbarrier.wait(p_empty.index(pb), ((it // P_BUFS) & 1) ^ 1)
@@ -415,16 +421,18 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr, CONSUMERS: gl.constexpr):
         """Shared memory of a warp-specialized kernel and its barriers (initialised): the query rows, the
-        KV stage ring, the P buffers with their row rescales, the final row sums."""
+        KV stage ring (read by CONSUMERS warpgroups), the P buffers (as many rows as the query block) with
+        their row rescales, the final row sums."""
         dtype: gl.constexpr = ckv_desc.dtype
         q_nope_s = gl.allocate_shared_memory(dtype, q_nope_desc.block_type.shape, q_nope_desc.layout)
         q_pe_s = gl.allocate_shared_memory(dtype, q_pe_desc.block_type.shape, q_pe_desc.layout)
         kc_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + ckv_desc.block_type.shape, ckv_desc.layout)
         kp_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + kpe_desc.block_type.shape, kpe_desc.layout)
-        p_s = gl.allocate_shared_memory(dtype, [P_BUFS, 64, BLOCK_N],
-                                        gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dtype))
+        P_ROWS: gl.constexpr = q_nope_desc.block_type.shape[0]
+        p_s = gl.allocate_shared_memory(dtype, [P_BUFS, P_ROWS, BLOCK_N],
+                                        gl.NVMMASharedLayout.get_default_for([P_ROWS, BLOCK_N], dtype))
         vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         alpha_s = gl.allocate_shared_memory(gl.float32, [P_BUFS, 64], vec)
         fin_s = gl.allocate_shared_memory(gl.float32, [64], vec)
@@ -444,7 +452,7 @@ if gluon is not None:
         for i in gl.static_range(NUM_STAGES):
             # gathered: every loader thread arrives when its own copies land; bulk: one arrival + bytes
             mbarrier.init(kv_ready.index(i), count=WS_LOADER_WARPS * 32 if GATHER else 1)
-            mbarrier.init(kv_empty.index(i), count=2)  # both warpgroups read a tile
+            mbarrier.init(kv_empty.index(i), count=CONSUMERS)
         for i in gl.static_range(P_BUFS):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_empty.index(i), count=1)
@@ -517,28 +525,24 @@ if gluon is not None:
                 seq += 1
 
     @gluon.jit
-    def _ws_softmax(kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-                    qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
-                    q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
-                    q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
-                    HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
-        """The default warpgroup: per piece its KV tiles (_ws_softmax_tile), then the finished rows: out
-        and lse, or the piece's scratch slot."""
-        HALF: gl.constexpr = 256
+    def _ws_narrow(kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                   qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+                   q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty,
+                   HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   GATHER: gl.constexpr):
+        """The one math warpgroup for 16 heads, products swapped so that the KV tile's 64 tokens
+        are wgmma's M and the heads its N (no padding): S^T = K Q^T, the online softmax per column, P^T to
+        shared memory, O^T += V^T P^T (V^T: the ckv tile read transposed); then out and lse, or the
+        piece's scratch slot."""
+        H: gl.constexpr = 16
+        CKV: gl.constexpr = 512
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HALF, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+                                                           instr_shape=[16, H, 16])
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         pid = gl.program_id(0)
-        p = pid // 1
-        g = pid % 1
-        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
-        offs_h = g * 64 + gl.arange(0, 64, layout=row_o)
-        offs_hs = g * 64 + gl.arange(0, 64, layout=row_s)
-        offs_d = gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, pid)
+        offs_h = gl.arange(0, H, layout=col_s)
+        offs_d = gl.arange(0, CKV, layout=gl.SliceLayout(1, s_layout))
         if page < share_end:
             seq = _ws_find_request(kv_indptr_ptr, batch, page)
             it = 0
@@ -546,77 +550,52 @@ if gluon is not None:
             while page < share_end:
                 first_page, seq_end, chunk_end, start, end = _ws_piece(
                     kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN)
-                m_i = gl.full([64], float("-inf"), gl.float32, layout=row_s)
-                l_i = gl.zeros([64], gl.float32, layout=row_s)
-                acc = gl.zeros([64, HALF], gl.float32, layout=o_layout)
-                limit = gl.zeros([64], gl.int32, layout=row_s) + end
+                m_i = gl.full([H], float("-inf"), gl.float32, layout=col_s)
+                l_i = gl.zeros([H], gl.float32, layout=col_s)
+                acc = gl.zeros([CKV, H], gl.float32, layout=s_layout)
                 mbarrier.wait(q_ready, pc & 1)
                 for n0 in range(start, end, BLOCK_N):
-                    m_i, l_i, acc = _ws_softmax_tile(q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, kv_ready, kv_empty,
-                                                     p_ready, p_empty, it, n0, limit, end, m_i, l_i, acc, qk_scale,
-                                                     BLOCK_N, NUM_STAGES, P_BUFS, GATHER)
+                    s = it % NUM_STAGES
+                    mbarrier.wait(kv_ready.index(s), (it // NUM_STAGES) & 1)
+                    if GATHER:
+                        fence_async_shared()  # cp.async wrote the tile through the generic proxy
+                    kc = kc_s.index(s)
+                    st = warpgroup_mma(kp_s.index(s), q_pe_s.permute((1, 0)),
+                                       gl.zeros([BLOCK_N, H], gl.float32, layout=s_layout), use_acc=False,
+                                       is_async=True)
+                    st = warpgroup_mma(kc, q_nope_s.permute((1, 0)), st, is_async=True)
+                    st = warpgroup_mma_wait(num_outstanding=0, deps=(st,))
+                    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+                    sc = gl.where((rows < end)[:, None], st * qk_scale, float("-inf"))
+                    m_new = gl.maximum(m_i, gl.max(sc, 0))
+                    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = gl.exp2(m_i - m_safe)
+                    pt = gl.exp2(sc - m_safe[None, :])
+                    l_i = l_i * alpha + gl.sum(pt, 0)
+                    m_i = m_new
+                    if not GATHER:
+                        _ws_zero_tail(kc, n0, end, BLOCK_N)
+                    p_s.index(0).store(gl.permute(pt.to(kc_s.dtype), [1, 0]))
+                    fence_async_shared()
+                    acc = acc * alpha[None, :]
+                    acc = warpgroup_mma(kc.permute((1, 0)), p_s.index(0).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    mbarrier.arrive(kv_empty.index(s), count=1)
                     it += 1
                 mbarrier.arrive(q_empty, count=1)
                 empty = l_i == 0.0
                 l_safe = gl.where(empty, 1.0, l_i)
                 lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
-                mbarrier.wait(fin_empty, (pc & 1) ^ 1)
-                fin_s.store(l_safe)
-                mbarrier.arrive(fin_ready, count=1)
-                o = acc / gl.convert_layout(l_safe, row_o)[:, None]
+                o = acc / l_safe[None, :]
                 seq64 = seq.to(gl.int64)
                 if (page == first_page) & (chunk_end == seq_end):
-                    gl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
-                             o.to(out_ptr.dtype.element_ty), mask=(offs_h < 16)[:, None])
-                    gl.store(lse_ptr + seq64 * stride_lse_b + offs_hs, lse, mask=offs_hs < 16)
+                    gl.store(out_ptr + seq64 * stride_o_b + offs_h[None, :] * stride_o_h + offs_d[:, None],
+                             o.to(out_ptr.dtype.element_ty))
+                    gl.store(lse_ptr + seq64 * stride_lse_b + offs_h, lse)
                 else:
-                    row = (p + seq64) * 16 + offs_h
-                    gl.store(part_out_ptr + row[:, None] * 512 + offs_d[None, :], o, mask=(offs_h < 16)[:, None])
-                    gl.store(part_lse_ptr + (p + seq64) * 16 + offs_hs, lse, mask=offs_hs < 16)
-                pc += 1
-                page = chunk_end
-                seq += 1
-
-    @gluon.jit
-    def _ws_output(kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, part_out_ptr, batch, num_programs,
-                   stride_o_b, stride_o_h, kc_s, p_s, alpha_s, fin_s,
-                   kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
-                   HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   P_BUFS: gl.constexpr, GATHER: gl.constexpr):
-        """The second warpgroup: PV into output columns [HALF, CKV) from the shared P (_ws_output_tile)."""
-        HALF: gl.constexpr = 256
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HALF, 16])
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        pid = gl.program_id(0)
-        p = pid // 1
-        g = pid % 1
-        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
-        offs_h = g * 64 + gl.arange(0, 64, layout=row_o)
-        offs_d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
-        if page < share_end:
-            seq = _ws_find_request(kv_indptr_ptr, batch, page)
-            it = 0
-            pc = 0
-            while page < share_end:
-                first_page, seq_end, chunk_end, start, end = _ws_piece(
-                    kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN)
-                acc = gl.zeros([64, HALF], gl.float32, layout=o_layout)
-                for _ in range(start, end, BLOCK_N):
-                    acc = _ws_output_tile(acc, kc_s, p_s, alpha_s, kv_ready, kv_empty, p_ready, p_empty, it,
-                                          NUM_STAGES, P_BUFS, GATHER)
-                    it += 1
-                mbarrier.wait(fin_ready, pc & 1)
-                l_safe = fin_s.load(row_o)
-                mbarrier.arrive(fin_empty, count=1)
-                o = acc / l_safe[:, None]
-                seq64 = seq.to(gl.int64)
-                if (page == first_page) & (chunk_end == seq_end):
-                    gl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
-                             o.to(out_ptr.dtype.element_ty), mask=(offs_h < 16)[:, None])
-                else:
-                    row = (p + seq64) * 16 + offs_h
-                    gl.store(part_out_ptr + row[:, None] * 512 + offs_d[None, :], o, mask=(offs_h < 16)[:, None])
+                    row = (pid + seq64) * H + offs_h
+                    gl.store(part_out_ptr + row[None, :] * CKV + offs_d[:, None], o)
+                    gl.store(part_lse_ptr + row, lse)
                 pc += 1
                 page = chunk_end
                 seq += 1
@@ -630,41 +609,42 @@ if gluon is not None:
         HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         P_BUFS: gl.constexpr, GATHER: gl.constexpr,
     ):
-        """Stage 1 for one (share, 64-head group): a loader, a softmax warpgroup and an output
-        warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
+        """Stage 1 for one share (16 heads): a loader and one math warpgroup (_ws_narrow)."""
         (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
          fin_ready, fin_empty) = _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS,
-                                             GATHER)
+                                             GATHER, 1)
         gl.warp_specialize([
-            (_ws_softmax, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-                           qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
-                           q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
-                           q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
-                           HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)),
-            (_ws_output, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, part_out_ptr, batch, num_programs,
-                          stride_o_b, stride_o_h, kc_s, p_s, alpha_s, fin_s,
-                          kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
-                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)),
+            (_ws_narrow, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                          qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+                          q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty,
+                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER)),
             (_ws_loader, (q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                           kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
                           q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
                           HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER)),
-        ], [4, WS_LOADER_WARPS if GATHER else 1], [200, 64 if GATHER else 40])  # registers: output warpgroup, loader
+        ], [WS_LOADER_WARPS if GATHER else 1], [64 if GATHER else 40])  # registers: loader
+
 
 
 WS_SHARED_BYTES = 232448
 """Shared memory per block of a Hopper (227 KB, opt-in maximum)."""
+WS_Q_ROWS = 16
+"""Query rows of a warp-specialized tile (and of its P buffers)."""
 
 
 def ws_shared_bytes(block_n: int, num_stages: int, p_bufs: int, itemsize: int = 2) -> int:
     """Shared memory of a warp-specialized kernel: query rows, the KV stage ring, P buffers, vectors."""
     width = HEAD_DIM_CKV + HEAD_DIM_KPE
-    return ((64 + num_stages * block_n) * width + p_bufs * 64 * block_n) * itemsize + 4 * 64 * (p_bufs + 1) + 512
+    # the row rescales and sums handed to the output warpgroup; without one, the per-column reductions'
+    # scratch across the four warps
+    vectors = 4 * 64 * (p_bufs + 1) if WS_Q_ROWS == 64 else 4 * 4 * WS_Q_ROWS
+    return ((WS_Q_ROWS + num_stages * block_n) * width + p_bufs * WS_Q_ROWS * block_n) * itemsize + vectors + 512
 
 
 def ws_p_buffers(block_n: int, num_stages: int) -> int:
-    """P buffers (2 lets the softmax warpgroup run a tile ahead) when they fit, else 1."""
-    return 2 if ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
+    """P buffers (2 lets the softmax warpgroup run a tile ahead of the output warpgroup) when they fit, else
+    1; 1 where one warpgroup does all the math."""
+    return 2 if WS_Q_ROWS == 64 and ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
 
 
 _HOPPER: dict[int, bool] = {}
@@ -688,8 +668,8 @@ def _ws_args(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, 
     cache rows (which also give the shared-memory layouts of a gathered tile), the caches and their row
     strides (what a gathering loader reads)."""
     rows = ckv_cache.shape[0] * PAGE_SIZE
-    return (_ws_rows(q_nope, q_rows, q_nope.stride(1), [64, HEAD_DIM_CKV]),
-            _ws_rows(q_pe, q_rows, q_pe.stride(1), [64, HEAD_DIM_KPE]),
+    return (_ws_rows(q_nope, q_rows, q_nope.stride(1), [WS_Q_ROWS, HEAD_DIM_CKV]),
+            _ws_rows(q_pe, q_rows, q_pe.stride(1), [WS_Q_ROWS, HEAD_DIM_KPE]),
             _ws_rows(ckv_cache, rows, ckv_cache.stride(1), [block_n, HEAD_DIM_CKV]),
             _ws_rows(kpe_cache, rows, kpe_cache.stride(1), [block_n, HEAD_DIM_KPE]),
             ckv_cache, kpe_cache, ckv_cache.stride(1), kpe_cache.stride(1))
@@ -714,7 +694,9 @@ def _ws_ready(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
 
 
 WS_BLOCK_H = 16
-"""The block_h of a warp-specialized config (tuner.config.ws_block_h): 16 heads per 64-row tile, the other rows padding."""
+"""The block_h of a warp-specialized config (tuner.config.ws_block_h); the kernel takes 64-token tiles only (WS_BLOCK_N)."""
+WS_BLOCK_N = 64
+"""The one block_n of the warp-specialized stage 1 (wgmma's M is the tile's tokens), or 0: any."""
 
 
 def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
@@ -776,7 +758,8 @@ def launch(
     batch = q_nope.shape[0]
     if batch == 0:
         return
-    if ws and block_h == WS_BLOCK_H and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache):
+    if ws and block_h == WS_BLOCK_H and block_n == (WS_BLOCK_N or block_n) and _ws_ready(q_nope, q_pe, ckv_cache,
+                                                                                         kpe_cache):
         _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                           out, lse, partial_out, partial_lse, num_programs, block_n, num_stages)
     else:

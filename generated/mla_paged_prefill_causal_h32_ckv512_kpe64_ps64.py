@@ -286,6 +286,19 @@ if gluon is not None:
         return it
 
     @gluon.jit
+    def _ws_zero_tail(kc, n0, tail, BLOCK_N: gl.constexpr):
+        """Zero the rows of a bulk-copied tile past `tail` (unused slots of the last page may hold NaN,
+        and 0 * NaN would reach the output through PV)."""
+        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        if n0 + BLOCK_N > tail:
+            valid = tail - n0
+            for r0 in gl.static_range(0, BLOCK_N, 8):
+                if r0 + 8 > valid:
+                    chunk = kc.slice(r0, 8, dim=0)
+                    rows = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, zero_layout))
+                    chunk.store(gl.where((rows < valid)[:, None], chunk.load(zero_layout), 0.0))
+
+    @gluon.jit
     def _ws_softmax_tile(q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, kv_ready, kv_empty, p_ready, p_empty,
                          it, n0, limit, tail, m_i, l_i, acc, qk_scale,
                          BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, P_BUFS: gl.constexpr,
@@ -301,7 +314,6 @@ if gluon is not None:
                                                            instr_shape=[16, HALF, 16])
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         s = it % NUM_STAGES
         mbarrier.wait(kv_ready.index(s), (it // NUM_STAGES) & 1)
         if GATHER:
@@ -319,13 +331,7 @@ if gluon is not None:
         pr = gl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + gl.sum(pr, 1)
         if not GATHER:
-            if n0 + BLOCK_N > tail:  # a partial last tile: zero its unused rows (NaN may sit there)
-                valid = tail - n0
-                for r0 in gl.static_range(0, BLOCK_N, 8):
-                    if r0 + 8 > valid:
-                        chunk = kc.slice(r0, 8, dim=0)
-                        rows = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, zero_layout))
-                        chunk.store(gl.where((rows < valid)[:, None], chunk.load(zero_layout), 0.0))
+            _ws_zero_tail(kc, n0, tail, BLOCK_N)
         pb = it % P_BUFS
         p_lo = pr.to(kc_s.dtype)
         mbarrier.wait(p_empty.index(pb), ((it // P_BUFS) & 1) ^ 1)
@@ -362,16 +368,18 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr, CONSUMERS: gl.constexpr):
         """Shared memory of a warp-specialized kernel and its barriers (initialised): the query rows, the
-        KV stage ring, the P buffers with their row rescales, the final row sums."""
+        KV stage ring (read by CONSUMERS warpgroups), the P buffers (as many rows as the query block) with
+        their row rescales, the final row sums."""
         dtype: gl.constexpr = ckv_desc.dtype
         q_nope_s = gl.allocate_shared_memory(dtype, q_nope_desc.block_type.shape, q_nope_desc.layout)
         q_pe_s = gl.allocate_shared_memory(dtype, q_pe_desc.block_type.shape, q_pe_desc.layout)
         kc_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + ckv_desc.block_type.shape, ckv_desc.layout)
         kp_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + kpe_desc.block_type.shape, kpe_desc.layout)
-        p_s = gl.allocate_shared_memory(dtype, [P_BUFS, 64, BLOCK_N],
-                                        gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dtype))
+        P_ROWS: gl.constexpr = q_nope_desc.block_type.shape[0]
+        p_s = gl.allocate_shared_memory(dtype, [P_BUFS, P_ROWS, BLOCK_N],
+                                        gl.NVMMASharedLayout.get_default_for([P_ROWS, BLOCK_N], dtype))
         vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         alpha_s = gl.allocate_shared_memory(gl.float32, [P_BUFS, 64], vec)
         fin_s = gl.allocate_shared_memory(gl.float32, [64], vec)
@@ -391,7 +399,7 @@ if gluon is not None:
         for i in gl.static_range(NUM_STAGES):
             # gathered: every loader thread arrives when its own copies land; bulk: one arrival + bytes
             mbarrier.init(kv_ready.index(i), count=WS_LOADER_WARPS * 32 if GATHER else 1)
-            mbarrier.init(kv_empty.index(i), count=2)  # both warpgroups read a tile
+            mbarrier.init(kv_empty.index(i), count=CONSUMERS)
         for i in gl.static_range(P_BUFS):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_empty.index(i), count=1)
@@ -532,7 +540,7 @@ if gluon is not None:
         warpgroup, handing KV tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
         (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
          fin_ready, fin_empty) = _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS,
-                                             GATHER)
+                                             GATHER, 2)  # both warpgroups read a tile
         gl.warp_specialize([
             (_wsp_softmax, (qo_indptr_ptr, kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, qk_scale, batch,
                             stride_o_t, stride_o_h, stride_lse_t, q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
@@ -550,17 +558,23 @@ if gluon is not None:
 
 WS_SHARED_BYTES = 232448
 """Shared memory per block of a Hopper (227 KB, opt-in maximum)."""
+WS_Q_ROWS = 64
+"""Query rows of a warp-specialized tile (and of its P buffers)."""
 
 
 def ws_shared_bytes(block_n: int, num_stages: int, p_bufs: int, itemsize: int = 2) -> int:
     """Shared memory of a warp-specialized kernel: query rows, the KV stage ring, P buffers, vectors."""
     width = HEAD_DIM_CKV + HEAD_DIM_KPE
-    return ((64 + num_stages * block_n) * width + p_bufs * 64 * block_n) * itemsize + 4 * 64 * (p_bufs + 1) + 512
+    # the row rescales and sums handed to the output warpgroup; without one, the per-column reductions'
+    # scratch across the four warps
+    vectors = 4 * 64 * (p_bufs + 1) if WS_Q_ROWS == 64 else 4 * 4 * WS_Q_ROWS
+    return ((WS_Q_ROWS + num_stages * block_n) * width + p_bufs * WS_Q_ROWS * block_n) * itemsize + vectors + 512
 
 
 def ws_p_buffers(block_n: int, num_stages: int) -> int:
-    """P buffers (2 lets the softmax warpgroup run a tile ahead) when they fit, else 1."""
-    return 2 if ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
+    """P buffers (2 lets the softmax warpgroup run a tile ahead of the output warpgroup) when they fit, else
+    1; 1 where one warpgroup does all the math."""
+    return 2 if WS_Q_ROWS == 64 and ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
 
 
 _HOPPER: dict[int, bool] = {}
@@ -584,8 +598,8 @@ def _ws_args(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, 
     cache rows (which also give the shared-memory layouts of a gathered tile), the caches and their row
     strides (what a gathering loader reads)."""
     rows = ckv_cache.shape[0] * PAGE_SIZE
-    return (_ws_rows(q_nope, q_rows, q_nope.stride(1), [64, HEAD_DIM_CKV]),
-            _ws_rows(q_pe, q_rows, q_pe.stride(1), [64, HEAD_DIM_KPE]),
+    return (_ws_rows(q_nope, q_rows, q_nope.stride(1), [WS_Q_ROWS, HEAD_DIM_CKV]),
+            _ws_rows(q_pe, q_rows, q_pe.stride(1), [WS_Q_ROWS, HEAD_DIM_KPE]),
             _ws_rows(ckv_cache, rows, ckv_cache.stride(1), [block_n, HEAD_DIM_CKV]),
             _ws_rows(kpe_cache, rows, kpe_cache.stride(1), [block_n, HEAD_DIM_KPE]),
             ckv_cache, kpe_cache, ckv_cache.stride(1), kpe_cache.stride(1))

@@ -39,11 +39,17 @@ def ws_block_h(spec: MLASpec) -> int:
     return min(spec.num_heads, 64)
 
 
+def ws_narrow(spec: MLASpec) -> bool:
+    """Whether ``spec``'s warp-specialized decode swaps its products (fewer than 64 heads: the KV
+    tile's tokens are wgmma's M, so its tiles are 64 tokens, block_n 64)."""
+    return spec.is_decode and spec.num_heads < 64
+
+
 def _ws_tiles(spec: MLASpec) -> tuple[int, int]:
     """(block_n, num_stages) of the warp-specialized kernel's default: 64-token tiles, 2 stages of them,
     or at pages of 16 or 32 tokens one page per tile, 4 stages (what fits in 227 KB beside the 64 query
     rows): bulk copies from one page where pages are at least 16 tokens, else gathered tiles."""
-    block_n = 64 if spec.page_size < 16 else min(64, spec.page_size)
+    block_n = 64 if spec.page_size < 16 or ws_narrow(spec) else min(64, spec.page_size)
     return block_n, 2 if block_n == 64 else 4
 
 
@@ -161,6 +167,9 @@ class DecodeConfig(_Config):
             raise ValueError(f"DecodeConfig.ws: the warp-specialized stage 1 needs heads in groups of 64 (or "
                              f"dividing 64) and block_h={ws_block_h(spec) if ws_capable(spec) else 64}; found "
                              f"{spec.name()} with block_h={self.block_h}")
+        if self.ws and ws_narrow(spec) and self.block_n != 64:
+            raise ValueError(f"DecodeConfig.ws: at fewer than 64 heads the warp-specialized stage 1 takes 64-token "
+                             f"tiles (block_n=64); found block_n={self.block_n}")
         if self.merge_block_d > spec.head_dim_ckv:
             raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
                              f"{spec.head_dim_ckv}, found {self.merge_block_d}")

@@ -38,8 +38,8 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int):
     q_nope, q_pe = torch.empty(2, h, ckv, dtype=torch.bfloat16), torch.empty(2, h, kpe, dtype=torch.bfloat16)
     cache_ckv, cache_kpe = (torch.empty(4, ps, d, dtype=torch.bfloat16) for d in (ckv, kpe))
     descs = {
-        "q_nope_desc": m._ws_rows(q_nope, 2 * h, q_nope.stride(1), [64, ckv]),
-        "q_pe_desc": m._ws_rows(q_pe, 2 * h, q_pe.stride(1), [64, kpe]),
+        "q_nope_desc": m._ws_rows(q_nope, 2 * h, q_nope.stride(1), [m.WS_Q_ROWS, ckv]),
+        "q_pe_desc": m._ws_rows(q_pe, 2 * h, q_pe.stride(1), [m.WS_Q_ROWS, kpe]),
         "ckv_desc": m._ws_rows(cache_ckv, 4 * ps, cache_ckv.stride(1), [block_n, ckv]),
         "kpe_desc": m._ws_rows(cache_kpe, 4 * ps, cache_kpe.stride(1), [block_n, kpe]),
     }
