@@ -266,7 +266,7 @@ def test_exhaustive_sweep_measures_every_point_once_and_compares_with_tpe() -> N
 
     spec = TINY_DECODE
     task = search.Task(spec, buckets.DECODE_BUCKETS[0], tiny=True)
-    default = dataclasses.replace(default_decode_config(spec, 3, 35, 4), block_n=16, num_stages=1)
+    default = dataclasses.replace(default_decode_config(spec, 3, 35, 4, hopper=False), block_n=16, num_stages=1)
     small = space.Space(spec, (space.Param("block_n", (16, 32)), space.Param("num_stages", (1, 2))),
                         tuple((k, v) for k, v in default.to_dict().items() if k not in ("block_n", "num_stages")))
     storage = optuna.storages.InMemoryStorage()
