@@ -9,7 +9,7 @@ import torch
 from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import DecodeConfig, MLASpec, catalogue
-from tuner.config import ws_block_h, ws_capable
+from tuner.config import ws_block_h, ws_capable, ws_narrow
 from tuner.loader import load_module
 
 pytestmark = pytest.mark.gpu
@@ -90,6 +90,8 @@ def test_warp_specialized_stage1(spec: MLASpec, shape: tuple[int, int, int, int]
     """The Gluon stage 1 (ws=1) on every capable spec: tile sizes, stage counts, many and no splits,
     empty and short sequences, NaN in unused slots; and it really runs (no silent fallback)."""
     block_n, stages, per_sm, split = shape
+    if ws_narrow(spec) and block_n != 64:
+        pytest.skip("below 64 heads the warp-specialized stage 1 takes 64-token tiles")
     case = realistic_case(spec, batch=12, seed=320 + block_n + stages)
     assert load_module(spec)._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache)
     config = DecodeConfig(block_h=ws_block_h(spec), block_n=block_n, num_stages=stages, programs_per_sm=per_sm,
