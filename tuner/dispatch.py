@@ -153,6 +153,11 @@ def _number(where: str, value: object, allow_none: bool = False) -> float | None
     return float(value)
 
 
+class OutdatedEntryError(ValueError):
+    """An entry written by another version of mla-tuner: its config has other launch parameters, or one
+    this version's kernel no longer takes. Skipped with a warning, dropped on the next merge."""
+
+
 def _entry_from_json(spec: MLASpec, where: str, data: object) -> Entry:
     data = _keys(where, data, _ENTRY_KEYS)
     config_cls = DecodeConfig if spec.is_decode else PrefillConfig
@@ -161,11 +166,14 @@ def _entry_from_json(spec: MLASpec, where: str, data: object) -> Entry:
         raise ValueError(f"{where}.config: expected an object, found {type(raw).__name__}")
     try:
         config = config_cls.from_dict(raw)
-        config.check_spec(spec)
     except ConfigKeysError as err:  # a launch parameter added or removed since: another version's entry
-        raise ConfigKeysError(f"{where}.config: {err} (tuned by another mla-tuner version)") from None
+        raise OutdatedEntryError(f"{where}.config: {err} (tuned by another mla-tuner version)") from None
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}.config: {err}") from None
+    try:
+        config.check_spec(spec)
+    except ValueError as err:  # a well-formed config that this version's kernel no longer takes
+        raise OutdatedEntryError(f"{where}.config: {err} (tuned by another mla-tuner version)") from None
     versions = _keys(f"{where}.versions", data["versions"], _VERSION_KEYS)
     if not all(isinstance(v, str) for v in versions.values()):
         raise ValueError(f"{where}.versions: expected strings, found {versions!r}")
@@ -230,7 +238,7 @@ def parse_table(text: str, path: Path | str | None = None) -> Table:
             for b, e in entries.items():
                 try:
                     kernels[kernel][b] = _entry_from_json(spec, f"kernels.{kernel}.{b}", e)
-                except ConfigKeysError as err:
+                except OutdatedEntryError as err:
                     outdated[f"{kernel}.{b}"] = str(err)
     except ValueError as err:
         raise DispatchTableError(path, str(err)) from None

@@ -156,7 +156,6 @@ BROKEN = {
     "missing key": lambda d: {k: v for k, v in d.items() if k != "gpu"},
     "schema version": lambda d: {**d, "schema_version": 99},
     "invalid config value": lambda d: _edit_entry(d, config={**TUNED.to_dict(), "block_n": 48}),
-    "config not for this spec": lambda d: _edit_entry(d, config={**TUNED.to_dict(), "block_h": 128}),
     "unknown entry key": lambda d: _edit_entry(d, note="x"),
     "negative time": lambda d: _edit_entry(d, time_us=-1),
     "unknown bucket": lambda d: {**d, "kernels": {DECODE.name(): {"b1-7": _entry_of(d)}}},
@@ -249,3 +248,22 @@ def test_entries_of_another_version_are_skipped_and_dropped_on_merge(generated: 
         dispatch.parse_table(json.dumps(bad))
     bad["kernels"][DECODE.name()]["b1-16_kv1-2k"]["config"]["block_k"] = 16  # an unknown key: another version's
     assert dispatch.parse_table(json.dumps(bad)).outdated
+
+
+def test_entries_this_version_no_longer_takes_are_skipped(generated: Path) -> None:
+    """A well-formed entry whose config this version's kernel refuses (here: ws=1 with 32-token tiles,
+    which the 16-head warp-specialized stage 1 stopped taking) is another version's too: skipped with a
+    warning, the rest of the table still read (it made the whole table unreadable on the GPU)."""
+    path = dispatch.merge(H200, {(DECODE.name(), "b1-16_kv1-2k"): entry(TUNED),
+                                 (DECODE.name(), "b17-96_kv1-2k"): entry(TUNED)})
+    data = json.loads(path.read_text())
+    data["kernels"][DECODE.name()]["b17-96_kv1-2k"]["config"].update(ws=1, block_h=16, block_n=32)
+    path.write_text(json.dumps(data))
+    dispatch.reload()
+    table = dispatch.load_table(path)
+    assert table.entry(DECODE.name(), "b1-16_kv1-2k") == entry(TUNED)
+    assert table.entry(DECODE.name(), "b17-96_kv1-2k") is None
+    assert "64-token tiles" in table.outdated[f"{DECODE.name()}.b17-96_kv1-2k"]
+    data["kernels"][DECODE.name()]["b1-16_kv1-2k"]["config"]["block_h"] = 128  # more heads than the spec has
+    assert set(dispatch.parse_table(json.dumps(data)).outdated) == {f"{DECODE.name()}.b1-16_kv1-2k",
+                                                                   f"{DECODE.name()}.b17-96_kv1-2k"}
