@@ -24,16 +24,19 @@ def tile_in_page(spec: MLASpec, block_n: int) -> bool:
 
 def ws_capable(spec: MLASpec) -> bool:
     """Whether ``spec``'s generated module holds the warp-specialized kernel (Gluon, Hopper): 64-row
-    tiles (decode: heads in groups of 64, or all of fewer heads with the other rows padding; prefill:
-    64 // heads tokens x all heads, or one token x 64 heads) and head dims a wgmma can take. Any page
-    size: a KV tile inside one page arrives by bulk copies, one that spans pages is gathered row by row."""
+    tiles (decode: heads in groups of 64, or 8 to 32 heads as wgmma's N with the KV tile's tokens as
+    its M; prefill: 64 // heads tokens x all heads, or one token x 64 heads) and head dims a wgmma can
+    take. Any page size: a KV tile inside one page arrives by bulk copies, one that spans pages is
+    gathered row by row."""
     heads = 64 % spec.num_heads == 0 or spec.num_heads % 64 == 0
+    if spec.is_decode and spec.num_heads < 8:  # below 64 heads the heads are wgmma's N: at least 8
+        return False
     return heads and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256
 
 
 def ws_block_h(spec: MLASpec) -> int:
-    """block_h of a warp-specialized config: decode, the default's heads per program (16, 32 or 64; the
-    kernel's tile is 64 rows either way); prefill, the heads of a 64-row query tile (at most 64)."""
+    """block_h of a warp-specialized config: decode, the default's heads per program (16, 32 or 64;
+    below 64 heads the kernel takes all heads at once); prefill, the heads of a 64-row query tile."""
     if spec.is_decode:
         return 16 if spec.num_heads <= 16 else (32 if spec.num_heads <= 32 else 64)
     return min(spec.num_heads, 64)

@@ -134,3 +134,12 @@ def test_ws_configs_fall_back_under_the_interpreter() -> None:
     case = make_case(16, [40, 9], [24, 9], page_size=16, ckv=64, kpe=16, dtype=torch.float16, seed=8)
     out, lse = case.prefill(True, config=PrefillConfig(block_m=4, block_h=16, block_n=16, num_stages=2, tma=1, ws=1))
     assert_matches(out, lse, *case.prefill_ref(True), TOLERANCES[torch.float16])
+
+
+@pytest.mark.parametrize("variant, heads, capable", [
+    ("decode", 4, False), ("decode", 8, True), ("decode", 48, False), ("decode", 192, True),
+    ("prefill_causal", 4, True), ("prefill", 48, False), ("prefill", 128, True)])
+def test_ws_capable_head_counts(variant: str, heads: int, capable: bool) -> None:
+    """Decode below 64 heads puts the heads in wgmma's N (8 at least); otherwise heads must divide 64
+    or come in groups of 64 (a 64-row tile)."""
+    assert ws_capable(MLASpec(variant, heads, 512, 64, 1)) is capable
