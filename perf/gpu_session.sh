@@ -2,6 +2,7 @@
 # The GPU-machine runs behind the closing notes, as phases: bash perf/gpu_session.sh PHASE... (logs in $OUT).
 #   tests   the GPU test suite (bf16, every catalogue configuration, graph replay, > 2^31-element cache)
 #   wstests the GPU tests of the warp-specialized kernels and every catalogue spec's default
+#   narrow  the GPU decode tests below 64 heads (the swapped-product ws kernel), all shapes
 #   gather  perf/probe.py's page-size-1 comparison of the ws kernels (gathering loader) with the Triton kernels
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
 #   tune    `mla-tune tune` with no arguments (the default catalogue) on GPU 0, timed; the table is copied to $OUT
@@ -31,6 +32,8 @@ for phase in "$@"; do
     tests) timeout 240 python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     wstests) timeout 300 python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider -k "warp_specialized or catalogue" \
                  2>&1 | tee "$OUT/ws_tests.log" | tail -15 ;;
+    narrow) timeout 150 python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider \
+                -k "test_gpu_decode and not h128 and not h64" 2>&1 | tee "$OUT/narrow_tests.log" | tail -3 ;;
     gather) (source .peers/activate.sh && timeout "$(left)" python3 perf/probe.py all gather) 2>&1 \
                 | tee "$OUT/gather_probe.log" | grep -v "  check" ;;
     smoke) timeout 180 python3 -m tuner tune --trials 3 --variant decode --page-size 1 --buckets b1-16_kv1-2k \

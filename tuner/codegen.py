@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import paths
-from .config import ws_capable
+from .config import ws_block_h, ws_capable, ws_narrow
 from .fileio import write_atomic
 from .spec import MLASpec, catalogue
 
@@ -45,7 +45,8 @@ def render(spec: MLASpec, templates_dir: Path | None = None) -> str:
         raise FileNotFoundError(f"templates: {templates_dir / spec.template} not found; code generation needs a "
                                 "checkout of mla-tuner (an installed package ships generated kernels, not templates)")
     env = _environment(templates_dir)
-    context = dict(asdict(spec), name=spec.name(), causal=spec.causal, ws=ws_capable(spec))
+    context = dict(asdict(spec), name=spec.name(), causal=spec.causal, ws=ws_capable(spec),
+                   ws_block_h=ws_block_h(spec), ws_narrow=ws_narrow(spec))
     source = env.get_template(spec.template).render(**context)
     return source.rstrip("\n") + "\n"
 
