@@ -17,7 +17,10 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
     request that spans shares goes to scratch slot (program + request), unique by construction.
   stage 2, grid (batch * head blocks * column blocks): merges the pieces of each spanning request by
     their base-2 lse, and writes output 0 and lse -inf for requests without pages. Programs of
-    requests that stage 1 wrote directly exit at once.
+    requests that stage 1 wrote directly exit at once. On sm_90+ stage 2 is a programmatic dependent
+    launch: it starts while stage 1 runs (stage 1 lets it go at once), finds its request and exits or
+    waits (griddepcontrol.wait) before it reads stage 1's scratch, so its launch and prologue hide
+    under stage 1's tail.
 Nothing here reads host data, so a launch can be captured in a CUDA graph.
 """
 
@@ -26,6 +29,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+try:  # grid dependency control (programmatic dependent launch, sm_90+; Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gdc_launch_dependents = gdc_wait = None
 try:  # Gluon's Hopper API (Triton 3.6): without it the Triton kernels serve every config
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -129,17 +136,29 @@ def _owner(page, total_pages, num_programs):
     return (((page.to(tl.int64) + 1) * num_programs - 1) // tl.maximum(total_pages, 1)).to(tl.int32)
 
 
+FIND_SAMPLES = tl.constexpr(128)
+"""kv_indptr entries _find_request loads at once per level of its search."""
+
+
 @triton.jit
 def _find_request(kv_indptr_ptr, batch, page):
-    """The request that holds `page` (page < kv_indptr[batch]): the last b with kv_indptr[b] <= page."""
-    lo = 0
-    hi = batch - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tl.load(kv_indptr_ptr + mid) <= page:
-            lo = mid
-        else:
-            hi = mid - 1
+    """The request that holds `page` (page < kv_indptr[batch]): the last b with kv_indptr[b] <= page (0 if
+    none). A FIND_SAMPLES-ary search: each level loads FIND_SAMPLES evenly spaced entries of the candidate
+    interval at once and keeps the stretch between the last one <= page and the next, so a batch of up to
+    128 requests costs one dependent load, up to 16384 two (a binary search: log2(batch), each a DRAM
+    round trip at a program's start)."""
+    offs = tl.arange(0, FIND_SAMPLES)
+    lo = batch * 0
+    if batch > 1:  # (Triton specialises a batch of one to a constant: then no search is compiled)
+        n = batch  # the answer lies in [lo, lo + n)
+        while n > 1:
+            step = (n + FIND_SAMPLES - 1) // FIND_SAMPLES
+            idx = lo + offs * step
+            below = tl.sum((tl.load(kv_indptr_ptr + idx, mask=idx < lo + n, other=2147483647) <= page)
+                           .to(tl.int32), axis=0)  # samples <= page: a prefix, kv_indptr being non-decreasing
+            end = lo + n
+            lo = lo + tl.maximum(below - 1, 0) * step
+            n = tl.minimum(step, end - lo)
     return lo
 
 
@@ -153,9 +172,11 @@ def _decode_stage1(
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PDL: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = (128 + BLOCK_H - 1) // BLOCK_H
+    if PDL:
+        gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid before reading scratch
     pid = tl.program_id(0)
     p = pid // N_GROUPS
     pid_h = pid % N_GROUPS
@@ -236,7 +257,7 @@ def _decode_stage1(
 def _decode_stage2(
     kv_indptr_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, batch, num_programs,
     stride_o_b, stride_o_h, stride_lse_b,
-    MERGE_BLOCK_H: tl.constexpr, MERGE_BLOCK_D: tl.constexpr,
+    MERGE_BLOCK_H: tl.constexpr, MERGE_BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     N_H: tl.constexpr = (128 + MERGE_BLOCK_H - 1) // MERGE_BLOCK_H
     N_D: tl.constexpr = 512 // MERGE_BLOCK_D
@@ -252,6 +273,8 @@ def _decode_stage2(
     p_last = _owner(seq_end - 1, total_pages, num_programs)
     if (seq_end > first_page) & (p_first == p_last):
         return  # stage 1 wrote this request's output directly
+    if PDL:
+        gdc_wait()  # stage 1 (the primary grid) has finished and its scratch is visible
 
     offs_h = pid_h * MERGE_BLOCK_H + tl.arange(0, MERGE_BLOCK_H)
     mask_h = offs_h < 128
@@ -466,16 +489,23 @@ if gluon is not None:
         return (total * p) // num_programs, (total * (p + 1)) // num_programs
 
     @gluon.jit
-    def _ws_find_request(kv_indptr_ptr, batch, page):
-        """The last request b with kv_indptr[b] <= page (as _find_request)."""
-        lo = 0
-        hi = batch - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if gl.load(kv_indptr_ptr + mid) <= page:
-                lo = mid
-            else:
-                hi = mid - 1
+    def _ws_find_request(kv_indptr_ptr, batch, page, WARPS: gl.constexpr):
+        """The last request b with kv_indptr[b] <= page, by _find_request's search (WARPS: the partition's).
+        Every warp holds all the samples (a [1, FIND_SAMPLES] tile, warps along the unit dimension), so the
+        count is a shuffle reduction inside each warp: no shared-memory scratch, no registers beyond a few."""
+        layout: gl.constexpr = gl.BlockedLayout([1, FIND_SAMPLES // 32], [1, 32], [WARPS, 1], [1, 0])
+        offs = gl.arange(0, FIND_SAMPLES, layout=gl.SliceLayout(0, layout))[None, :]
+        lo = batch * 0
+        if batch > 1:  # (Triton specialises a batch of one to a constant: then no search is compiled)
+            n = batch
+            while n > 1:
+                step = (n + FIND_SAMPLES - 1) // FIND_SAMPLES
+                idx = lo + offs * step
+                below = gl.sum(gl.sum((gl.load(kv_indptr_ptr + idx, mask=idx < lo + n, other=2147483647) <= page)
+                                      .to(gl.int32), axis=1), axis=0)
+                end = lo + n
+                lo = lo + gl.maximum(below - 1, 0) * step
+                n = gl.minimum(step, end - lo)
         return lo
 
     @gluon.jit
@@ -506,7 +536,7 @@ if gluon is not None:
         g = pid % 2
         page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
         if page < share_end:
-            seq = _ws_find_request(kv_indptr_ptr, batch, page)
+            seq = _ws_find_request(kv_indptr_ptr, batch, page, WS_LOADER_WARPS if GATHER else 1)
             it = 0
             pc = 0
             while page < share_end:
@@ -548,7 +578,7 @@ if gluon is not None:
         offs_hs = g * 64 + gl.arange(0, 64, layout=row_s)
         offs_d = gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
         if page < share_end:
-            seq = _ws_find_request(kv_indptr_ptr, batch, page)
+            seq = _ws_find_request(kv_indptr_ptr, batch, page, 4)
             it = 0
             pc = 0
             while page < share_end:
@@ -603,7 +633,7 @@ if gluon is not None:
         offs_h = g * 64 + gl.arange(0, 64, layout=row_o)
         offs_d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
         if page < share_end:
-            seq = _ws_find_request(kv_indptr_ptr, batch, page)
+            seq = _ws_find_request(kv_indptr_ptr, batch, page, 4)
             it = 0
             pc = 0
             while page < share_end:
@@ -636,10 +666,12 @@ if gluon is not None:
         out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
         qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
         HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        P_BUFS: gl.constexpr, GATHER: gl.constexpr,
+        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr,
     ):
         """Stage 1 for one (share, 64-head group): a loader, a softmax warpgroup and an output
         warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
+        if PDL:
+            gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid before reading scratch
         (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
          fin_ready, fin_empty) = _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS,
                                              GATHER, 2)  # both warpgroups read a tile
@@ -735,7 +767,7 @@ WS_BLOCK_N = 0
 
 
 def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
-                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages):
+                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl=False):
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
     _decode_stage1_ws[(num_programs * max(1, NUM_HEADS // 64),)](
@@ -744,7 +776,7 @@ def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
         out, lse, partial_out, partial_lse, sm_scale * LOG2E, batch, num_programs,
         out.stride(0), out.stride(1), lse.stride(0),
         HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n, NUM_STAGES=num_stages,
-        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, num_warps=4,
+        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, num_warps=4,
     )
 
 
@@ -767,6 +799,19 @@ def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: i
     return False, ckv_cache, kpe_cache  # the gather
 
 
+_CC_MAJOR: dict[int, int] = {}
+
+
+def _pdl_ready(t: torch.Tensor) -> bool:
+    """Whether a programmatic dependent launch can run: tensors on an sm_90+ GPU, a Triton with gdc_wait."""
+    if gdc_wait is None or not t.is_cuda or triton.knobs.runtime.interpret:
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _CC_MAJOR:
+        _CC_MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _CC_MAJOR[index] >= 9
+
+
 def scratch_rows(batch: int, num_programs: int) -> int:
     """Rows (of 128 heads) of stage-1 scratch: one slot per (program + request)."""
     return (num_programs + batch) * 128
@@ -778,7 +823,7 @@ def launch(
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
     partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
     *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int, ws: int,
-    merge_block_h: int, merge_block_d: int, merge_num_warps: int,
+    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
 
@@ -789,28 +834,33 @@ def launch(
     num_programs: how many equal shares the page stream is cut into (the split count).
     partial_out float32 [scratch_rows(B, num_programs) * 512] and partial_lse float32
     [scratch_rows(B, num_programs)]: contiguous scratch.
+    pdl: launch stage 2 as a programmatic dependent of stage 1 (where _pdl_ready; else ordinary launches).
     """
     batch = q_nope.shape[0]
     if batch == 0:
         return
+    pdl = bool(pdl) and _pdl_ready(q_nope)
     if ws and block_h == WS_BLOCK_H and block_n == (WS_BLOCK_N or block_n) and _ws_ready(q_nope, q_pe, ckv_cache,
                                                                                          kpe_cache):
         _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                          out, lse, partial_out, partial_lse, num_programs, block_n, num_stages)
+                          out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl)
     else:
         _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                       out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma)
+                       out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
+                       pdl)
     grid2 = (batch * triton.cdiv(128, merge_block_h) * (512 // merge_block_d),)
     _decode_stage2[grid2](
         kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,
         out.stride(0), out.stride(1), lse.stride(0),
-        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, num_warps=merge_num_warps,
+        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, PDL=pdl, num_warps=merge_num_warps,
+        launch_pdl=pdl,
     )
 
 
 def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                   out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma):
-    """The Triton stage 1 (every config, every GPU, the interpreter)."""
+                   out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
+                   pdl=False):
+    """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early."""
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
     use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)
@@ -822,6 +872,6 @@ def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl,
         num_warps=num_warps, num_stages=num_stages,
     )

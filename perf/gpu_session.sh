@@ -4,8 +4,11 @@
 #   wstests the GPU tests of the warp-specialized kernels and every catalogue spec's default
 #   narrow  the GPU decode tests below 64 heads (the swapped-product ws kernel), all shapes
 #   gather  perf/probe.py's page-size-1 comparison of the ws kernels (gathering loader) with the Triton kernels
+#   stages  perf/stage_probe.py: each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
+#   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
 #   tune    `mla-tune tune` with no arguments (the default catalogue) on GPU 0, timed; the table is copied to $OUT
+#   tuned   the default catalogue's decode specs only (`mla-tune tune --variant decode`), timed; the table is copied to $OUT
 #   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
@@ -36,10 +39,17 @@ for phase in "$@"; do
                 -k "test_gpu_decode and not h128 and not h64" 2>&1 | tee "$OUT/narrow_tests.log" | tail -3 ;;
     gather) (source .peers/activate.sh && timeout "$(left)" python3 perf/probe.py all gather) 2>&1 \
                 | tee "$OUT/gather_probe.log" | grep -v "  check" ;;
+    stages) timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-b64-skew d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
+                2>&1 | tee "$OUT/stage_probe.log" ;;
+    merge) timeout "$(left)" python3 perf/stage_probe.py merge ${ROWS:-d-b1-1k:1 d-b1-1k:64 d-b32-4k:64 d-b128-2k:64 \
+                d-b256-4k:64 d-b256-4k:1 d-b64-skew:64 d-b16-32k:64 d-h128-b32-4k:64 d-h128-b128-4k:64 d-h128-b128-4k:1} \
+                2>&1 | tee "$OUT/merge_probe.log" ;;
     smoke) timeout 180 python3 -m tuner tune --trials 3 --variant decode --page-size 1 --buckets b1-16_kv1-2k \
                --out "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log" | grep -v "trials:" || exit 1 ;;
     tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune 2>&1 \
               | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
+    tuned) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \
+               --variant decode 2>&1 | tee "$OUT/tune_decode.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 2>&1 | tee "$OUT/h128.log" \
               | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ \

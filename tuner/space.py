@@ -46,10 +46,12 @@ DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "ws": (0, 1),
     "programs_per_sm": (1, 2, 3, 4),
     "split_tokens": (64, 128, 256, 512, 1024, 2048, 4096),
-    "merge_block_d": (64, 128, 256),
+    "merge_block_h": (4, 8, 16, 32),
+    "merge_block_d": (64, 128, 256, 512),
     "merge_num_warps": (2, 4, 8),
+    "pdl": (0, 1),
 }
-"""Candidate values of the decode kernel's parameters (merge_block_h is not searched)."""
+"""Candidate values of the decode kernel's parameters."""
 
 PREFILL_CHOICES: dict[str, tuple[int, ...]] = {
     "rows": (16, 32, 64, 128),
@@ -158,6 +160,7 @@ def decode_space(spec: MLASpec, default: DecodeConfig) -> Space:
     if not spec.is_decode:
         raise ValueError(f"spec: expected a decode spec, found {spec.name()}")
     caps = {"block_h": max(16, next_pow2(spec.num_heads)), "merge_block_d": spec.head_dim_ckv,
+            "merge_block_h": max(4, next_pow2(spec.num_heads)),
             "tma": int(spec.page_size > 1), "ws": int(ws_capable(spec))}
     params = _choices(DECODE_CHOICES, default.to_dict(), caps)
     searched = {p.name for p in params}
@@ -272,7 +275,7 @@ def feasible_grid(space: Space, limits: Limits = Limits()) -> list[dict[str, int
 _SHORT = {
     "block_h": "h", "block_n": "n", "block_m": "m", "programs_per_sm": "p", "split_tokens": "s",
     "num_warps": "w", "num_stages": "st", "merge_block_h": "mh", "merge_block_d": "md",
-    "merge_num_warps": "mw", "tma": "t", "ws": "ws",
+    "merge_num_warps": "mw", "tma": "t", "ws": "ws", "pdl": "pdl",
 }
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import assert_matches, make_case, poisoned_outputs
 
 from tuner import DecodeConfig, MLADecode, MLASpec, catalogue, loader, mla_decode
@@ -211,3 +213,27 @@ def test_functional_positional_order() -> None:
                           case.kv_indices, case.sm_scale, case.kv_last_page_len)
     assert_matches(out, lse, *case.decode_ref())
     assert out.dtype == case.q_nope.dtype and lse.dtype == torch.float32
+
+
+@triton.jit
+def _find_each(find, kv_indptr_ptr, batch, pages_ptr, out_ptr):
+    i = tl.program_id(0)
+    tl.store(out_ptr + i, find(kv_indptr_ptr, batch, tl.load(pages_ptr + i)))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 127, 128, 129, 300, 16385, 40000])
+def test_find_request_is_the_last_request_starting_at_or_before_a_page(batch: int) -> None:
+    """The request search (one vector load per level of a 128-ary search) against searchsorted, on
+    batches of one, two and three levels with runs of empty requests (repeated kv_indptr entries)."""
+    g = torch.Generator().manual_seed(batch)
+    sizes = torch.randint(0, 4, (batch,), generator=g) * (torch.rand(batch, generator=g) < 0.7)
+    sizes[-1] += 1  # at least one page
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(torch.int32)
+    total = int(indptr[-1])
+    pages = torch.unique(torch.cat([torch.randint(0, total, (200,), generator=g), torch.tensor([0, total - 1]),
+                                    indptr[:-1].clamp(max=total - 1)]))[:400].to(torch.int32)
+    expected = torch.searchsorted(indptr[:batch], pages, right=True) - 1  # the last b with indptr[b] <= page
+    found = torch.full_like(pages, -1)
+    find = loader.load_module(MLASpec("decode", 16, 512, 64, 1))._find_request
+    _find_each[(pages.numel(),)](find, indptr, batch, pages, found)
+    assert torch.equal(found, expected.to(torch.int32))

@@ -25,7 +25,7 @@ SPECS = [s for s in catalogue() if ws_capable(s)]
 
 
 
-def compile_ws(spec: MLASpec, block_n: int, num_stages: int):
+def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -57,13 +57,17 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int):
         elif name.startswith("stride"):  # contiguous outputs: multiples of 16, as Triton specializes them
             signature[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name.isupper():
+        elif name.isupper() or (name == "batch" and batch_of_one):
             signature[name] = "constexpr"
         else:
             signature[name] = "i32"
     p_bufs = m.ws_p_buffers(block_n, num_stages)
     constexprs = {"HAS_LAST_PAGE_LEN": True, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "P_BUFS": p_bufs,
                   "GATHER": block_n > ps}
+    if spec.is_decode:  # stage 1 lets stage 2 launch early (griddepcontrol.launch_dependents)
+        constexprs["PDL"] = True
+    if batch_of_one:  # what Triton does with an int argument equal to 1
+        constexprs["batch"] = 1
     kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     return m, kernel, p_bufs
@@ -88,19 +92,32 @@ def compile_report(name: str, tmp: str) -> dict:
             "setmaxnreg": "setmaxnreg" in kernel.asm["ptx"]}
 
 
+def compile_batch_of_one(name: str) -> bool:
+    spec = MLASpec.from_name(name)
+    config = default_decode_config(spec, 1, 1024, 132) if spec.is_decode else default_prefill_config(spec)
+    compile_ws(spec, config.block_n, config.num_stages, batch_of_one=True)
+    return True
+
+
+def run_compiles(function: str, *args: str) -> object:
+    """``function(*args)`` of this module in a child process without TRITON_INTERPRET (its JSON result)."""
+    code = f"import json, sys, test_ws_compile as t; print(json.dumps(t.{function}(*sys.argv[1:])))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compile_reports(tmp: str, *names: str) -> dict[str, dict]:
+    return {n: compile_report(n, tmp) for n in names}
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict[str, dict]:
     if load_module(SPECS[0]).gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    tmp = str(tmp_path_factory.mktemp("ws"))
-    code = ("import json, sys, test_ws_compile as t; "
-            "print(json.dumps({n: t.compile_report(n, sys.argv[1]) for n in sys.argv[2:]}))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code, tmp, *(s.name() for s in SPECS)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_compiles("compile_reports", str(tmp_path_factory.mktemp("ws")), *(s.name() for s in SPECS))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -143,3 +160,12 @@ def test_ws_capable_head_counts(variant: str, heads: int, capable: bool) -> None
     """Decode below 64 heads puts the heads in wgmma's N (8 at least); otherwise heads must divide 64
     or come in groups of 64 (a 64-row tile)."""
     assert ws_capable(MLASpec(variant, heads, 512, 64, 1)) is capable
+
+
+def test_batch_of_one_compiles() -> None:
+    """A batch of one reaches the kernel as a constant (Triton specialises int arguments equal to 1): the
+    request search must compile then too (a while loop over a constant count once crashed the lowering)."""
+    if load_module(SPECS[0]).gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    assert run_compiles("compile_batch_of_one", "mla_paged_decode_h16_ckv512_kpe64_ps1") is True
+    assert run_compiles("compile_batch_of_one", "mla_paged_decode_h128_ckv512_kpe64_ps64") is True

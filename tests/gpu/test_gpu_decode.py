@@ -4,12 +4,14 @@ than 2^31 elements, fp16. Run: ``python -m pytest tests/gpu -n 8``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import DecodeConfig, MLASpec, catalogue
-from tuner.config import ws_block_h, ws_capable, ws_narrow
+from tuner.config import default_decode_config, ws_block_h, ws_capable, ws_narrow
 from tuner.loader import load_module
 
 pytestmark = pytest.mark.gpu
@@ -57,6 +59,9 @@ CONFIGS = {
     "many-splits": DecodeConfig(block_h=16, block_n=64, programs_per_sm=4, split_tokens=16),
     "one-split": DecodeConfig(block_h=16, block_n=64, programs_per_sm=1, split_tokens=1 << 24),
     "merge-wide": DecodeConfig(block_h=16, merge_block_h=16, merge_block_d=512, merge_num_warps=8),
+    # stage 2 as a programmatic dependent launch, with many pieces to merge per request
+    "pdl-many-splits": DecodeConfig(block_h=16, block_n=64, programs_per_sm=4, split_tokens=16, pdl=1),
+    "pdl-merge-wide": DecodeConfig(block_h=16, merge_block_h=32, merge_block_d=512, merge_num_warps=8, pdl=1),
 }
 
 
@@ -88,14 +93,16 @@ WS_CONFIGS = [  # (block_n, num_stages, programs_per_sm, split_tokens)
 @pytest.mark.parametrize("spec", [s for s in SPECS if ws_capable(s)], ids=str)
 def test_warp_specialized_stage1(spec: MLASpec, shape: tuple[int, int, int, int]) -> None:
     """The Gluon stage 1 (ws=1) on every capable spec: tile sizes, stage counts, many and no splits,
-    empty and short sequences, NaN in unused slots; and it really runs (no silent fallback)."""
+    empty and short sequences, NaN in unused slots; and it really runs (no silent fallback). All but the
+    first shape launch stage 2 as a programmatic dependent (pdl=1)."""
     block_n, stages, per_sm, split = shape
     if ws_narrow(spec) and block_n != 64:
         pytest.skip("below 64 heads the warp-specialized stage 1 takes 64-token tiles")
     case = realistic_case(spec, batch=12, seed=320 + block_n + stages)
     assert load_module(spec)._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache)
     config = DecodeConfig(block_h=ws_block_h(spec), block_n=block_n, num_stages=stages, programs_per_sm=per_sm,
-                          split_tokens=split, ws=1, tma=int(block_n <= spec.page_size))
+                          split_tokens=split, ws=1, tma=int(block_n <= spec.page_size),
+                          pdl=int(shape != WS_CONFIGS[0]))
     run_and_check(case, config=config)
 
 
@@ -118,10 +125,14 @@ def test_config_128_heads() -> None:
     run_and_check(realistic_case(MLASpec("decode", 128, 512, 64, 16), batch=8, seed=301), config=config)
 
 
+@pytest.mark.parametrize("pdl", [0, 1])
 @pytest.mark.parametrize("page_size", [1, 64])
-def test_cuda_graph_plan_run(page_size: int) -> None:
-    case = realistic_case(MLASpec("decode", 16, 512, 64, page_size), batch=16, seed=400)
-    plan = case.plan_decode()
+def test_cuda_graph_plan_run(page_size: int, pdl: int) -> None:
+    spec = MLASpec("decode", 16, 512, 64, page_size)
+    case = realistic_case(spec, batch=16, seed=400 + pdl)
+    config = replace(default_decode_config(spec, 16, 1024, torch.cuda.get_device_properties(0).multi_processor_count),
+                     pdl=pdl, programs_per_sm=2, split_tokens=64)  # many requests span shares
+    plan = case.plan_decode(config=config)
     out, lse = poisoned_outputs(16, 16, 512, DTYPE, DEVICE)
     check_graph_replay(case, lambda: plan.run(*case.queries(), out=out, lse=lse),
                        lambda: plan.run(*case.queries()), case.decode_ref)

@@ -1,0 +1,110 @@
+"""GPU probe: what each decode stage costs inside the timed graph (tuned dispatch, L2 flushed).
+
+Run on the GPU machine:  python perf/stage_probe.py [merge] ROW:PAGE_SIZE...
+Prints, per row: the whole call, stage 1 alone, stage 2 alone (on stage 1's scratch), num_programs,
+and how many requests span shares (what stage 2 must merge). With ``merge``: the whole call with stage 2
+as an ordinary launch and as a programmatic dependent one, then every merge tile (merge_block_h x
+merge_block_d x merge_num_warps) beside the tuned one. Development tool for perf/LOG.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import replace
+
+import torch
+
+from tuner import MLADecode
+from tuner.config import next_pow2
+from tuner.loader import load_module
+from tuner.timing import time_call
+from tuner.workloads import benchmark_set, make_inputs
+
+
+def spanning(kv_indptr: torch.Tensor, num_programs: int) -> int:
+    ind = kv_indptr.cpu().tolist()
+    total = ind[-1]
+
+    def owner(page: int) -> int:  # as the generated module's _owner: the share holding page
+        return ((page + 1) * num_programs - 1) // total if total else 0
+
+    return sum(1 for a, b in zip(ind, ind[1:], strict=False) if b > a and owner(a) != owner(b - 1))
+
+
+def probe_row(w, page_size: int) -> str:
+    inp = make_inputs(w, page_size, torch.bfloat16, torch.device("cuda"), seed=0)
+    plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, num_heads=w.heads,
+                            page_size=page_size, sm_scale=inp.sm_scale, num_pages=inp.ckv_cache.shape[0])
+    mod, cfg, split = load_module(plan.spec), plan.config, plan.split
+    out = torch.empty_like(inp.q_nope)
+    lse = torch.empty(inp.q_nope.shape[:2], dtype=torch.float32, device=out.device)
+    last = inp.kv_last_page_len if page_size > 1 else None
+    args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.kv_indptr, inp.kv_indices, last,
+            plan.sm_scale, out, lse, split.partial_out, split.partial_lse, split.num_programs)
+
+    def whole():
+        plan.run(inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, out=out, lse=lse)
+
+    def stage1():
+        if cfg.ws:
+            mod._launch_ws_stage1(*args, cfg.block_n, cfg.num_stages)
+        else:
+            mod._launch_stage1(*args, cfg.block_h, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.tma)
+
+    def stage2():
+        b = inp.q_nope.shape[0]
+        grid = (b * -(-w.heads // cfg.merge_block_h) * (w.head_dim_ckv // cfg.merge_block_d),)
+        mod._decode_stage2[grid](inp.kv_indptr, out, lse, split.partial_out, split.partial_lse, b,
+                                 split.num_programs, out.stride(0), out.stride(1), lse.stride(0),
+                                 MERGE_BLOCK_H=cfg.merge_block_h, MERGE_BLOCK_D=cfg.merge_block_d,
+                                 num_warps=cfg.merge_num_warps)
+
+    t = [time_call(f, runs=40).median_us for f in (whole, stage1, stage2)]
+    n = spanning(inp.kv_indptr, split.num_programs)
+    return (f"{w.name:<18} {page_size:>3} {t[0]:8.1f} {t[1]:8.1f} {t[2]:8.1f} {split.num_programs:>6} {n:>5}  "
+            f"{cfg.short()}")
+
+
+def merge_row(w, page_size: int) -> str:
+    """The whole call: PDL off and on with the tuned config, then each merge tile (the tuned pdl)."""
+    inp = make_inputs(w, page_size, torch.bfloat16, torch.device("cuda"), seed=0)
+    shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale, num_pages=inp.ckv_cache.shape[0])
+    tuned = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
+    out = torch.empty_like(inp.q_nope)
+    lse = torch.empty(inp.q_nope.shape[:2], dtype=torch.float32, device=out.device)
+
+    def timed(config) -> float:
+        plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, config=config,
+                                validate_data=False, **shape)
+        return time_call(lambda: plan.run(inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, out=out, lse=lse),
+                         runs=40).median_us
+
+    off, on = (timed(replace(tuned.config, pdl=v)) for v in (0, 1))
+    c = tuned.config
+    line = f"{w.name:<18} {page_size:>3}  pdl off {off:7.1f} on {on:7.1f}  (mh{c.merge_block_h} md{c.merge_block_d} " \
+           f"mw{c.merge_num_warps} pdl{c.pdl})"
+    results = []
+    for mh, md, mw in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8)):
+        if mh > max(4, next_pow2(w.heads)) or 2 * mh * md / (mw * 32) > 128:
+            continue
+        cfg = replace(tuned.config, merge_block_h=mh, merge_block_d=md, merge_num_warps=mw)
+        results.append((timed(cfg), f"mh{mh} md{md} mw{mw}"))
+    results.sort()
+    return line + "  best: " + ", ".join(f"{n} {t:.1f}" for t, n in results[:4]) + \
+        f"  worst: {results[-1][1]} {results[-1][0]:.1f}"
+
+
+def main(argv: list[str]) -> None:
+    rows = {w.name: w for w in benchmark_set()}
+    merge = argv[:1] == ["merge"]
+    if not merge:
+        print(f"{'row':<18} {'ps':>3} {'whole':>8} {'stage1':>8} {'stage2':>8} {'progs':>6} {'span':>5}  config")
+    for arg in argv[1:] if merge else argv:
+        name, _, ps = arg.partition(":")
+        print((merge_row if merge else probe_row)(rows[name], int(ps or 1)), flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
