@@ -249,10 +249,10 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     # The merge tile: 4 heads x 128 columns keeps a small batch's few merges spread over many programs; from
     # 64 heads up, 8 heads x the whole row (H200, 128 heads: 8-9% less time than 4 x 128, perf/LOG.md).
     many_heads = spec.num_heads >= 64
-    # Programmatic dependent launch where few merging programs would wait beside stage 1: every request
-    # short enough to span at most two shares, or fewer shares than multiprocessors (perf/LOG.md, v7).
-    # At 64 heads and more (two launches' worth of merging per request) it paid on every row measured.
-    pdl = int(many_heads or 2 * batch >= num_sms or batch * avg_kv_len <= num_sms * 64)
+    # Programmatic dependent launch (measured on a Hopper; ignored below sm_90) where few merging programs
+    # would wait beside stage 1: every request short enough to span at most two shares, or fewer shares
+    # than multiprocessors (perf/LOG.md, v7). At 64 heads and more it paid on every row measured.
+    pdl = int(hopper and (many_heads or 2 * batch >= num_sms or batch * avg_kv_len <= num_sms * 64))
     return DecodeConfig(
         block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=64,
         num_warps=8, num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=ws,

@@ -101,6 +101,7 @@ def test_config_dict_round_trip_refuses_unknown_keys(cls) -> None:
     (lambda: DecodeConfig(num_warps=3), "num_warps"),
     (lambda: DecodeConfig(split_tokens=0), "split_tokens"),
     (lambda: DecodeConfig(programs_per_sm=65), "programs_per_sm"),
+    (lambda: DecodeConfig(pdl=2), r"pdl: expected 0 or 1"),
     (lambda: PrefillConfig(block_m=1, block_h=8), "at least 16"),
     (lambda: PrefillConfig(block_n=8), "at least 16"),
     (lambda: PrefillConfig(block_m=3), "block_m"),
@@ -114,3 +115,24 @@ def test_config_validation(make, pattern: str) -> None:
 def test_default_configs_fit_every_catalogue_spec(spec: MLASpec) -> None:
     config = default_decode_config(spec, 8, 1000.0, 132) if spec.is_decode else default_prefill_config(spec)
     config.check_spec(spec)
+
+
+@pytest.mark.parametrize("heads, batch, kv, hopper, pdl", [
+    (16, 1, 1024, True, 1),      # fewer shares than SMs: few merging programs wait
+    (16, 128, 2048, True, 1),    # requests span at most two shares
+    (16, 32, 4096, True, 0),     # long requests split many ways: merging programs would slow stage 1
+    (16, 16, 32768, True, 0),
+    (128, 32, 4096, True, 1),    # 64 heads and more: it paid on every row measured
+    (128, 1, 1024, False, 0),    # not a Hopper: no programmatic dependent launch
+])
+def test_default_pdl(heads: int, batch: int, kv: int, hopper: bool, pdl: int) -> None:
+    """The default's stage-2 launch mode follows the H200 measurements of perf/LOG.md (v7)."""
+    assert default_decode_config(MLASpec("decode", heads, 512, 64, 64), batch, kv, 132, hopper=hopper).pdl == pdl
+
+
+def test_default_merge_tile_by_heads() -> None:
+    """From 64 heads the merge tile is 8 heads x the whole row (v7); below, 4 heads x 128 columns."""
+    wide = default_decode_config(MLASpec("decode", 128, 512, 64, 64), 32, 4096, 132)
+    narrow = default_decode_config(MLASpec("decode", 16, 512, 64, 64), 32, 4096, 132)
+    assert (wide.merge_block_h, wide.merge_block_d) == (8, 512)
+    assert (narrow.merge_block_h, narrow.merge_block_d) == (4, 128)
