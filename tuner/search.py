@@ -64,6 +64,9 @@ from .workloads import Workload
 COUNTED = frozenset({"ok", "compile_error", "out_of_resources", "incorrect", "launch_error", "timeout"})
 """Trial outcomes that count toward a study's budget (candidates that cost a compile or GPU time)."""
 
+ASKS_PER_TRIAL = 10
+"""Proposals a study may make per candidate of its budget (the rest are infeasible or duplicates)."""
+
 JOURNAL_NAME = "studies.journal"
 JOURNAL_LOCK_GRACE_S = 5
 
@@ -564,7 +567,10 @@ class StudyRunner:
     def run(self) -> None:
         """Take trials until the study's budget is reached (by every worker together) or time is up."""
         deadline = None if self.settings.seconds is None else time.monotonic() + self.settings.seconds
-        asks_left = 4 * self.budget + 16 if self.grid is None else 2 * self.budget + 16
+        # Infeasible and already measured proposals cost no compile or GPU time but do cost asks: cap them
+        # (H200, 128 heads at page size 64: 4 x 24 + 16 asks measured only 14 of 24 candidates).
+        max_asks = ASKS_PER_TRIAL * self.budget + 16 if self.grid is None else 2 * self.budget + 16
+        asks_left = max_asks
         idle_since: float | None = None
         self.on_counted(self._census()[0])  # a resumed study has some already
         try:
@@ -583,6 +589,10 @@ class StudyRunner:
                     self._measure(self._take_ready())
                     continue
                 if counted >= self.budget or over or (self.leave_to_others and running):
+                    if asks_left <= 0 and counted < self.budget and self.grid is None:
+                        warnings.warn(f"{self.task.label}: stopped after {max_asks} proposals with "
+                                      f"{counted} of {self.budget} candidates measured (the sampler kept proposing "
+                                      f"infeasible or already measured points)", stacklevel=2)
                     return
                 # Other workers hold the remaining trials: wait for them (or for theirs to go stale).
                 idle_since = idle_since or time.monotonic()
