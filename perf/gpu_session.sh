@@ -9,7 +9,7 @@
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
 #   tune    `mla-tune tune` with no arguments (the default catalogue) on GPU 0, timed; the table is copied to $OUT
 #   tuned   the default catalogue's decode specs only (`mla-tune tune --variant decode`), timed; the table is copied to $OUT
-#   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table
+#   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table (PAGE_SIZES, default "1 64")
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
 #   bench   `mla-tune bench` with the peers (needs .peers carried)
@@ -50,7 +50,7 @@ for phase in "$@"; do
               | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     tuned) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \
                --variant decode 2>&1 | tee "$OUT/tune_decode.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
-    h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 2>&1 | tee "$OUT/h128.log" \
+    h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 --page-size ${PAGE_SIZES:-1 64} 2>&1 | tee "$OUT/h128.log" \
               | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ \
              --out "$OUT/cmp" 2>&1 | grep -v "trials:" | tee "$OUT/cmp.log"
