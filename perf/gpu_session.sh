@@ -7,8 +7,8 @@
 #   stages  perf/stage_probe.py: each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
 #   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
-#   tune    `mla-tune tune` with no arguments (the default catalogue) on GPU 0, timed; the table is copied to $OUT
-#   tuned   the default catalogue's decode specs only (`mla-tune tune --variant decode`), timed; the table is copied to $OUT
+#   tune    `mla-tune tune` (the default catalogue; VARIANTS, e.g. "decode", narrows it) on GPU 0, timed; the table
+#           is copied to $OUT
 #   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table (PAGE_SIZES, default "1 64")
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
@@ -46,10 +46,8 @@ for phase in "$@"; do
                 2>&1 | tee "$OUT/merge_probe.log" ;;
     smoke) timeout 180 python3 -m tuner tune --trials 3 --variant decode --page-size 1 --buckets b1-16_kv1-2k \
                --out "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log" | grep -v "trials:" || exit 1 ;;
-    tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune 2>&1 \
-              | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
-    tuned) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \
-               --variant decode 2>&1 | tee "$OUT/tune_decode.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
+    tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \
+              ${VARIANTS:+--variant $VARIANTS} 2>&1 | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 --page-size ${PAGE_SIZES:-1 64} 2>&1 | tee "$OUT/h128.log" \
               | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ \

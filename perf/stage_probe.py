@@ -32,13 +32,19 @@ def spanning(kv_indptr: torch.Tensor, num_programs: int) -> int:
     return sum(1 for a, b in zip(ind, ind[1:], strict=False) if b > a and owner(a) != owner(b - 1))
 
 
-def probe_row(w, page_size: int) -> str:
+def setup(w, page_size: int):
+    """The row's inputs, its planned call with the tuned dispatch, the plan's shape arguments, and outputs."""
     inp = make_inputs(w, page_size, torch.bfloat16, torch.device("cuda"), seed=0)
-    plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, num_heads=w.heads,
-                            page_size=page_size, sm_scale=inp.sm_scale, num_pages=inp.ckv_cache.shape[0])
-    mod, cfg, split = load_module(plan.spec), plan.config, plan.split
+    shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale, num_pages=inp.ckv_cache.shape[0])
+    plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
     out = torch.empty_like(inp.q_nope)
     lse = torch.empty(inp.q_nope.shape[:2], dtype=torch.float32, device=out.device)
+    return inp, plan, shape, out, lse
+
+
+def probe_row(w, page_size: int) -> str:
+    inp, plan, _, out, lse = setup(w, page_size)
+    mod, cfg, split = load_module(plan.spec), plan.config, plan.split
     last = inp.kv_last_page_len if page_size > 1 else None
     args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.kv_indptr, inp.kv_indices, last,
             plan.sm_scale, out, lse, split.partial_out, split.partial_lse, split.num_programs)
@@ -57,7 +63,7 @@ def probe_row(w, page_size: int) -> str:
         grid = (b * -(-w.heads // cfg.merge_block_h) * (w.head_dim_ckv // cfg.merge_block_d),)
         mod._decode_stage2[grid](inp.kv_indptr, out, lse, split.partial_out, split.partial_lse, b,
                                  split.num_programs, out.stride(0), out.stride(1), lse.stride(0),
-                                 MERGE_BLOCK_H=cfg.merge_block_h, MERGE_BLOCK_D=cfg.merge_block_d,
+                                 MERGE_BLOCK_H=cfg.merge_block_h, MERGE_BLOCK_D=cfg.merge_block_d, PDL=False,
                                  num_warps=cfg.merge_num_warps)
 
     t = [time_call(f, runs=40).median_us for f in (whole, stage1, stage2)]
@@ -68,11 +74,7 @@ def probe_row(w, page_size: int) -> str:
 
 def merge_row(w, page_size: int) -> str:
     """The whole call: PDL off and on with the tuned config, then each merge tile (the tuned pdl)."""
-    inp = make_inputs(w, page_size, torch.bfloat16, torch.device("cuda"), seed=0)
-    shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale, num_pages=inp.ckv_cache.shape[0])
-    tuned = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
-    out = torch.empty_like(inp.q_nope)
-    lse = torch.empty(inp.q_nope.shape[:2], dtype=torch.float32, device=out.device)
+    inp, tuned, shape, out, lse = setup(w, page_size)
 
     def timed(config) -> float:
         plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, config=config,
