@@ -203,8 +203,8 @@ def _write_empty(kv_indptr_ptr, out_ptr, lse_ptr, batch, p, num_programs, offs_h
     """Output 0 and lse -inf for the requests without pages among program p's equal share of the batch
     (what stage 2 does where the merge is not fused): FIND_SAMPLES requests per vector check, the rare
     empty ones then one by one."""
-    b_lo = (p.to(tl.int64) * batch) // num_programs
-    b_hi = ((p + 1).to(tl.int64) * batch) // num_programs
+    b_lo = (batch.to(tl.int64) * p) // num_programs
+    b_hi = (batch.to(tl.int64) * (p + 1)) // num_programs
     offs = tl.arange(0, FIND_SAMPLES)
     for b0 in range(b_lo, b_hi, FIND_SAMPLES):
         b = b0 + offs

@@ -104,8 +104,6 @@ def compile_batch_of_one(name: str) -> bool:
     spec = MLASpec.from_name(name)
     config = default_decode_config(spec, 1, 1024, 132) if spec.is_decode else default_prefill_config(spec)
     compile_ws(spec, config.block_n, config.num_stages, batch_of_one=True)
-    if spec.is_decode and spec.num_heads < 64:  # and with the fused merge (its empty-request pass reads batch)
-        compile_ws(spec, config.block_n, config.num_stages, batch_of_one=True, fuse=True)
     return True
 
 
