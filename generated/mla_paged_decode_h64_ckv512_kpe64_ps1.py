@@ -7,8 +7,8 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
   stage 1, grid (num_programs * head groups): the batch's pages, kv_indices[0:kv_indptr[B]], form one
     stream; program p takes the equal share [p * P_total // num_programs, (p + 1) * P_total //
     num_programs) of it, whatever requests that share crosses, so every program has the same work
-    however skewed the batch is (a persistent, balanced grid; each program finds its first request by a
-    128-ary search over kv_indptr, on the device). For each request in its share it owns BLOCK_H heads,
+    however skewed the batch is (a persistent, balanced grid; each program finds its first request by
+    binary search over kv_indptr, on the device). For each request in its share it owns BLOCK_H heads,
     packed into the M dimension of tl.dot, so a gathered KV tile is read once per head group; the head
     groups of one program are adjacent in the grid (the fastest-varying index), so their repeated reads
     of a tile come from L2. The score is q_nope . ckv + q_pe . kpe (two dots, no padding), the loaded
@@ -17,15 +17,10 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
     request that spans shares goes to scratch slot (program + request), unique by construction.
   stage 2, grid (batch * head blocks * column blocks): merges the pieces of each spanning request by
     their base-2 lse, and writes output 0 and lse -inf for requests without pages. Programs of
-    requests that stage 1 wrote directly exit at once. On sm_90+ stage 2 may be a programmatic dependent
-    launch (pdl): it starts while stage 1 runs, finds its request and exits or waits
-    (griddepcontrol.wait) before it reads stage 1's scratch, so its launch and prologue hide under
-    stage 1's tail.
-  fused merge (fuse_merge), one launch: after writing a piece, a program adds the piece's page count to
-    the request's counter (an acq_rel atomic after a barrier of its threads); the one whose addition
-    completes the request's pages merges its pieces (as stage 2, loads from L2) and zeroes the counter
-    for the next launch. Each program also writes the requests without pages in its equal share of the
-    batch.
+    requests that stage 1 wrote directly exit at once. On sm_90+ stage 2 is a programmatic dependent
+    launch: it starts while stage 1 runs (stage 1 lets it go at once), finds its request and exits or
+    waits (griddepcontrol.wait) before it reads stage 1's scratch, so its launch and prologue hide
+    under stage 1's tail.
 Nothing here reads host data, so a launch can be captured in a CUDA graph.
 """
 
@@ -162,70 +157,16 @@ def _find_request(kv_indptr_ptr, batch, page):
 
 
 @triton.jit
-def _merge_pieces(part_out_ptr, part_lse_ptr, seq, first_page, seq_end, total_pages, num_programs,
-                  offs_h, mask_h, offs_d, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(output, base-2 lse) of heads offs_h, columns offs_d of request `seq` from its pieces in the scratch
-    (slot p + seq of each program p whose share holds some of its pages), weighted by their lse; output 0
-    and lse -inf without pages. The loads skip L1 (.cg): in the fused merge another program wrote the
-    pieces during this grid, and a line of them cached earlier in this SM's L1 could be stale."""
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    if seq_end > first_page:
-        p_first = _owner(first_page, total_pages, num_programs)
-        p_last = _owner(seq_end - 1, total_pages, num_programs)
-        for p in range(p_first, p_last + 1):
-            # A program whose share is empty (more programs than pages) wrote no piece.
-            wrote = _share_start(p + 1, total_pages, num_programs) > _share_start(p, total_pages, num_programs)
-            row = (p + seq) * 64 + offs_h
-            part_lse = tl.load(part_lse_ptr + row, mask=mask_h & wrote, other=float("-inf"), cache_modifier=".cg")
-            part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
-                           mask=mask_h[:, None] & wrote, other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, part_lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m - m_safe)
-            w = tl.math.exp2(part_lse - m_safe)
-            denom = denom * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * part
-            m = m_new
-    return _softmax_finish(m, denom, acc)
-
-
-@triton.jit
-def _write_empty(kv_indptr_ptr, out_ptr, lse_ptr, batch, p, num_programs, offs_h, mask_h, offs_d,
-                 stride_o_b, stride_o_h, stride_lse_b, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Output 0 and lse -inf for the requests without pages among program p's equal share of the batch
-    (what stage 2 does where the merge is not fused): FIND_SAMPLES requests per vector check, the rare
-    empty ones then one by one."""
-    b_lo = (batch.to(tl.int64) * p) // num_programs
-    b_hi = (batch.to(tl.int64) * (p + 1)) // num_programs
-    offs = tl.arange(0, FIND_SAMPLES)
-    for b0 in range(b_lo, b_hi, FIND_SAMPLES):
-        b = b0 + offs
-        inside = b < b_hi
-        empty = (tl.load(kv_indptr_ptr + b, mask=inside, other=0)
-                 == tl.load(kv_indptr_ptr + b + 1, mask=inside, other=0)) & inside
-        if tl.sum(empty.to(tl.int32), axis=0) > 0:
-            for i in range(b0, tl.minimum(b0 + FIND_SAMPLES, b_hi)):
-                if tl.load(kv_indptr_ptr + i) == tl.load(kv_indptr_ptr + i + 1):
-                    tl.store(out_ptr + i * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
-                             tl.zeros([BLOCK_H, BLOCK_D], dtype=out_ptr.dtype.element_ty),
-                             mask=mask_h[:, None])
-                    tl.store(lse_ptr + i * stride_lse_b + offs_h, tl.full([BLOCK_H], float("-inf"), tl.float32),
-                             mask=mask_h)
-
-
-@triton.jit
 def _decode_stage1(
     q_nope_ptr, q_pe_ptr, ckv_ptr, kpe_ptr, ckv_desc, kpe_desc,
     kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
-    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
+    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
     qk_scale, batch, num_programs,
     stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h,
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PDL: tl.constexpr, FUSE: tl.constexpr,
+    USE_TMA: tl.constexpr, PDL: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = (64 + BLOCK_H - 1) // BLOCK_H
     if PDL:
@@ -236,16 +177,14 @@ def _decode_stage1(
     total_pages = tl.load(kv_indptr_ptr + batch)
     page = _share_start(p, total_pages, num_programs)
     share_end = _share_start(p + 1, total_pages, num_programs)
+    if page >= share_end:
+        return
+    seq = _find_request(kv_indptr_ptr, batch, page)
+
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < 64
     offs_ckv = tl.arange(0, 512)
     offs_kpe = tl.arange(0, 64)
-    if FUSE:  # no stage 2: requests without pages are written here
-        _write_empty(kv_indptr_ptr, out_ptr, lse_ptr, batch, p, num_programs, offs_h, mask_h, offs_ckv,
-                     stride_o_b, stride_o_h, stride_lse_b, BLOCK_H, 512)
-    if page >= share_end:
-        return
-    seq = _find_request(kv_indptr_ptr, batch, page)
     while page < share_end:
         first_page, kv_len = _kv_len(kv_indptr_ptr, kv_last_page_len_ptr, seq, HAS_LAST_PAGE_LEN)
         seq_end = tl.load(kv_indptr_ptr + seq + 1)
@@ -289,17 +228,6 @@ def _decode_stage1(
             tl.store(part_out_ptr + row[:, None] * 512 + offs_ckv[None, :], o,
                      mask=mask_h[:, None])
             tl.store(part_lse_ptr + row, lse, mask=mask_h)
-            if FUSE:  # the program that writes a request's last piece merges its pieces
-                tl.debug_barrier()  # every thread's piece is written before the count says so
-                counter = counters_ptr + seq64 * N_GROUPS + pid_h
-                pages = (chunk_end - page).to(tl.int32)
-                if tl.atomic_add(counter, pages, sem="acq_rel", scope="gpu") + pages == seq_end - first_page:
-                    o, lse = _merge_pieces(part_out_ptr, part_lse_ptr, seq64, first_page, seq_end, total_pages,
-                                           num_programs, offs_h, mask_h, offs_ckv, BLOCK_H, 512)
-                    tl.store(out_ptr + seq64 * stride_o_b + offs_h[:, None] * stride_o_h + offs_ckv[None, :],
-                             o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
-                    tl.store(lse_ptr + seq64 * stride_lse_b + offs_h, lse, mask=mask_h)
-                    tl.store(counter, 0)  # zero again for the next launch
         page = chunk_end
         seq += 1
 
@@ -330,8 +258,25 @@ def _decode_stage2(
     offs_h = pid_h * MERGE_BLOCK_H + tl.arange(0, MERGE_BLOCK_H)
     mask_h = offs_h < 64
     offs_d = pid_d * MERGE_BLOCK_D + tl.arange(0, MERGE_BLOCK_D)
-    o, lse = _merge_pieces(part_out_ptr, part_lse_ptr, seq, first_page, seq_end, total_pages, num_programs,
-                           offs_h, mask_h, offs_d, MERGE_BLOCK_H, MERGE_BLOCK_D)
+    m = tl.full([MERGE_BLOCK_H], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([MERGE_BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([MERGE_BLOCK_H, MERGE_BLOCK_D], dtype=tl.float32)
+    if seq_end > first_page:
+        for p in range(p_first, p_last + 1):
+            # A program whose share is empty (more programs than pages) wrote no piece.
+            wrote = _share_start(p + 1, total_pages, num_programs) > _share_start(p, total_pages, num_programs)
+            row = (p + seq) * 64 + offs_h
+            part_lse = tl.load(part_lse_ptr + row, mask=mask_h & wrote, other=float("-inf"))
+            part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
+                           mask=mask_h[:, None] & wrote, other=0.0)
+            m_new = tl.maximum(m, part_lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_safe)
+            w = tl.math.exp2(part_lse - m_safe)
+            denom = denom * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * part
+            m = m_new
+    o, lse = _softmax_finish(m, denom, acc)
     tl.store(out_ptr + seq * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
     if pid_d == 0:
@@ -693,14 +638,13 @@ if gluon is not None:
     def _decode_stage1_ws(
         q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
         kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
-        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
+        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
         qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
         HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr, FUSE: gl.constexpr,
+        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr,
     ):
         """Stage 1 for one (share, 64-head group): a loader, a softmax warpgroup and an output
-        warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup). No fused
-        merge (FUSE is ignored: the launch runs the Triton stage 1 for it)."""
+        warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
         if PDL:
             gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid before reading scratch
         (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
@@ -797,22 +741,17 @@ WS_BLOCK_N = 0
 """The one block_n of the warp-specialized stage 1 (wgmma's M is the tile's tokens), or 0: any."""
 
 
-WS_FUSE = False
-"""Whether the warp-specialized stage 1 can merge in place (fuse_merge; the one-warpgroup kernel only)."""
-
-
 def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
-                      sm_scale, out, lse, partial_out, partial_lse, counters, num_programs, block_n, num_stages,
-                      pdl=False, fuse=False):
+                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl=False):
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
     _decode_stage1_ws[(num_programs * max(1, NUM_HEADS // 64),)](
         *_ws_args(q_nope, q_pe, ckv_cache, kpe_cache, batch * NUM_HEADS, block_n),
         kv_indptr, kv_indices, kv_last_page_len if has_last else kv_indptr,
-        out, lse, partial_out, partial_lse, counters, sm_scale * LOG2E, batch, num_programs,
+        out, lse, partial_out, partial_lse, sm_scale * LOG2E, batch, num_programs,
         out.stride(0), out.stride(1), lse.stride(0),
         HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n, NUM_STAGES=num_stages,
-        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, FUSE=fuse, num_warps=4,
+        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, num_warps=4,
     )
 
 
@@ -840,18 +779,13 @@ def scratch_rows(batch: int, num_programs: int) -> int:
     return (num_programs + batch) * 64
 
 
-def counter_slots(batch: int) -> int:
-    """int32 counters of the fused merge: one per (request, head group of at least 16 heads)."""
-    return batch * 4
-
-
 def launch(
     q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
-    partial_out: torch.Tensor, partial_lse: torch.Tensor, counters: torch.Tensor | None, num_programs: int,
+    partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
     *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int, ws: int,
-    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0, fuse_merge: int = 0,
+    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
 
@@ -862,31 +796,20 @@ def launch(
     num_programs: how many equal shares the page stream is cut into (the split count).
     partial_out float32 [scratch_rows(B, num_programs) * 512] and partial_lse float32
     [scratch_rows(B, num_programs)]: contiguous scratch.
-    counters: int32 [counter_slots(B)], zero (each launch leaves it zero again), or None without fuse_merge.
     pdl: launch stage 2 as a programmatic dependent of stage 1 (where _pdl_ready; else ordinary launches).
-    fuse_merge: no stage 2; in stage 1 the program that writes a request's last piece merges its pieces
-        (counting pages in counters), and every program writes the requests without pages in its equal
-        share of the batch.
     """
     batch = q_nope.shape[0]
     if batch == 0:
         return
-    fuse = bool(fuse_merge)
-    if fuse and (counters is None or counters.numel() < counter_slots(batch)):
-        raise ValueError(f"counters: fuse_merge needs {counter_slots(batch)} zeroed int32 counters")
-    if not fuse:
-        counters = kv_indptr  # not read
-    pdl = bool(pdl) and not fuse and _pdl_ready(q_nope)
-    if (ws and block_h == WS_BLOCK_H and block_n == (WS_BLOCK_N or block_n) and (WS_FUSE or not fuse)
-            and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache)):
+    pdl = bool(pdl) and _pdl_ready(q_nope)
+    if ws and block_h == WS_BLOCK_H and block_n == (WS_BLOCK_N or block_n) and _ws_ready(q_nope, q_pe, ckv_cache,
+                                                                                         kpe_cache):
         _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                          out, lse, partial_out, partial_lse, counters, num_programs, block_n, num_stages, pdl, fuse)
+                          out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl)
     else:
         _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                       out, lse, partial_out, partial_lse, counters, num_programs, block_h, block_n, num_warps,
-                       num_stages, tma, pdl, fuse)
-    if fuse:
-        return
+                       out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
+                       pdl)
     grid2 = (batch * triton.cdiv(64, merge_block_h) * (512 // merge_block_d),)
     _decode_stage2[grid2](
         kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,
@@ -897,21 +820,20 @@ def launch(
 
 
 def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                   out, lse, partial_out, partial_lse, counters, num_programs, block_h, block_n, num_warps, num_stages,
-                   tma, pdl=False, fuse=False):
-    """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early; fuse:
-    merge in stage 1 (no stage 2)."""
+                   out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
+                   pdl=False):
+    """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early."""
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
     use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)
     grid1 = (num_programs * triton.cdiv(64, block_h),)
     _decode_stage1[grid1](
         q_nope, q_pe, ckv_cache, kpe_cache, ckv_desc, kpe_desc, kv_indptr, kv_indices,
-        kv_last_page_len if has_last else kv_indptr, out, lse, partial_out, partial_lse, counters,
+        kv_last_page_len if has_last else kv_indptr, out, lse, partial_out, partial_lse,
         sm_scale * LOG2E, batch, num_programs,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl, FUSE=fuse,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl,
         num_warps=num_warps, num_stages=num_stages,
     )

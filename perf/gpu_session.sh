@@ -5,9 +5,7 @@
 #   narrow  the GPU decode tests below 64 heads (the swapped-product ws kernel), all shapes
 #   gather  perf/probe.py's page-size-1 comparison of the ws kernels (gathering loader) with the Triton kernels
 #   stages  perf/stage_probe.py: each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
-#   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, the fused
-#           merge, every merge tile
-#   fuse    the same without the merge tiles (ROWS: rows as name:page_size)
+#   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
 #   tune    `mla-tune tune` (the default catalogue; VARIANTS, e.g. "decode", narrows it) on GPU 0, timed; the table
 #           is copied to $OUT
@@ -46,8 +44,6 @@ for phase in "$@"; do
     merge) timeout "$(left)" python3 perf/stage_probe.py merge ${ROWS:-d-b1-1k:1 d-b1-1k:64 d-b32-4k:64 d-b128-2k:64 \
                 d-b256-4k:64 d-b256-4k:1 d-b64-skew:64 d-b16-32k:64 d-h128-b32-4k:64 d-h128-b128-4k:64 d-h128-b128-4k:1} \
                 2>&1 | tee "$OUT/merge_probe.log" ;;
-    fuse) timeout "$(left)" python3 perf/stage_probe.py fuse ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k \
-                d-b16-32k d-b64-skew; do echo $r:1 $r:64; done)} 2>&1 | tee "$OUT/fuse_probe.log" ;;
     smoke) timeout 180 python3 -m tuner tune --trials 3 --variant decode --page-size 1 --buckets b1-16_kv1-2k \
                --out "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log" | grep -v "trials:" || exit 1 ;;
     tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \

@@ -47,8 +47,7 @@ def probe_row(w, page_size: int) -> str:
     mod, cfg, split = load_module(plan.spec), plan.config, plan.split
     last = inp.kv_last_page_len if page_size > 1 else None
     args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.kv_indptr, inp.kv_indices, last,
-            plan.sm_scale, out, lse, split.partial_out, split.partial_lse, split.counters,
-            split.num_programs)
+            plan.sm_scale, out, lse, split.partial_out, split.partial_lse, split.num_programs)
 
     def whole():
         plan.run(inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, out=out, lse=lse)
@@ -73,9 +72,8 @@ def probe_row(w, page_size: int) -> str:
             f"{cfg.short()}")
 
 
-def merge_row(w, page_size: int, tiles: bool = True) -> str:
-    """The whole call: PDL off and on and the fused merge with the tuned config, then (``tiles``) each merge
-    tile (the tuned pdl)."""
+def merge_row(w, page_size: int) -> str:
+    """The whole call: PDL off and on with the tuned config, then each merge tile (the tuned pdl)."""
     inp, tuned, shape, out, lse = setup(w, page_size)
 
     def timed(config) -> float:
@@ -84,13 +82,10 @@ def merge_row(w, page_size: int, tiles: bool = True) -> str:
         return time_call(lambda: plan.run(inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, out=out, lse=lse),
                          runs=40).median_us
 
-    off, on = (timed(replace(tuned.config, pdl=v, fuse_merge=0)) for v in (0, 1))
-    fused = timed(replace(tuned.config, pdl=0, fuse_merge=1))
+    off, on = (timed(replace(tuned.config, pdl=v)) for v in (0, 1))
     c = tuned.config
-    line = f"{w.name:<18} {page_size:>3}  pdl off {off:7.1f} on {on:7.1f} fused {fused:7.1f}  (mh{c.merge_block_h} " \
-           f"md{c.merge_block_d} mw{c.merge_num_warps} pdl{c.pdl} f{c.fuse_merge})"
-    if not tiles:
-        return line
+    line = f"{w.name:<18} {page_size:>3}  pdl off {off:7.1f} on {on:7.1f}  (mh{c.merge_block_h} md{c.merge_block_d} " \
+           f"mw{c.merge_num_warps} pdl{c.pdl})"
     results = []
     for mh, md, mw in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8)):
         if mh > max(4, next_pow2(w.heads)) or 2 * mh * md / (mw * 32) > 128:
@@ -104,13 +99,12 @@ def merge_row(w, page_size: int, tiles: bool = True) -> str:
 
 def main(argv: list[str]) -> None:
     rows = {w.name: w for w in benchmark_set()}
-    merge = argv[:1] in (["merge"], ["fuse"])
+    merge = argv[:1] == ["merge"]
     if not merge:
         print(f"{'row':<18} {'ps':>3} {'whole':>8} {'stage1':>8} {'stage2':>8} {'progs':>6} {'span':>5}  config")
     for arg in argv[1:] if merge else argv:
         name, _, ps = arg.partition(":")
-        row, ps = rows[name], int(ps or 1)
-        print(merge_row(row, ps, argv[0] == "merge") if merge else probe_row(row, ps), flush=True)
+        print((merge_row if merge else probe_row)(rows[name], int(ps or 1)), flush=True)
         torch.cuda.empty_cache()
 
 

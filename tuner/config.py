@@ -135,11 +135,6 @@ class DecodeConfig(_Config):
         before reading the scratch. Measured on an H200: 1-5 us less where few programs wait (small
         batches, short requests, 128 heads), up to 6 us more where many merging programs wait beside
         stage 1 (long requests split many ways), hence a switch.
-    fuse_merge: 1 merges in stage 1 and launches no stage 2: the program that writes the last piece of a
-        request split over several shares (a per-request page count, one atomic add per piece) merges its
-        pieces; requests without pages are written by stage 1 too. Counters are zeroed at plan time and
-        every launch leaves them zero. The merge fields and pdl do not apply; not with the two-warpgroup
-        warp-specialized stage 1 (64 heads and more; the Triton stage 1 has it at any head count).
     """
 
     block_h: int = 16
@@ -154,10 +149,9 @@ class DecodeConfig(_Config):
     merge_block_d: int = 128
     merge_num_warps: int = 4
     pdl: int = 0
-    fuse_merge: int = 0
 
     _POW2: ClassVar[tuple[str, ...]] = ("block_h", "block_n", "merge_block_h", "merge_block_d")
-    _FLAGS: ClassVar[tuple[str, ...]] = ("tma", "ws", "pdl", "fuse_merge")
+    _FLAGS: ClassVar[tuple[str, ...]] = ("tma", "ws", "pdl")
 
     def __post_init__(self) -> None:
         self._check()
@@ -183,9 +177,6 @@ class DecodeConfig(_Config):
             raise ValueError(f"DecodeConfig.ws: the warp-specialized stage 1 needs heads in groups of 64 (or "
                              f"dividing 64) and block_h={ws_block_h(spec) if ws_capable(spec) else 64}; found "
                              f"{spec.name()} with block_h={self.block_h}")
-        if self.ws and self.fuse_merge and not ws_narrow(spec):
-            raise ValueError(f"DecodeConfig.fuse_merge: the warp-specialized stage 1 for {spec.num_heads} heads (64 "
-                             f"and more) has no fused merge; use ws=0 or fuse_merge=0")
         if self.ws and ws_narrow(spec) and self.block_n != 64:
             raise ValueError(f"DecodeConfig.ws: at fewer than 64 heads the warp-specialized stage 1 takes 64-token "
                              f"tiles (block_n=64); found block_n={self.block_n}")

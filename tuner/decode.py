@@ -19,13 +19,9 @@ class _Split:
     def __init__(self, spec: MLASpec, config: DecodeConfig, batch: int, max_tokens: int,
                  device: torch.device) -> None:
         self.num_programs = config.num_programs(spec, gpu_info(device).num_sms, max_tokens)
-        module = load_module(spec)
-        rows = module.scratch_rows(batch, self.num_programs)
+        rows = load_module(spec).scratch_rows(batch, self.num_programs)
         self.partial_out = torch.empty(rows * spec.head_dim_ckv, dtype=torch.float32, device=device)
         self.partial_lse = torch.empty(rows, dtype=torch.float32, device=device)
-        # The fused merge's per-request counters: zeroed once here; every launch leaves them zero again.
-        self.counters = (torch.zeros(module.counter_slots(batch), dtype=torch.int32, device=device)
-                         if config.fuse_merge else None)
 
 
 def _launch(spec: MLASpec, config: DecodeConfig, q_nope: torch.Tensor, q_pe: torch.Tensor,
@@ -41,7 +37,7 @@ def _launch(spec: MLASpec, config: DecodeConfig, q_nope: torch.Tensor, q_pe: tor
     load_module(spec).launch(
         q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
         kv_last_page_len if spec.page_size > 1 else None, sm_scale, out, lse,
-        split.partial_out, split.partial_lse, split.counters, split.num_programs,
+        split.partial_out, split.partial_lse, split.num_programs,
         **{k: v for k, v in config.to_dict().items() if k not in _HOST_ONLY},
     )
     return out, lse

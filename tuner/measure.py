@@ -16,7 +16,7 @@ import torch
 
 from .bench import Ceilings, floor_us, measure_ceilings
 from .config import DecodeConfig, PrefillConfig
-from .decode import MLADecode
+from .decode import mla_decode
 from .device import gpu_info
 from .dispatch import untuned_config
 from .prefill import mla_prefill
@@ -97,7 +97,6 @@ class Bench:
                                        g.kv_indices, g.sm_scale, g.kv_last_page_len, causal=spec.causal)
         rows, heads = self.inputs.q_nope.shape[:2]
         self.out = torch.empty(rows, heads, spec.head_dim_ckv, dtype=dtype, device=device)
-        self._plans: dict[int, MLADecode] = {}
         self.lse = torch.empty(rows, heads, dtype=torch.float32, device=device)
 
     def default_config(self) -> Config:
@@ -106,16 +105,10 @@ class Bench:
         return untuned_config(self.spec, w.total_q, w.avg_kv_len, gpu_info(self.device))
 
     def _call(self, config: Config, x: Inputs, out: torch.Tensor, lse: torch.Tensor) -> object:
-        if self.spec.is_decode:  # plan once per (config, inputs) as a server would; run() is what is timed
+        if self.spec.is_decode:
             assert isinstance(config, DecodeConfig)
-            plan = self._plans.get(id(x))  # the last config's plan per inputs (its scratch can be large)
-            if plan is None or plan.config != config:
-                s = self.spec
-                plan = self._plans[id(x)] = MLADecode().plan(
-                    x.kv_indptr, x.kv_indices, x.kv_last_page_len if s.page_size > 1 else None,
-                    num_heads=s.num_heads, page_size=s.page_size, sm_scale=x.sm_scale, head_dim_ckv=s.head_dim_ckv,
-                    head_dim_kpe=s.head_dim_kpe, config=config, validate_data=False)
-            return plan.run(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, out=out, lse=lse)
+            return mla_decode(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.kv_indptr, x.kv_indices, x.sm_scale,
+                              x.kv_last_page_len, out=out, lse=lse, config=config)
         assert isinstance(config, PrefillConfig) and x.qo_indptr is not None
         return mla_prefill(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.qo_indptr, x.kv_indptr, x.kv_indices,
                            x.sm_scale, x.kv_last_page_len, causal=self.spec.causal, out=out, lse=lse, config=config)
@@ -137,8 +130,6 @@ class Bench:
             max_tokens = self.inputs.kv_indices.numel() * self.spec.page_size
             data["programs_per_sm"] = config.num_programs(self.spec, self.num_sms, max_tokens)
             data["split_tokens"] = 0
-            if config.fuse_merge:  # no stage 2
-                data["merge_block_h"] = data["merge_block_d"] = data["merge_num_warps"] = data["pdl"] = 0
         return tuple(data.values())
 
     def check(self, config: Config) -> str | None:

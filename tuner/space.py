@@ -50,7 +50,6 @@ DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "merge_block_d": (64, 128, 256, 512),
     "merge_num_warps": (2, 4, 8),
     "pdl": (0, 1),
-    "fuse_merge": (0, 1),
 }
 """Candidate values of the decode kernel's parameters."""
 
@@ -276,7 +275,7 @@ def feasible_grid(space: Space, limits: Limits = Limits()) -> list[dict[str, int
 _SHORT = {
     "block_h": "h", "block_n": "n", "block_m": "m", "programs_per_sm": "p", "split_tokens": "s",
     "num_warps": "w", "num_stages": "st", "merge_block_h": "mh", "merge_block_d": "md",
-    "merge_num_warps": "mw", "tma": "t", "ws": "ws", "pdl": "pdl", "fuse_merge": "f",
+    "merge_num_warps": "mw", "tma": "t", "ws": "ws", "pdl": "pdl",
 }
 
 

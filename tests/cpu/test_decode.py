@@ -92,10 +92,6 @@ CONFIGS = {
                                 merge_block_h=32, merge_block_d=512, merge_num_warps=8),
     "merge-narrow": DecodeConfig(block_h=16, block_n=32, programs_per_sm=8, split_tokens=8,
                                  merge_block_h=16, merge_block_d=64),
-    "fused-one-split": DecodeConfig(block_h=16, block_n=32, programs_per_sm=1, split_tokens=1 << 20, fuse_merge=1),
-    "fused-many-splits": DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=16, fuse_merge=1),
-    "fused-splits-past-tokens": DecodeConfig(block_h=16, block_n=16, programs_per_sm=64, split_tokens=1,
-                                             fuse_merge=1),
 }
 
 
@@ -127,11 +123,10 @@ def test_bulk_copies_need_a_tile_inside_a_page() -> None:
         DecodeConfig(block_n=64, tma=2)
 
 
-@pytest.mark.parametrize("fuse", [0, 1])
-def test_more_splits_than_tokens_is_exact(fuse: int) -> None:
+def test_more_splits_than_tokens_is_exact() -> None:
     """Shares of one token (page_size 1) and, with 64-token pages, more shares than pages: empty
-    shares write nothing and the merge (stage 2 or fused) skips them."""
-    config = CONFIGS["fused-splits-past-tokens" if fuse else "splits-past-tokens"]
+    shares write nothing and the merge skips them."""
+    config = CONFIGS["splits-past-tokens"]
     for page_size, kv in ((1, [1, 2, 9, 0, 3]), (64, [1, 70, 0, 5])):
         case = make_case(16, kv, page_size=page_size, seed=20 + page_size)
         spec = MLASpec("decode", 16, 512, 64, page_size)
@@ -142,16 +137,13 @@ def test_more_splits_than_tokens_is_exact(fuse: int) -> None:
         check_decode(case, config=config)
 
 
-@pytest.mark.parametrize("fuse", [0, 1])
 @pytest.mark.parametrize("programs_per_sm", [1, 2, 3, 5, 8])
-def test_empty_requests_at_share_boundaries_and_ends(programs_per_sm: int, fuse: int) -> None:
+def test_empty_requests_at_share_boundaries_and_ends(programs_per_sm: int) -> None:
     """Requests without pages first, last, in runs, and wherever a share boundary falls (every share
-    count from 4 to 32 over 40 one-token pages): each gets output 0 and lse -inf, the rest are exact
-    (fused merge: the equal shares of the batch that write the empty requests cut it in other places)."""
+    count from 4 to 32 over 40 one-token pages): each gets output 0 and lse -inf, the rest are exact."""
     kv = [0, 0, 3, 0, 5, 0, 0, 2, 0, 10, 0, 20, 0, 0]
     case = make_case(16, kv, page_size=1, seed=50 + programs_per_sm)
-    config = DecodeConfig(block_n=16, programs_per_sm=programs_per_sm, split_tokens=1, merge_block_h=4,
-                          fuse_merge=fuse)
+    config = DecodeConfig(block_n=16, programs_per_sm=programs_per_sm, split_tokens=1, merge_block_h=4)
     spec = MLASpec("decode", 16, 512, 64, 1)
     assert config.num_programs(spec, gpu_info(torch.device("cpu")).num_sms, sum(kv)) == 4 * programs_per_sm
     out, lse = check_decode(case, config=config)
@@ -164,37 +156,6 @@ def test_block_h(heads: int, block_h: int, tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("MLA_TUNER_CACHE_DIR", str(tmp_path))  # 24 heads renders on demand
     case = make_case(heads, [5, 0, 40], page_size=16, seed=heads + block_h)
     check_decode(case, config=DecodeConfig(block_h=block_h, block_n=16, programs_per_sm=4, split_tokens=16))
-    # fused merge: one counter per (request, head group)
-    check_decode(case, config=DecodeConfig(block_h=block_h, block_n=16, programs_per_sm=4, split_tokens=16,
-                                           fuse_merge=1))
-
-
-def test_fused_merge_leaves_its_counters_zero() -> None:
-    """A planned fused-merge decode run again and again (new queries each time, as a replayed graph)
-    stays exact: every launch zeroes the counters it used, whatever requests were split."""
-    case = make_case(16, [0, 33, 90, 7, 0, 64], page_size=16, seed=71)
-    config = DecodeConfig(block_n=16, programs_per_sm=8, split_tokens=16, fuse_merge=1)
-    plan = case.plan_decode(config=config)
-    assert plan.split.counters is not None and int(plan.split.counters.abs().sum()) == 0
-    for seed in range(3):
-        fresh = make_case(16, [0, 33, 90, 7, 0, 64], page_size=16, seed=72 + seed)
-        case.q_nope.copy_(fresh.q_nope)
-        case.q_pe.copy_(fresh.q_pe)
-        out, lse = plan.run(*case.queries())
-        assert_matches(out, lse, *case.decode_ref())
-        assert int(plan.split.counters.abs().sum()) == 0
-
-
-def test_fused_merge_needs_counters() -> None:
-    spec = MLASpec("decode", 16, 512, 64, 16)
-    case = make_case(16, [5, 40], page_size=16, seed=73)
-    out, lse = poisoned_outputs(2, 16, 512, case.q_nope.dtype)
-    with pytest.raises(ValueError, match="counters"):
-        loader.load_module(spec).launch(
-            case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, case.kv_indptr, case.kv_indices,
-            case.kv_last_page_len, 0.1, out, lse, torch.empty(4096 * 512), torch.empty(4096), None, 4,
-            block_h=16, block_n=16, num_warps=4, num_stages=1, tma=0, ws=0, merge_block_h=4, merge_block_d=128,
-            merge_num_warps=4, fuse_merge=1)
 
 
 def test_strided_views_give_the_same_answer() -> None:

@@ -25,7 +25,7 @@ SPECS = [s for s in catalogue() if ws_capable(s)]
 
 
 
-def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool = False, fuse: bool = False):
+def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -49,7 +49,7 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
         if name in descs:
             signature[name] = mangle_type(descs[name])
         elif name.endswith("_ptr"):
-            int_ptr = any(k in name for k in ("indptr", "indices", "last_page", "counters"))
+            int_ptr = any(k in name for k in ("indptr", "indices", "last_page"))
             signature[name] = "*i32" if int_ptr else ("*bf16" if name in ("out_ptr", "ckv_ptr", "kpe_ptr") else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
@@ -64,9 +64,8 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
     p_bufs = m.ws_p_buffers(block_n, num_stages)
     constexprs = {"HAS_LAST_PAGE_LEN": True, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "P_BUFS": p_bufs,
                   "GATHER": block_n > ps}
-    if spec.is_decode:  # stage 1 lets stage 2 launch early (griddepcontrol.launch_dependents), or merges itself
-        constexprs["PDL"] = not fuse
-        constexprs["FUSE"] = fuse
+    if spec.is_decode:  # stage 1 lets stage 2 launch early (griddepcontrol.launch_dependents)
+        constexprs["PDL"] = True
     if batch_of_one:  # what Triton does with an int argument equal to 1
         constexprs["batch"] = 1
     kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -74,26 +73,19 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
     return m, kernel, p_bufs
 
 
-def compile_report(name: str, tmp: str, fuse: bool = False) -> dict:
-    """Compile spec ``name``'s default ws config (``fuse``: with the fused merge); shared memory, the
-    formula's figure and ptxas spills."""
+def compile_report(name: str, tmp: str) -> dict:
+    """Compile spec ``name``'s default ws config; shared memory, the formula's figure and ptxas spills."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     spec = MLASpec.from_name(name)
     config = default_decode_config(spec, 32, 4096, 132) if spec.is_decode else default_prefill_config(spec)
-    m, kernel, p_bufs = compile_ws(spec, config.block_n, config.num_stages, fuse=fuse)
+    m, kernel, p_bufs = compile_ws(spec, config.block_n, config.num_stages)
     ptx = os.path.join(tmp, f"{name}.ptx")
-    ptx = ptx.replace(".ptx", "_fused.ptx") if fuse else ptx
     with open(ptx, "w") as f:
         f.write(kernel.asm["ptx"])
     info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".o"],
                           capture_output=True, text=True, check=True).stderr
-    sass = subprocess.run([os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump"), "-sass", ptx + ".o"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()
-    mma = [i for i, line in enumerate(sass) if "HGMMA" in line]
-    hot = sass[mma[0]:mma[-1]] if mma else []  # the KV tile loop: from the first wgmma to the last
     return {"ws": config.ws, "gather": config.block_n > spec.page_size, "shared": kernel.metadata.shared,
-            "hot_spills": sum(("STL" in line or "LDL" in line) for line in hot),
             "limit": m.WS_SHARED_BYTES,
             "formula": m.ws_shared_bytes(config.block_n, config.num_stages, p_bufs),
             "spills": [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)],
@@ -118,12 +110,7 @@ def run_compiles(function: str, *args: str) -> object:
 
 
 def compile_reports(tmp: str, *names: str) -> dict[str, dict]:
-    reports = {n: compile_report(n, tmp) for n in names}
-    for n in names:  # the one-warpgroup decode kernels also with the fused merge
-        spec = MLASpec.from_name(n)
-        if spec.is_decode and spec.num_heads < 64:
-            reports[n + "+fused"] = compile_report(n, tmp, fuse=True)
-    return reports
+    return {n: compile_report(n, tmp) for n in names}
 
 
 @pytest.fixture(scope="module")
@@ -145,20 +132,6 @@ def test_default_config_compiles_for_hopper_without_spills(spec: MLASpec, report
     # KV tile from L1, measured in the SASS); more would be a regression.
     assert r["spills"] and max(r["spills"]) <= (16 if spec.is_decode else 128), r
     assert r["setmaxnreg"], "the partitions get their own register budgets"
-
-
-@pytest.mark.parametrize("spec", [s for s in SPECS if s.is_decode and s.num_heads < 64], ids=str)
-def test_fused_merge_compiles_for_hopper_without_spills(spec: MLASpec, reports: dict[str, dict]) -> None:
-    """The one-warpgroup decode kernel with its merge fused (FUSE): same shared memory (the merge works
-    in registers) and no spill traffic in the KV tile loop. (ptxas does spill 50-350 bytes with FUSE:
-    loop-invariant addresses computed before the loop, stored once, reloaded only in the merge.)"""
-    r, plain = reports[spec.name() + "+fused"], reports[spec.name()]
-    assert r["shared"] <= r["limit"] and r["shared"] <= plain["shared"] + 512
-    assert plain["hot_spills"] == 0, plain
-    # 32 heads ([512, 32] accumulator): a few reloads in the loop with FUSE (1-11 measured); the tuner
-    # measures whether that costs more than the merge it saves
-    assert r["hot_spills"] <= (0 if spec.num_heads <= 16 else 16), r
-    assert max(r["spills"]) <= 512, r
 
 
 def test_ws_configs_fall_back_under_the_interpreter() -> None:

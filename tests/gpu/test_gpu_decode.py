@@ -62,11 +62,6 @@ CONFIGS = {
     # stage 2 as a programmatic dependent launch, with many pieces to merge per request
     "pdl-many-splits": DecodeConfig(block_h=16, block_n=64, programs_per_sm=4, split_tokens=16, pdl=1),
     "pdl-merge-wide": DecodeConfig(block_h=16, merge_block_h=32, merge_block_d=512, merge_num_warps=8, pdl=1),
-    # the merge fused into stage 1 (no stage 2), Triton and warp-specialized stage 1, many pieces per request
-    "fused-many-splits": DecodeConfig(block_h=16, block_n=64, programs_per_sm=4, split_tokens=16, fuse_merge=1),
-    "fused-ws-many-splits": DecodeConfig(block_h=16, block_n=64, programs_per_sm=4, split_tokens=16, ws=1,
-                                         fuse_merge=1),
-    "fused-ws": DecodeConfig(block_h=16, block_n=64, ws=1, fuse_merge=1),
 }
 
 
@@ -109,8 +104,6 @@ def test_warp_specialized_stage1(spec: MLASpec, shape: tuple[int, int, int, int]
                           split_tokens=split, ws=1, tma=int(block_n <= spec.page_size),
                           pdl=int(shape != WS_CONFIGS[0]))
     run_and_check(case, config=config)
-    if ws_narrow(spec):  # and with the merge fused into it
-        run_and_check(case, config=replace(config, pdl=0, fuse_merge=1))
 
 
 def test_warp_specialized_fp16_and_fallback() -> None:
@@ -132,14 +125,13 @@ def test_config_128_heads() -> None:
     run_and_check(realistic_case(MLASpec("decode", 128, 512, 64, 16), batch=8, seed=301), config=config)
 
 
-@pytest.mark.parametrize("pdl, fuse", [(0, 0), (1, 0), (0, 1)])
+@pytest.mark.parametrize("pdl", [0, 1])
 @pytest.mark.parametrize("page_size", [1, 64])
-def test_cuda_graph_plan_run(page_size: int, pdl: int, fuse: int) -> None:
-    """Replays of a captured plan.run: with the fused merge every replay must find its counters zero."""
+def test_cuda_graph_plan_run(page_size: int, pdl: int) -> None:
     spec = MLASpec("decode", 16, 512, 64, page_size)
-    case = realistic_case(spec, batch=16, seed=400 + pdl + 2 * fuse)
+    case = realistic_case(spec, batch=16, seed=400 + pdl)
     config = replace(default_decode_config(spec, 16, 1024, torch.cuda.get_device_properties(0).multi_processor_count),
-                     pdl=pdl, fuse_merge=fuse, programs_per_sm=2, split_tokens=64)  # many requests span shares
+                     pdl=pdl, programs_per_sm=2, split_tokens=64)  # many requests span shares
     plan = case.plan_decode(config=config)
     out, lse = poisoned_outputs(16, 16, 512, DTYPE, DEVICE)
     check_graph_replay(case, lambda: plan.run(*case.queries(), out=out, lse=lse),
