@@ -8,7 +8,7 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
     stream; program p takes the equal share [p * P_total // num_programs, (p + 1) * P_total //
     num_programs) of it, whatever requests that share crosses, so every program has the same work
     however skewed the batch is (a persistent, balanced grid; each program finds its first request by
-    binary search over kv_indptr, on the device). For each request in its share it owns BLOCK_H heads,
+    128-ary search over kv_indptr, on the device). For each request in its share it owns BLOCK_H heads,
     packed into the M dimension of tl.dot, so a gathered KV tile is read once per head group; the head
     groups of one program are adjacent in the grid (the fastest-varying index), so their repeated reads
     of a tile come from L2. The score is q_nope . ckv + q_pe . kpe (two dots, no padding), the loaded
@@ -18,7 +18,8 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
   stage 2, grid (batch * head blocks * column blocks): merges the pieces of each spanning request by
     their base-2 lse, and writes output 0 and lse -inf for requests without pages. Programs of
     requests that stage 1 wrote directly exit at once. On sm_90+ stage 2 is a programmatic dependent
-    launch: it starts while stage 1 runs (stage 1 lets it go at once), finds its request and exits or
+    launch: it starts while stage 1 runs (the Triton stage 1 lets it go at once, the warp-specialized one
+    when its loader has issued its last tile), finds its request and exits or
     waits (griddepcontrol.wait) before it reads stage 1's scratch, so its launch and prologue hide
     under stage 1's tail.
 Nothing here reads host data, so a launch can be captured in a CUDA graph.
@@ -504,8 +505,10 @@ if gluon is not None:
                    kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
                    q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
                    HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   GATHER: gl.constexpr):
-        """The loader: per piece the query rows (bulk copies), then its KV tiles into the stage ring."""
+                   GATHER: gl.constexpr, PDL: gl.constexpr):
+        """The loader: per piece the query rows (bulk copies), then its KV tiles into the stage ring. With
+        PDL, once its last tile is issued it lets stage 2 launch (griddepcontrol.launch_dependents: the
+        first call in a CTA counts), so stage 2's programs arrive during this grid's tail, not beside it."""
         pid = gl.program_id(0)
         p = pid // 1
         g = pid % 1
@@ -528,6 +531,8 @@ if gluon is not None:
                 pc += 1
                 page = chunk_end
                 seq += 1
+        if PDL:
+            gdc_launch_dependents()  # every tile of this share is in flight (or the share is empty)
 
     @gluon.jit
     def _ws_softmax(kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
@@ -645,8 +650,6 @@ if gluon is not None:
     ):
         """Stage 1 for one (share, 64-head group): a loader, a softmax warpgroup and an output
         warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
-        if PDL:
-            gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid before reading scratch
         (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
          fin_ready, fin_empty) = _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS,
                                              GATHER, 2)  # both warpgroups read a tile
@@ -663,7 +666,7 @@ if gluon is not None:
             (_ws_loader, (q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                           kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
                           q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
-                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER)),
+                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER, PDL)),
         ], [4, WS_LOADER_WARPS if GATHER else 1], [200, 64 if GATHER else 40])  # registers: output warpgroup, loader
 
 

@@ -10,6 +10,7 @@ merge_block_d x merge_num_warps) beside the tuned one. Development tool for perf
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from dataclasses import replace
 
@@ -86,6 +87,8 @@ def merge_row(w, page_size: int) -> str:
     c = tuned.config
     line = f"{w.name:<18} {page_size:>3}  pdl off {off:7.1f} on {on:7.1f}  (mh{c.merge_block_h} md{c.merge_block_d} " \
            f"mw{c.merge_num_warps} pdl{c.pdl})"
+    if os.environ.get("TILES") == "0":  # pdl off / on only
+        return line
     results = []
     for mh, md, mw in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8)):
         if mh > max(4, next_pow2(w.heads)) or 2 * mh * md / (mw * 32) > 128:

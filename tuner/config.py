@@ -130,11 +130,12 @@ class DecodeConfig(_Config):
         stage 1 runs with the same config.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
     pdl: 1 launches stage 2 as a programmatic dependent of stage 1 (sm_90+; elsewhere ignored): stage 1
-        lets it launch at once, so its launch and prologue (finding its request; programs of requests
-        that stage 1 wrote directly exit) overlap stage 1, and it waits (griddepcontrol.wait) only
-        before reading the scratch. Measured on an H200: 1-5 us less where few programs wait (small
-        batches, short requests, 128 heads), up to 6 us more where many merging programs wait beside
-        stage 1 (long requests split many ways), hence a switch.
+        lets it launch (the warp-specialized one once its loader has issued a share's last tile, the
+        Triton one at once), so its launch and prologue (finding its request; programs of requests that
+        stage 1 wrote directly exit) overlap stage 1's tail, and it waits (griddepcontrol.wait) only
+        before reading the scratch. Measured on an H200 with the late trigger: 0.3-3.5 us less on every
+        16-head row (perf/LOG.md, v8); with the trigger at stage 1's start it cost up to 6 us where many
+        merging programs waited beside stage 1.
     """
 
     block_h: int = 16
@@ -249,10 +250,9 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     # The merge tile: 4 heads x 128 columns keeps a small batch's few merges spread over many programs; from
     # 64 heads up, 8 heads x the whole row (H200, 128 heads: 8-9% less time than 4 x 128, perf/LOG.md).
     many_heads = spec.num_heads >= 64
-    # Programmatic dependent launch (measured on a Hopper; ignored below sm_90) where few merging programs
-    # would wait beside stage 1: every request short enough to span at most two shares, or fewer shares
-    # than multiprocessors (perf/LOG.md, v7). At 64 heads and more it paid on every row measured.
-    pdl = int(hopper and (many_heads or 2 * batch >= num_sms or batch * avg_kv_len <= num_sms * 64))
+    # Programmatic dependent launch (ignored below sm_90): with the warp-specialized stage 1 letting stage 2
+    # launch only once its loader is done, it paid on every decode row measured (H200, perf/LOG.md, v8).
+    pdl = int(hopper)
     return DecodeConfig(
         block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=64,
         num_warps=8, num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=ws,
