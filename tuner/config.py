@@ -250,9 +250,12 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     # The merge tile: 4 heads x 128 columns keeps a small batch's few merges spread over many programs; from
     # 64 heads up, 8 heads x the whole row (H200, 128 heads: 8-9% less time than 4 x 128, perf/LOG.md).
     many_heads = spec.num_heads >= 64
-    # Programmatic dependent launch (ignored below sm_90): with the warp-specialized stage 1 letting stage 2
-    # launch only once its loader is done, it paid on every decode row measured (H200, perf/LOG.md, v8).
-    pdl = int(hopper)
+    # Programmatic dependent launch (ignored below sm_90). The warp-specialized stage 1 lets stage 2 launch
+    # only once its loader is done: that paid on every decode row measured (H200, perf/LOG.md, v8). The
+    # Triton stage 1 lets it launch at its start, which pays only where few merging programs would wait
+    # beside it: requests spanning at most two shares, or fewer shares than multiprocessors (v7).
+    few_waiting = many_heads or 2 * batch >= num_sms or batch * avg_kv_len <= num_sms * 64
+    pdl = int(hopper and (ws == 1 or few_waiting))
     return DecodeConfig(
         block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=64,
         num_warps=8, num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=ws,

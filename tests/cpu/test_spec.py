@@ -124,9 +124,14 @@ def test_default_configs_fit_every_catalogue_spec(spec: MLASpec) -> None:
     (16, 16, 32768, True, 1),
     (128, 32, 4096, True, 1),
     (128, 1, 1024, False, 0),    # not a Hopper: no programmatic dependent launch
+    # no warp-specialized stage 1 for 24 heads: the Triton one lets stage 2 launch at its start (v7 rule)
+    (24, 1, 1024, True, 1),
+    (24, 128, 2048, True, 1),
+    (24, 32, 4096, True, 0),
 ])
 def test_default_pdl(heads: int, batch: int, kv: int, hopper: bool, pdl: int) -> None:
-    """The default's stage-2 launch mode follows the H200 measurements of perf/LOG.md (v8): on a Hopper."""
+    """The default's stage-2 launch mode follows the H200 measurements of perf/LOG.md: on a Hopper with the
+    warp-specialized stage 1 (v8, its late trigger); with the Triton stage 1 where few merging programs wait (v7)."""
     assert default_decode_config(MLASpec("decode", heads, 512, 64, 64), batch, kv, 132, hopper=hopper).pdl == pdl
 
 
