@@ -320,7 +320,9 @@ def recover_lost_trials(study: optuna.Study) -> None:
     """Fail and re-queue RUNNING trials whose worker is gone. With heartbeats (RDB storages): the
     heartbeat-stale ones, re-queued by Optuna's retry callback. Without (journal storages, one host):
     those of processes of this host that no longer exist."""
-    if _heartbeat_storage(_backend(study)) is not None:
+    storage = _heartbeat_storage(_backend(study))
+    if storage is not None:
+        _seed_heartbeats(storage, study)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
@@ -331,6 +333,23 @@ def recover_lost_trials(study: optuna.Study) -> None:
         owner_host, _, pid = owner.rpartition(":")
         if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             _requeue(study, t, f"worker {owner} died")
+
+
+_SEEDED: set[tuple[str, int]] = set()
+
+
+def _seed_heartbeats(storage: Any, study: optuna.Study) -> None:
+    """Record one heartbeat for each RUNNING trial this process has not seen before. Optuna never
+    fails a RUNNING trial that has no heartbeat at all, which is what a worker killed between
+    ``study.ask()`` and its first heartbeat leaves: the other workers would wait for it forever. Seeded
+    once, such a trial goes stale one grace period later; a live owner's own beats keep its trial
+    fresh (seeding it only refreshes it once)."""
+    url = str(getattr(storage, "url", id(storage)))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        key = (url, t._trial_id)
+        if key not in _SEEDED:
+            _SEEDED.add(key)
+            storage.record_heartbeat(t._trial_id)
 
 
 def _backend(study: optuna.Study) -> optuna.storages.BaseStorage:
@@ -449,8 +468,8 @@ class StudyRunner:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Heartbeat.*")
             trial = self.study.ask()
+        self.heartbeat.add(trial._trial_id)  # first: until it beats, only _seed_heartbeats can recover it
         trial.set_user_attr("worker", WORKER_ID)
-        self.heartbeat.add(trial._trial_id)
         return trial
 
     # -- one step ------------------------------------------------------------------------------------

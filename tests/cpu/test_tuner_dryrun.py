@@ -314,3 +314,26 @@ def test_effective_key_of_warp_specialized_configs() -> None:
     assert bench.effective_key(ws) == bench.effective_key(dataclasses.replace(ws, num_warps=8, tma=0))
     assert bench.effective_key(ws) != bench.effective_key(dataclasses.replace(ws, ws=0))
     assert bench.effective_key(ws) != bench.effective_key(dataclasses.replace(ws, num_stages=3))
+
+
+def test_a_worker_killed_before_its_first_heartbeat_loses_nothing(tmp_path: Path) -> None:
+    """A worker killed between ``study.ask()`` and its first heartbeat leaves a RUNNING trial with no
+    heartbeat, which Optuna never fails by itself (CI saw the surviving worker wait for one until the
+    test's timeout): the next worker to look seeds it, and one grace period later it is failed and
+    re-queued like any other lost trial."""
+    optuna = pytest.importorskip("optuna")
+    from tuner.search import make_storage, recover_lost_trials
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'studies.db'}", heartbeat_s=1)
+    study = optuna.create_study(storage=storage, study_name="orphan")
+    orphan = study.ask()  # its owner dies here: no heartbeat recorded
+    orphan.suggest_int("x", 0, 9)
+    recover_lost_trials(study)
+    assert study.get_trials()[orphan.number].state == optuna.trial.TrialState.RUNNING  # not yet stale
+    time.sleep(3 * 1 + 1.5)  # the grace period (3 heartbeats) and a margin
+    recover_lost_trials(study)
+    trials = study.get_trials()
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert [t.state for t in retries] == [optuna.trial.TrialState.WAITING]
+    assert retries[0].params == orphan.params
