@@ -5,6 +5,7 @@
 #   narrow  the GPU decode tests below 64 heads (the swapped-product ws kernel), all shapes
 #   gather  perf/probe.py's page-size-1 comparison of the ws kernels (gathering loader) with the Triton kernels
 #   stages  perf/stage_probe.py: each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
+#   align   perf/stage_probe.py align: the tuned num_programs against multiples / divisors of the batch
 #   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
 #   tune    `mla-tune tune` (the default catalogue; VARIANTS, e.g. "decode", narrows it) on GPU 0, timed; the table
@@ -41,6 +42,8 @@ for phase in "$@"; do
                 | tee "$OUT/gather_probe.log" | grep -v "  check" ;;
     stages) timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-b64-skew d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
                 2>&1 | tee "$OUT/stage_probe.log" ;;
+    align) timeout "$(left)" python3 perf/stage_probe.py align ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
+                2>&1 | tee "$OUT/align_probe.log" ;;
     merge) timeout "$(left)" python3 perf/stage_probe.py merge ${ROWS:-d-b1-1k:1 d-b1-1k:64 d-b32-4k:64 d-b128-2k:64 \
                 d-b256-4k:64 d-b256-4k:1 d-b64-skew:64 d-b16-32k:64 d-h128-b32-4k:64 d-h128-b128-4k:64 d-h128-b128-4k:1} \
                 2>&1 | tee "$OUT/merge_probe.log" ;;

@@ -2,13 +2,16 @@
 
 Run on the GPU machine:  python perf/stage_probe.py [merge] ROW:PAGE_SIZE...
 Prints, per row: the whole call, stage 1 alone, stage 2 alone (on stage 1's scratch), num_programs,
-and how many requests span shares (what stage 2 must merge). With ``merge``: the whole call with stage 2
+and how many requests span shares (what stage 2 must merge). With ``align``: the whole call with the
+tuned num_programs and with num_programs a multiple or a divisor of the batch near it (shares that
+start at request boundaries when requests are equal). With ``merge``: the whole call with stage 2
 as an ordinary launch and as a programmatic dependent one, then every merge tile (merge_block_h x
 merge_block_d x merge_num_warps) beside the tuned one. Development tool for perf/LOG.md.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import sys
@@ -100,14 +103,36 @@ def merge_row(w, page_size: int) -> str:
         f"  worst: {results[-1][1]} {results[-1][0]:.1f}"
 
 
+def align_row(w, page_size: int) -> str:
+    """The whole call with the tuned config at its num_programs, then at each multiple or divisor of the
+    batch between half and twice it, and at the SM count (num_programs: time µs / requests spanning)."""
+    inp, plan, _, out, lse = setup(w, page_size)
+    batch, n0 = inp.q_nope.shape[0], plan.split.num_programs
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cands = {n for n in range(max(1, n0 // 2), 2 * n0 + 1) if n % batch == 0 or batch % n == 0} | {n0, sms}
+    mod = load_module(plan.spec)
+    res = []
+    for n in sorted(cands):
+        split = copy.copy(plan.split)
+        rows = mod.scratch_rows(batch, n)
+        split.num_programs = n
+        split.partial_out = torch.empty(rows * w.head_dim_ckv, dtype=torch.float32, device=out.device)
+        split.partial_lse = torch.empty(rows, dtype=torch.float32, device=out.device)
+        plan.split = split
+        t = time_call(lambda: plan.run(inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, out=out, lse=lse),
+                      runs=40).median_us
+        res.append(f"{'*' if n == n0 else ''}{n}: {t:.1f}/{spanning(inp.kv_indptr, n)}")
+    return f"{w.name:<18} {page_size:>3}  " + "  ".join(res) + f"  ({plan.config.short()})"
+
+
 def main(argv: list[str]) -> None:
     rows = {w.name: w for w in benchmark_set()}
-    merge = argv[:1] == ["merge"]
-    if not merge:
+    mode = argv[0] if argv[:1] in (["merge"], ["align"]) else ""
+    if not mode:
         print(f"{'row':<18} {'ps':>3} {'whole':>8} {'stage1':>8} {'stage2':>8} {'progs':>6} {'span':>5}  config")
-    for arg in argv[1:] if merge else argv:
+    for arg in argv[1:] if mode else argv:
         name, _, ps = arg.partition(":")
-        print((merge_row if merge else probe_row)(rows[name], int(ps or 1)), flush=True)
+        print({"merge": merge_row, "align": align_row, "": probe_row}[mode](rows[name], int(ps or 1)), flush=True)
         torch.cuda.empty_cache()
 
 

@@ -10,7 +10,7 @@ from .device import gpu_info
 from .loader import load_module
 from .spec import MLASpec
 
-_HOST_ONLY = ("programs_per_sm", "split_tokens")  # config fields the runtime turns into num_programs
+_HOST_ONLY = ("programs_per_sm", "split_tokens", "align")  # config fields the runtime turns into num_programs
 
 
 class _Split:
@@ -18,7 +18,7 @@ class _Split:
 
     def __init__(self, spec: MLASpec, config: DecodeConfig, batch: int, max_tokens: int,
                  device: torch.device) -> None:
-        self.num_programs = config.num_programs(spec, gpu_info(device).num_sms, max_tokens)
+        self.num_programs = config.num_programs(spec, gpu_info(device).num_sms, max_tokens, batch)
         rows = load_module(spec).scratch_rows(batch, self.num_programs)
         self.partial_out = torch.empty(rows * spec.head_dim_ckv, dtype=torch.float32, device=device)
         self.partial_lse = torch.empty(rows, dtype=torch.float32, device=device)

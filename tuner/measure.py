@@ -128,8 +128,9 @@ class Bench:
             data["ws"] = 0
         if isinstance(config, DecodeConfig):
             max_tokens = self.inputs.kv_indices.numel() * self.spec.page_size
-            data["programs_per_sm"] = config.num_programs(self.spec, self.num_sms, max_tokens)
-            data["split_tokens"] = 0
+            data["programs_per_sm"] = config.num_programs(self.spec, self.num_sms, max_tokens,
+                                                          self.inputs.q_nope.shape[0])
+            data["split_tokens"] = data["align"] = 0
         return tuple(data.values())
 
     def check(self, config: Config) -> str | None:

@@ -50,6 +50,7 @@ DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "merge_block_d": (64, 128, 256, 512),
     "merge_num_warps": (2, 4, 8),
     "pdl": (0, 1),
+    "align": (0, 1),
 }
 """Candidate values of the decode kernel's parameters."""
 

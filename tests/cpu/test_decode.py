@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,7 @@ def test_more_splits_than_tokens_is_exact() -> None:
         case = make_case(16, kv, page_size=page_size, seed=20 + page_size)
         spec = MLASpec("decode", 16, 512, 64, page_size)
         splits = config.num_programs(spec, gpu_info(torch.device("cpu")).num_sms,
-                                     case.kv_indices.numel() * page_size)
+                                     case.kv_indices.numel() * page_size, len(kv))
         # page_size 1: more shares than any sequence has tokens; 64: more shares than pages in all
         assert splits > (max(kv) if page_size == 1 else case.kv_indices.numel())
         check_decode(case, config=config)
@@ -145,10 +146,40 @@ def test_empty_requests_at_share_boundaries_and_ends(programs_per_sm: int) -> No
     case = make_case(16, kv, page_size=1, seed=50 + programs_per_sm)
     config = DecodeConfig(block_n=16, programs_per_sm=programs_per_sm, split_tokens=1, merge_block_h=4)
     spec = MLASpec("decode", 16, 512, 64, 1)
-    assert config.num_programs(spec, gpu_info(torch.device("cpu")).num_sms, sum(kv)) == 4 * programs_per_sm
+    assert config.num_programs(spec, gpu_info(torch.device("cpu")).num_sms, sum(kv), len(kv)) == 4 * programs_per_sm
     out, lse = check_decode(case, config=config)
     empty = [i for i, n in enumerate(kv) if n == 0]
     assert bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
+
+
+def test_aligned_shares() -> None:
+    """align rounds the shares down by at most 1/16 to a multiple or divisor of the batch; never up."""
+    def n(batch: int, sms: int = 132, align: int = 1, heads: int = 16, block_h: int = 16) -> int:
+        config = DecodeConfig(block_h=block_h, split_tokens=64, align=align)
+        return config.num_programs(MLASpec("decode", heads, 512, 64, 64), sms, 1 << 30, batch)
+    assert [n(b) for b in (1, 16, 32, 64, 128, 132, 200, 256, 260, 100, 17)] == \
+        [132, 128, 128, 128, 128, 132, 132, 128, 130, 132, 132]
+    assert n(128, align=0) == 132 and n(32, heads=128, block_h=64) == 64  # 66 shares of two head groups
+    assert n(16, sms=8) == 8 and n(3, sms=8) == 8 and n(5, sms=8) == 8  # below 16 shares: no slack
+    # a table entry written before align existed keeps its old behaviour
+    assert DecodeConfig.from_dict({k: v for k, v in DecodeConfig(align=1).to_dict().items() if k != "align"}).align == 0
+
+
+@pytest.mark.parametrize(("kv", "programs_per_sm"),
+                         [([70] * 6, 8), ([64, 0, 64, 64, 0, 64], 8), ([9, 200, 3, 50, 1, 1, 40], 9)])
+def test_aligned_shares_are_exact(kv: list[int], programs_per_sm: int) -> None:
+    """Aligned shares (whole requests, equal pieces, and unequal requests where alignment buys nothing)
+    give the reference result; with equal requests no request spans two shares."""
+    case = make_case(16, kv, page_size=1, seed=sum(kv) + programs_per_sm)
+    spec = MLASpec("decode", 16, 512, 64, 1)
+    config = DecodeConfig(block_n=16, programs_per_sm=programs_per_sm, split_tokens=1, merge_block_h=4, align=1)
+    sms = gpu_info(torch.device("cpu")).num_sms
+    shares = config.num_programs(spec, sms, sum(kv), len(kv))
+    assert shares < replace(config, align=0).num_programs(spec, sms, sum(kv), len(kv))
+    check_decode(case, config=config)
+    if len(set(kv)) == 1:  # every request starts where a share starts (the generated _share_start)
+        starts = {sum(kv) * p // shares for p in range(shares + 1)}
+        assert {i * kv[0] for i in range(len(kv) + 1)} <= starts
 
 
 @pytest.mark.parametrize(("heads", "block_h"), [(32, 16), (32, 32), (24, 32), (64, 64)])
