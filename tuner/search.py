@@ -39,7 +39,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +87,9 @@ class Task:
     def workload(self) -> Workload:
         return self.bucket.tiny_workload(self.spec) if self.tiny else self.bucket.workload(self.spec)
 
-    def half_workload(self) -> Workload | None:
-        """The second batch the finalists are re-timed on (none for the interpreter's tiny batch)."""
-        return None if self.tiny else self.bucket.half_workload(self.spec)
+    def check_workloads(self) -> tuple[Workload, ...]:
+        """The other batches the finalists are re-timed on (none for the interpreter's tiny batch)."""
+        return () if self.tiny else self.bucket.check_workloads(self.spec)
 
 
 @dataclass
@@ -641,15 +641,15 @@ class StudyRunner:
 
 
 def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settings: Settings,
-             floors: Ceilings | None, half: Bench | None = None) -> StudyResult:
+             floors: Ceilings | None, checks: Sequence[Bench] = ()) -> StudyResult:
     """Re-time the best ``settings.finalists`` distinct candidates and the default with
     ``settings.final_runs`` runs each and make the dispatch entry of the fastest.
 
-    With ``half`` (the bucket's half batch), a candidate's score is the geometric mean of its times on
-    both batches, and it replaces the default only when it is no slower on either: a config that wins
-    only at the representative's exact size (H200: a split floor of 1024 tokens, 3% faster on the
-    48-request representative, 16% slower on d-b32-4k) keeps the default. The entry's time stays the
-    representative's."""
+    With ``checks`` (the bucket's other batches: its half, and one request where the bucket starts at
+    one), a candidate's score is the geometric mean of its times on every batch, and it replaces the
+    default only when it is no slower on any: a config that wins only at the representative's exact
+    size (H200: a split floor of 1024 tokens, 3% faster on the 48-request representative, 16% slower on
+    d-b32-4k) keeps the default. The entry's time stays the representative's."""
     trials = study.get_trials(deepcopy=False)
     outcomes = Counter(_outcome(t) or t.state.name.lower() for t in trials)
     counted = counted_trials(trials) if not settings.exhaustive else sum(
@@ -664,29 +664,31 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
         finalists.setdefault(str(t.user_attrs.get("effective")), (space.to_config(t.params), t.number))
     result.default = default = bench.default_config()
 
-    def score(config: Config, what: str) -> tuple[float, float, float] | None:
-        """(score, representative's time, half batch's time): the score is the time, or with a half
-        batch the geometric mean of both times."""
-        us = _retime(bench, config, settings, result.notes, what)
-        if us is None or half is None:
-            return None if us is None else (us, us, us)
-        half_us = _retime(half, config, settings, result.notes, what + " (half batch)")
-        return None if half_us is None else (math.sqrt(us * half_us), us, half_us)
+    def score(config: Config, what: str) -> tuple[float, tuple[float, ...]] | None:
+        """(score, the times on the representative and on each check batch): the score is the geometric
+        mean of the times."""
+        times = []
+        for b in (bench, *checks):
+            us = _retime(b, config, settings, result.notes, what if b is bench else f"{what} ({b.workload.name})")
+            if us is None:
+                return None
+            times.append(us)
+        return math.prod(times) ** (1 / len(times)), tuple(times)
 
-    def beats(got: tuple[float, float, float], best: tuple[float, float, float, Config, int | None]) -> bool:
-        """Faster in score; replacing the default also needs the margin and no loss on either batch."""
-        if best[3] != default:
+    def beats(got: tuple[float, tuple[float, ...]], best: tuple[float, tuple[float, ...], Config, int | None]) -> bool:
+        """Faster in score; replacing the default also needs the margin and no loss on any batch."""
+        if best[2] != default:
             return got[0] < best[0]
-        return got[0] < best[0] * (1 - settings.margin) and got[1] <= best[1] and got[2] <= best[2]
+        return got[0] < best[0] * (1 - settings.margin) and all(g <= b for g, b in zip(got[1], best[1], strict=True))
 
     wrong = _safe_check(bench, default)
     default_score = None
     if wrong is None:
         default_score = score(default, "the default config")
-        result.default_us = None if default_score is None else default_score[1]
+        result.default_us = None if default_score is None else default_score[1][0]
     else:
         result.notes.append(f"the default config fails the correctness gate: {wrong}")
-    best: tuple[float, float, float, Config, int | None] | None = None
+    best: tuple[float, tuple[float, ...], Config, int | None] | None = None
     if default_score is not None:
         best = (*default_score, default, next((t.number for t in ok if t.user_attrs.get("default")), None))
     for config, number in finalists.values():
@@ -696,7 +698,8 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
     if best is None:
         result.notes.append("no candidate passed the correctness gate: no entry")
         return result
-    _, result.best_us, _, result.best, result.best_trial = best
+    _, times, result.best, result.best_trial = best
+    result.best_us = times[0]
     result.entry = Entry(config=result.best, time_us=result.best_us, default_time_us=result.default_us,
                          kernel_hash=module_hash(task.spec), trials=counted, versions=versions())
     return result
@@ -763,7 +766,7 @@ class Prepared:
     default: Config
     name: str
     bench: Callable[[], Bench]
-    half: Callable[[], Bench | None]
+    checks: Callable[[], list[Bench]]
 
 
 def prepare(task: Task, ctx: Context) -> Prepared:
@@ -776,13 +779,12 @@ def prepare(task: Task, ctx: Context) -> Prepared:
             holder.append(Bench(task.spec, workload, ctx.device, ctx.dtype, seed=ctx.settings.seed))
         return holder[0]
 
-    def half() -> Bench | None:
-        small = task.half_workload()
-        return None if small is None else Bench(task.spec, small, ctx.device, ctx.dtype, seed=ctx.settings.seed)
+    def checks() -> list[Bench]:
+        return [Bench(task.spec, w, ctx.device, ctx.dtype, seed=ctx.settings.seed) for w in task.check_workloads()]
 
     default = untuned_config(task.spec, workload.total_q, workload.avg_kv_len, gpu_info(ctx.device))
     space = space_for(task.spec, default)
-    return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench, half)
+    return Prepared(space, default, study_name(ctx.gpu_key, task, space, ctx.settings.exhaustive), bench, checks)
 
 
 def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, finalize_each: bool = True,
@@ -807,7 +809,7 @@ def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, f
             StudyRunner(task, study, prep.space, prep.bench, pool, ctx.limits, ctx.settings, heartbeat,
                         on_counted, leave_to_others=leave).run()
             if finalize_each:
-                result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors, prep.half())
+                result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors, prep.checks())
                 results.append(result)
                 on_result(result)
             del prep
@@ -832,7 +834,7 @@ def finalize_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None,
         study = load_study(prep.name, ctx.storage)
         if study is None:
             continue
-        result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors, prep.half())
+        result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors, prep.checks())
         results.append(result)
         on_result(result)
         del prep

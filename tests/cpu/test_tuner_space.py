@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from tuner import buckets, space
 from tuner.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config, next_pow2
+from tuner.space import space_for
 from tuner.spec import MLASpec, catalogue
 from tuner.workloads import benchmark_set
 
@@ -220,3 +224,65 @@ def test_half_workload_is_the_first_half_of_the_representative(spec: MLASpec) ->
         assert half.batch == max(1, full.batch // 2)
         assert half.kv_lens == full.kv_lens[: half.batch] and half.spec(64) == full.spec(64)
         assert half.q_lens == (None if full.q_lens is None else full.q_lens[: half.batch])
+
+
+def test_check_workloads_cover_the_small_end_of_each_bucket() -> None:
+    """Besides the half batch, buckets that start at one request are re-timed on one request of the
+    typical length (b1-16_kv1-2k: d-b1-1k's shape); the others only on the half."""
+    spec = MLASpec("decode", 16, 512, 64, 64)
+    for bucket in buckets.buckets_for(spec):
+        checks = bucket.check_workloads(spec)
+        assert checks[0] == bucket.half_workload(spec)
+        if bucket.rows[0] == 0:
+            (one,) = checks[1:]
+            assert one.kv_lens == (bucket.lengths.median,) and one.spec(64) == spec
+        else:
+            assert len(checks) == 1
+    prefill = MLASpec("prefill_causal", 16, 512, 64, 64)
+    assert [len(b.check_workloads(prefill)) for b in buckets.buckets_for(prefill)] == [1, 1, 1, 1]
+
+
+class _FakeBench:
+    """A Bench stand-in whose times come from a table: {config: µs} for one workload."""
+
+    def __init__(self, name: str, times: dict, default) -> None:
+        self.workload = SimpleNamespace(name=name)
+        self.times, self.default = times, default
+
+    def default_config(self):
+        return self.default
+
+    def floor_us(self, floors) -> float:
+        return math.nan
+
+    def check(self, config) -> None:
+        return None
+
+    def time(self, config, runs: int, warmup: int = 3):
+        return SimpleNamespace(median_us=self.times[config])
+
+
+def test_finalize_keeps_the_default_when_a_finalist_loses_on_a_check_batch() -> None:
+    """A finalist 10% faster on the representative and its half but slower on one request does not
+    replace the default; without that check batch it would."""
+    optuna = pytest.importorskip("optuna")
+    from tuner import search
+
+    spec = MLASpec("decode", 16, 512, 64, 64)
+    default = default_decode_config(spec, 4, 1024, 132)
+    space = space_for(spec, default)
+    fast = replace(default, split_tokens=1024)
+    study = optuna.create_study()
+    dists = {p.name: optuna.distributions.CategoricalDistribution(p.choices) for p in space.params}
+    for number, (config, us) in enumerate(((default, 100.0), (fast, 90.0))):
+        study.add_trial(optuna.trial.create_trial(
+            params={p.name: getattr(config, p.name) for p in space.params}, distributions=dists, value=us,
+            user_attrs={"outcome": "ok", "effective": str(number), "default": config == default}))
+    rep = _FakeBench("rep", {default: 100.0, fast: 90.0}, default)
+    half = _FakeBench("half", {default: 55.0, fast: 50.0}, default)
+    one = _FakeBench("one", {default: 18.5, fast: 20.8}, default)
+    task = search.Task(spec, buckets.by_name("decode", "b1-16_kv1-2k"))
+    settings = search.Settings()
+    assert search.finalize(task, study, space, rep, settings, None, [half]).best == fast
+    kept = search.finalize(task, study, space, rep, settings, None, [half, one])
+    assert kept.best == default and kept.best_us == 100.0 and kept.default_us == 100.0
