@@ -25,7 +25,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from .config import DecodeConfig, PrefillConfig, next_pow2, ws_capable
+from .config import DecodeConfig, PrefillConfig, next_pow2, ws_capable, ws_narrow
 from .device import H100_SHARED_BYTES
 from .spec import MLASpec
 
@@ -193,8 +193,9 @@ def space_for(spec: MLASpec, default: Config) -> Space:
 def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> int:
     """Shared memory of the main kernel (a lower bound; see the module docstring)."""
     width = spec.head_dim_ckv + spec.head_dim_kpe
-    if config.ws:  # the generated module's ws_shared_bytes with 1 P buffer
-        return ((64 + config.num_stages * config.block_n) * width + 64 * config.block_n) * itemsize
+    if config.ws:  # the generated module's ws_shared_bytes with 1 P buffer, less its vectors and barriers
+        q_rows = spec.num_heads if ws_narrow(spec) else 64  # its WS_Q_ROWS: below 64 heads, the heads
+        return ((q_rows + config.num_stages * config.block_n) * width + q_rows * config.block_n) * itemsize
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     wgmma = rows >= 64
     buffers = max(1, config.num_stages if wgmma else config.num_stages - 1)

@@ -10,7 +10,15 @@ from types import SimpleNamespace
 import pytest
 
 from tuner import buckets, space
-from tuner.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config, next_pow2
+from tuner.config import (
+    DecodeConfig,
+    PrefillConfig,
+    default_decode_config,
+    default_prefill_config,
+    next_pow2,
+    ws_block_h,
+    ws_capable,
+)
 from tuner.space import space_for
 from tuner.spec import MLASpec, catalogue
 from tuner.workloads import benchmark_set
@@ -95,6 +103,21 @@ def test_shared_memory_estimate_is_a_close_lower_bound(config: space.Config, mea
     spec = MLASpec(variant, 64, 512, 64, 1)  # type: ignore[arg-type]
     estimate = space.shared_bytes_estimate(spec, config)
     assert 0.6 * measured <= estimate <= measured
+
+
+@pytest.mark.parametrize("spec", [s for s in catalogue() if ws_capable(s)], ids=MLASpec.name)
+def test_ws_shared_estimate_follows_the_generated_formula(spec: MLASpec) -> None:
+    """The warp-specialized estimate is the generated module's ws_shared_bytes with one P buffer, less
+    its vectors and barriers (at most 1 KB): the query rows are the heads below 64 heads, else 64."""
+    from tuner.loader import load_module
+
+    module = load_module(spec)
+    for block_n, stages in ((64, 1), (64, 2), (32, 4), (16, 4)):
+        config = (DecodeConfig(block_h=ws_block_h(spec), block_n=block_n, num_stages=stages, ws=1) if spec.is_decode
+                  else PrefillConfig(block_m=64 // ws_block_h(spec), block_h=ws_block_h(spec), block_n=block_n,
+                                     num_stages=stages, ws=1))
+        gap = module.ws_shared_bytes(block_n, stages, 1) - space.shared_bytes_estimate(spec, config)
+        assert 0 <= gap <= 1024, (config.short(), gap)
 
 
 @pytest.mark.parametrize("config,why", [
