@@ -675,11 +675,10 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
             times.append(us)
         return math.prod(times) ** (1 / len(times)), tuple(times)
 
-    def beats(got: tuple[float, tuple[float, ...]], best: tuple[float, tuple[float, ...], Config, int | None]) -> bool:
-        """Faster in score; replacing the default also needs the margin and no loss on any batch."""
-        if best[2] != default:
-            return got[0] < best[0]
-        return got[0] < best[0] * (1 - settings.margin) and all(g <= b for g, b in zip(got[1], best[1], strict=True))
+    def replaces_default(got: tuple[float, tuple[float, ...]]) -> bool:
+        """The margin over the default's score, and no batch slower than with the default."""
+        return default_score is None or (got[0] < default_score[0] * (1 - settings.margin) and
+                                         all(g <= d for g, d in zip(got[1], default_score[1], strict=True)))
 
     wrong = _safe_check(bench, default)
     default_score = None
@@ -693,7 +692,7 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
         best = (*default_score, default, next((t.number for t in ok if t.user_attrs.get("default")), None))
     for config, number in finalists.values():
         got = None if config == default else score(config, f"trial {number}")
-        if got is not None and (best is None or beats(got, best)):
+        if got is not None and replaces_default(got) and (best is None or got[0] < best[0]):
             best = (*got, config, number)
     if best is None:
         result.notes.append("no candidate passed the correctness gate: no entry")
