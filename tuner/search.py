@@ -320,15 +320,16 @@ def recover_lost_trials(study: optuna.Study) -> None:
     """Fail and re-queue RUNNING trials whose worker is gone. With heartbeats (RDB storages): the
     heartbeat-stale ones, re-queued by Optuna's retry callback. Without (journal storages, one host):
     those of processes of this host that no longer exist."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     storage = _heartbeat_storage(_backend(study))
     if storage is not None:
-        _seed_heartbeats(storage, study)
+        _seed_heartbeats(storage, running)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         return
     host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in running:
         owner = str(t.user_attrs.get("worker", ""))
         owner_host, _, pid = owner.rpartition(":")
         if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
@@ -338,14 +339,14 @@ def recover_lost_trials(study: optuna.Study) -> None:
 _SEEDED: set[tuple[str, int]] = set()
 
 
-def _seed_heartbeats(storage: Any, study: optuna.Study) -> None:
-    """Record one heartbeat for each RUNNING trial this process has not seen before. Optuna never
+def _seed_heartbeats(storage: Any, running: list[FrozenTrial]) -> None:
+    """Record one heartbeat for each of the ``running`` trials this process has not seen before. Optuna never
     fails a RUNNING trial that has no heartbeat at all, which is what a worker killed between
     ``study.ask()`` and its first heartbeat leaves: the other workers would wait for it forever. Seeded
     once, such a trial goes stale one grace period later; a live owner's own beats keep its trial
     fresh (seeding it only refreshes it once)."""
     url = str(getattr(storage, "url", id(storage)))
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in running:
         key = (url, t._trial_id)
         if key not in _SEEDED:
             _SEEDED.add(key)
