@@ -4,7 +4,7 @@
 #   wstests the GPU tests of the warp-specialized kernels and every catalogue spec's default
 #   narrow  the GPU decode tests below 64 heads (the swapped-product ws kernel), all shapes
 #   gather  perf/probe.py's page-size-1 comparison of the ws kernels (gathering loader) with the Triton kernels
-#   stages  perf/stage_probe.py: each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
+#   stages  perf/stage_probe.py: the launch floor, then each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
 #   align   perf/stage_probe.py align: the tuned num_programs against multiples / divisors of the batch
 #   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
