@@ -5,6 +5,8 @@
 #   narrow  the GPU decode tests below 64 heads (the swapped-product ws kernel), all shapes
 #   gather  perf/probe.py's page-size-1 comparison of the ws kernels (gathering loader) with the Triton kernels
 #   stages  perf/stage_probe.py: the launch floor, then each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
+#   ab      stages of the modules and table in OLD (default build/old_src/generated, e.g. `git archive HEAD generated`)
+#           and then of these modules with the same table entries (STALE_OK=1): a kernel change before its re-tune
 #   align   perf/stage_probe.py align: the tuned num_programs against multiples / divisors of the batch
 #   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
@@ -42,6 +44,11 @@ for phase in "$@"; do
                 | tee "$OUT/gather_probe.log" | grep -v "  check" ;;
     stages) timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-b64-skew d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
                 2>&1 | tee "$OUT/stage_probe.log" ;;
+    ab) for side in before after; do  # stages of the committed modules and table (OLD, e.g. from git archive) vs these
+            if [ $side = before ]; then env="MLA_TUNER_GENERATED_DIR=${OLD:-$PWD/build/old_src/generated}"; else env="STALE_OK=1"; fi
+            env $env timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-b64-skew d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
+                2>&1 | tee "$OUT/ab_$side.log"
+        done ;;
     align) timeout "$(left)" python3 perf/stage_probe.py align ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
                 2>&1 | tee "$OUT/align_probe.log" ;;
     merge) timeout "$(left)" python3 perf/stage_probe.py merge ${ROWS:-d-b1-1k:1 d-b1-1k:64 d-b32-4k:64 d-b128-2k:64 \
