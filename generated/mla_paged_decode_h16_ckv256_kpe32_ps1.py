@@ -463,25 +463,21 @@ if gluon is not None:
                 q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty)
 
     @gluon.jit
-    def _ws_share(kv_indptr_ptr, batch, num_programs, p, WARPS: gl.constexpr):
-        """Program p's share of the page stream, [start, end) (as _share_start), and the request holding
-        its first page: the last b with kv_indptr[b] <= start, by _find_request's search (WARPS: the
-        partition's). The search's first level does not depend on the share, so its samples are loaded
-        beside kv_indptr[batch]: both DRAM round trips of a program's start overlap. Every warp holds
-        all the samples (a [1, FIND_SAMPLES] tile, warps along the unit dimension), so the count is a
-        shuffle reduction inside each warp: no shared-memory scratch, no registers beyond a few."""
+    def _ws_share(kv_indptr_ptr, batch, num_programs, p):
+        """[start, end) of program p's share of the page stream (as _share_start)."""
+        total = gl.load(kv_indptr_ptr + batch).to(gl.int64)
+        return (total * p) // num_programs, (total * (p + 1)) // num_programs
+
+    @gluon.jit
+    def _ws_find_request(kv_indptr_ptr, batch, page, WARPS: gl.constexpr):
+        """The last request b with kv_indptr[b] <= page, by _find_request's search (WARPS: the partition's).
+        Every warp holds all the samples (a [1, FIND_SAMPLES] tile, warps along the unit dimension), so the
+        count is a shuffle reduction inside each warp: no shared-memory scratch, no registers beyond a few."""
         layout: gl.constexpr = gl.BlockedLayout([1, FIND_SAMPLES // 32], [1, 32], [WARPS, 1], [1, 0])
         offs = gl.arange(0, FIND_SAMPLES, layout=gl.SliceLayout(0, layout))[None, :]
-        total = gl.load(kv_indptr_ptr + batch)  # (not converted here: that would wait for it)
         lo = batch * 0
         if batch > 1:  # (Triton specialises a batch of one to a constant: then no search is compiled)
-            step = (batch + FIND_SAMPLES - 1) // FIND_SAMPLES
-            idx = offs * step
-            samples = gl.load(kv_indptr_ptr + idx, mask=idx < batch, other=2147483647)  # in flight with total
-            page = (total.to(gl.int64) * p) // num_programs
-            below = gl.sum(gl.sum((samples <= page).to(gl.int32), axis=1), axis=0)
-            lo = gl.maximum(below - 1, 0) * step
-            n = gl.minimum(step, batch - lo)  # the answer lies in [lo, lo + n)
+            n = batch
             while n > 1:
                 step = (n + FIND_SAMPLES - 1) // FIND_SAMPLES
                 idx = lo + offs * step
@@ -490,8 +486,7 @@ if gluon is not None:
                 end = lo + n
                 lo = lo + gl.maximum(below - 1, 0) * step
                 n = gl.minimum(step, end - lo)
-        total64 = total.to(gl.int64)
-        return (total64 * p) // num_programs, (total64 * (p + 1)) // num_programs, lo
+        return lo
 
     @gluon.jit
     def _ws_piece(kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN: gl.constexpr):
@@ -517,8 +512,9 @@ if gluon is not None:
         pid = gl.program_id(0)
         p = pid // 1
         g = pid % 1
-        page, share_end, seq = _ws_share(kv_indptr_ptr, batch, num_programs, p, WS_LOADER_WARPS if GATHER else 1)
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
         if page < share_end:
+            seq = _ws_find_request(kv_indptr_ptr, batch, page, WS_LOADER_WARPS if GATHER else 1)
             it = 0
             pc = 0
             while page < share_end:
@@ -554,10 +550,11 @@ if gluon is not None:
                                                            instr_shape=[16, H, 16])
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         pid = gl.program_id(0)
-        page, share_end, seq = _ws_share(kv_indptr_ptr, batch, num_programs, pid, 4)
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, pid)
         offs_h = gl.arange(0, H, layout=col_s)
         offs_d = gl.arange(0, CKV, layout=gl.SliceLayout(1, s_layout))
         if page < share_end:
+            seq = _ws_find_request(kv_indptr_ptr, batch, page, 4)
             it = 0
             pc = 0
             while page < share_end:

@@ -10,8 +10,8 @@
 #   align   perf/stage_probe.py align: the tuned num_programs against multiples / divisors of the batch
 #   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
-#   tune    `mla-tune tune` (the default catalogue; VARIANTS, e.g. "decode", narrows it) on GPU 0, timed; the table
-#           is copied to $OUT
+#   tune    `mla-tune tune` (the default catalogue; VARIANTS, e.g. "decode", HEADS, BUCKETS narrow it, TRIALS sets
+#           the trials per bucket) on GPU 0, timed; the table is copied to $OUT
 #   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table (PAGE_SIZES, default "1 64")
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
@@ -57,7 +57,8 @@ for phase in "$@"; do
     smoke) timeout 180 python3 -m tuner tune --trials 3 --variant decode --page-size 1 --buckets b1-16_kv1-2k \
                --out "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log" | grep -v "trials:" || exit 1 ;;
     tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \
-              ${VARIANTS:+--variant $VARIANTS} 2>&1 | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
+              ${VARIANTS:+--variant $VARIANTS} ${HEADS:+--heads $HEADS} ${BUCKETS:+--buckets $BUCKETS} ${TRIALS:+--trials $TRIALS} \
+              2>&1 | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 --page-size ${PAGE_SIZES:-1 64} 2>&1 | tee "$OUT/h128.log" \
               | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ \
