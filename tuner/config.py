@@ -122,7 +122,9 @@ class DecodeConfig(_Config):
     block_h: heads per program (packed into the M dimension of tl.dot; at least 16).
     block_n: KV tokens per tile.
     programs_per_sm: stage-1 programs (all head groups together) per multiprocessor: the batch's page
-        stream is cut into num_programs equal shares (see :meth:`num_programs`).
+        stream is cut into num_programs equal shares (see :meth:`num_programs`). With ws it is taken as
+        1: the warp-specialized stage 1 fills a multiprocessor, so more programs would run in waves of
+        equal work (H200: 5-40% slower on every decode row, perf/LOG.md).
     split_tokens: the least KV tokens per share, so that small batches are not cut finer than pays
         for the merge.
     num_warps, num_stages: stage-1 warps and software-pipelining depth.
@@ -180,11 +182,12 @@ class DecodeConfig(_Config):
     def num_programs(self, spec: MLASpec, num_sms: int, max_tokens: int, batch: int) -> int:
         """Shares of the page stream for a batch of ``batch`` requests and at most ``max_tokens`` KV tokens
         (host-known: ``kv_indices.numel() * page_size``): about programs_per_sm programs per
-        multiprocessor over all head groups, but no share below split_tokens tokens. With ``align``, the
+        multiprocessor (one with ws) over all head groups, but no share below split_tokens tokens. With ``align``, the
         largest multiple or divisor of the batch within 1/16 below that (if any): when the requests are
         equal, every share then starts at a request boundary or cuts requests into equal pieces."""
         groups = -(-spec.num_heads // self.block_h)
-        by_sms = max(1, self.programs_per_sm * num_sms // groups)
+        per_sm = 1 if self.ws else self.programs_per_sm  # one warp-specialized program fills a multiprocessor
+        by_sms = max(1, per_sm * num_sms // groups)
         by_tokens = max(1, max_tokens // self.split_tokens)
         target = min(by_sms, by_tokens)
         if self.align and batch > 0:

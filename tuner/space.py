@@ -254,6 +254,8 @@ def check(spec: MLASpec, config: Config, limits: Limits = Limits()) -> str | Non
     if regs > MAX_ACC_REGS:
         return f"registers: the fp32 accumulator needs {regs:.0f} per thread (> {MAX_ACC_REGS}: spills)"
     if isinstance(config, DecodeConfig):
+        if config.ws and config.programs_per_sm > 1:  # (DecodeConfig.num_programs takes it as 1: a duplicate)
+            return "programs_per_sm: the warp-specialized stage 1 runs one program per multiprocessor"
         merge_regs = 2 * config.merge_block_h * config.merge_block_d / (config.merge_num_warps * 32)
         if merge_regs > MAX_ACC_REGS:
             return f"registers: the merge tile needs {merge_regs:.0f} per thread (> {MAX_ACC_REGS})"

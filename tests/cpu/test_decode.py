@@ -161,6 +161,11 @@ def test_aligned_shares() -> None:
         [132, 128, 128, 128, 128, 132, 132, 128, 130, 132, 132]
     assert n(128, align=0) == 132 and n(32, heads=128, block_h=64) == 64  # 66 shares of two head groups
     assert n(16, sms=8) == 8 and n(3, sms=8) == 8 and n(5, sms=8) == 8  # below 16 shares: no slack
+    # the warp-specialized stage 1 fills a multiprocessor: one program per SM, never waves
+    ws = DecodeConfig(block_h=16, split_tokens=64, programs_per_sm=4, ws=1, align=0)
+    assert ws.num_programs(MLASpec("decode", 16, 512, 64, 64), 132, 1 << 30, 16) == 132
+    assert ws.num_programs(MLASpec("decode", 16, 512, 64, 64), 132, 1024, 1) == 16  # split_tokens still bounds it
+    assert replace(ws, ws=0).num_programs(MLASpec("decode", 16, 512, 64, 64), 132, 1 << 30, 16) == 528
     # a table entry written before align existed keeps its old behaviour
     assert DecodeConfig.from_dict({k: v for k, v in DecodeConfig(align=1).to_dict().items() if k != "align"}).align == 0
 

@@ -126,6 +126,7 @@ def test_ws_shared_estimate_follows_the_generated_formula(spec: MLASpec) -> None
     (DecodeConfig(block_h=64, block_n=32, num_warps=4, num_stages=2), "registers"),
     (DecodeConfig(block_h=16, merge_block_h=32, merge_block_d=256, merge_num_warps=2), "merge tile"),
     (DecodeConfig(block_h=256), "block_h"),
+    (DecodeConfig(block_h=64, block_n=64, num_stages=2, ws=1, programs_per_sm=2), "one program per multiprocessor"),
     (PrefillConfig(block_m=8, block_h=16, block_n=16, num_warps=8, num_stages=1), "registers"),
     (PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=3), "shared memory"),
     (PrefillConfig(block_m=1, block_h=128), "block_h"),
