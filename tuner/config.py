@@ -182,9 +182,10 @@ class DecodeConfig(_Config):
     def num_programs(self, spec: MLASpec, num_sms: int, max_tokens: int, batch: int) -> int:
         """Shares of the page stream for a batch of ``batch`` requests and at most ``max_tokens`` KV tokens
         (host-known: ``kv_indices.numel() * page_size``): about programs_per_sm programs per
-        multiprocessor (one with ws) over all head groups, but no share below split_tokens tokens. With ``align``, the
-        largest multiple or divisor of the batch within 1/16 below that (if any): when the requests are
-        equal, every share then starts at a request boundary or cuts requests into equal pieces."""
+        multiprocessor (one with ws) over all head groups, but no share below split_tokens tokens. With
+        ``align``, the largest multiple or divisor of the batch within 1/16 below that (if any): when the
+        requests are equal, every share then starts at a request boundary or cuts requests into equal
+        pieces."""
         groups = -(-spec.num_heads // self.block_h)
         per_sm = 1 if self.ws else self.programs_per_sm  # one warp-specialized program fills a multiprocessor
         by_sms = max(1, per_sm * num_sms // groups)
