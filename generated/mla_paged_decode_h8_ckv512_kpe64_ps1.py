@@ -16,7 +16,8 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
     multiply. A request wholly inside one share is written to `out`/`lse` directly; a piece of a
     request that spans shares goes to scratch slot (program + request), unique by construction.
   stage 2, grid (batch * head blocks * column blocks): merges the pieces of each spanning request by
-    their base-2 lse, and writes output 0 and lse -inf for requests without pages. Programs of
+    their base-2 lse, up to 4 pieces per step with all their loads issued first (merge_pieces: their
+    L2 round trips overlap), and writes output 0 and lse -inf for requests without pages. Programs of
     requests that stage 1 wrote directly exit at once. On sm_90+ stage 2 is a programmatic dependent
     launch: it starts while stage 1 runs (the Triton stage 1 lets it go at once, the warp-specialized one
     when its loader has issued its last tile), finds its request and exits or
@@ -234,10 +235,33 @@ def _decode_stage1(
 
 
 @triton.jit
+def _load_piece(part_out_ptr, part_lse_ptr, p, p_last, seq, total_pages, num_programs, offs_h, mask_h, offs_d):
+    """Program p's piece of request seq (heads offs_h, columns offs_d): (lse, output) from the scratch, or
+    (-inf, 0) where p is past p_last or its share is empty (more programs than pages: it wrote nothing)."""
+    wrote = (p <= p_last) & (_share_start(p + 1, total_pages, num_programs)
+                             > _share_start(p, total_pages, num_programs))
+    row = (p + seq) * 8 + offs_h
+    part_lse = tl.load(part_lse_ptr + row, mask=mask_h & wrote, other=float("-inf"))
+    part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
+                   mask=mask_h[:, None] & wrote, other=0.0)
+    return part_lse, part
+
+
+@triton.jit
+def _fold_piece(m, denom, acc, part_lse, part):
+    """Fold one piece into the running (max lse, weight sum, weighted output); a (-inf, 0) piece is a no-op."""
+    m_new = tl.maximum(m, part_lse)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m - m_safe)
+    w = tl.math.exp2(part_lse - m_safe)
+    return m_new, denom * alpha + w, acc * alpha[:, None] + w[:, None] * part
+
+
+@triton.jit
 def _decode_stage2(
     kv_indptr_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, batch, num_programs,
     stride_o_b, stride_o_h, stride_lse_b,
-    MERGE_BLOCK_H: tl.constexpr, MERGE_BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    MERGE_BLOCK_H: tl.constexpr, MERGE_BLOCK_D: tl.constexpr, PIECES: tl.constexpr, PDL: tl.constexpr,
 ):
     N_H: tl.constexpr = (8 + MERGE_BLOCK_H - 1) // MERGE_BLOCK_H
     N_D: tl.constexpr = 512 // MERGE_BLOCK_D
@@ -263,20 +287,25 @@ def _decode_stage2(
     denom = tl.zeros([MERGE_BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([MERGE_BLOCK_H, MERGE_BLOCK_D], dtype=tl.float32)
     if seq_end > first_page:
-        for p in range(p_first, p_last + 1):
-            # A program whose share is empty (more programs than pages) wrote no piece.
-            wrote = _share_start(p + 1, total_pages, num_programs) > _share_start(p, total_pages, num_programs)
-            row = (p + seq) * 8 + offs_h
-            part_lse = tl.load(part_lse_ptr + row, mask=mask_h & wrote, other=float("-inf"))
-            part = tl.load(part_out_ptr + row[:, None] * 512 + offs_d[None, :],
-                           mask=mask_h[:, None] & wrote, other=0.0)
-            m_new = tl.maximum(m, part_lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m - m_safe)
-            w = tl.math.exp2(part_lse - m_safe)
-            denom = denom * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * part
-            m = m_new
+        # PIECES pieces per step: all their loads are issued before the first fold, so their L2 round
+        # trips overlap (a plain loop over the pieces waits one round trip per piece)
+        for p in range(p_first, p_last + 1, PIECES):
+            lse0, part0 = _load_piece(part_out_ptr, part_lse_ptr, p, p_last, seq, total_pages, num_programs,
+                                      offs_h, mask_h, offs_d)
+            if PIECES >= 2:
+                lse1, part1 = _load_piece(part_out_ptr, part_lse_ptr, p + 1, p_last, seq, total_pages,
+                                          num_programs, offs_h, mask_h, offs_d)
+            if PIECES >= 4:
+                lse2, part2 = _load_piece(part_out_ptr, part_lse_ptr, p + 2, p_last, seq, total_pages,
+                                          num_programs, offs_h, mask_h, offs_d)
+                lse3, part3 = _load_piece(part_out_ptr, part_lse_ptr, p + 3, p_last, seq, total_pages,
+                                          num_programs, offs_h, mask_h, offs_d)
+            m, denom, acc = _fold_piece(m, denom, acc, lse0, part0)
+            if PIECES >= 2:
+                m, denom, acc = _fold_piece(m, denom, acc, lse1, part1)
+            if PIECES >= 4:
+                m, denom, acc = _fold_piece(m, denom, acc, lse2, part2)
+                m, denom, acc = _fold_piece(m, denom, acc, lse3, part3)
     o, lse = _softmax_finish(m, denom, acc)
     tl.store(out_ptr + seq * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
@@ -742,6 +771,16 @@ def _pdl_ready(t: torch.Tensor) -> bool:
     return _CC_MAJOR[index] >= 9
 
 
+MERGE_PIECE_REGS = 32
+"""Registers per thread that stage 2 may hold in pieces loaded at once (a piece: its tile's share)."""
+
+
+def merge_pieces(merge_block_h: int, merge_block_d: int, merge_num_warps: int) -> int:
+    """Pieces stage 2 loads at once (1, 2 or 4): as many as fit MERGE_PIECE_REGS per thread."""
+    per_piece = max(1, merge_block_h * merge_block_d // (merge_num_warps * 32))
+    return 4 if 4 * per_piece <= MERGE_PIECE_REGS else (2 if 2 * per_piece <= MERGE_PIECE_REGS else 1)
+
+
 def scratch_rows(batch: int, num_programs: int) -> int:
     """Rows (of 8 heads) of stage-1 scratch: one slot per (program + request)."""
     return (num_programs + batch) * 8
@@ -779,10 +818,11 @@ def launch(
                        out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
                        pdl)
     grid2 = (batch * triton.cdiv(8, merge_block_h) * (512 // merge_block_d),)
+    pieces = merge_pieces(merge_block_h, merge_block_d, merge_num_warps)
     _decode_stage2[grid2](
         kv_indptr, out, lse, partial_out, partial_lse, batch, num_programs,
         out.stride(0), out.stride(1), lse.stride(0),
-        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, PDL=pdl, num_warps=merge_num_warps,
+        MERGE_BLOCK_H=merge_block_h, MERGE_BLOCK_D=merge_block_d, PIECES=pieces, PDL=pdl, num_warps=merge_num_warps,
         launch_pdl=pdl,
     )
 

@@ -109,6 +109,7 @@ def probe(w: Workload, page_size: int, device: torch.device, dtype: torch.dtype,
 
     def old() -> None:
         mod._decode_stage2[grid](*args, MERGE_BLOCK_H=cfg.merge_block_h, MERGE_BLOCK_D=cfg.merge_block_d,
+                                 PIECES=mod.merge_pieces(cfg.merge_block_h, cfg.merge_block_d, cfg.merge_num_warps),
                                  PDL=False, num_warps=cfg.merge_num_warps)
 
     def new() -> None:

@@ -69,10 +69,12 @@ def probe_row(w, page_size: int) -> str:
     def stage2():
         b = inp.q_nope.shape[0]
         grid = (b * -(-w.heads // cfg.merge_block_h) * (w.head_dim_ckv // cfg.merge_block_d),)
+        pieces = ({"PIECES": mod.merge_pieces(cfg.merge_block_h, cfg.merge_block_d, cfg.merge_num_warps)}
+                  if hasattr(mod, "merge_pieces") else {})  # (modules of before 2026-11-30's 8th session: none)
         mod._decode_stage2[grid](inp.kv_indptr, out, lse, split.partial_out, split.partial_lse, b,
                                  split.num_programs, out.stride(0), out.stride(1), lse.stride(0),
                                  MERGE_BLOCK_H=cfg.merge_block_h, MERGE_BLOCK_D=cfg.merge_block_d, PDL=False,
-                                 num_warps=cfg.merge_num_warps)
+                                 num_warps=cfg.merge_num_warps, **pieces)
 
     t = [time_call(f, runs=40).median_us for f in (whole, stage1, stage2)]
     n = spanning(inp.kv_indptr, split.num_programs)

@@ -96,6 +96,14 @@ CONFIGS = {
 }
 
 
+def test_configs_cover_every_merge_step() -> None:
+    """Stage 2 folds 1, 2 or 4 pieces per step (merge_pieces, by the merge tile's registers): the
+    configs below run each, with requests in more pieces than a step holds."""
+    module = loader.load_module(MLASpec("decode", 16, 512, 64, 1))
+    steps = {module.merge_pieces(c.merge_block_h, c.merge_block_d, c.merge_num_warps) for c in CONFIGS.values()}
+    assert steps == {1, 2, 4}
+
+
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_configs(config: DecodeConfig, page_size: int) -> None:
