@@ -137,7 +137,8 @@ class DecodeConfig(_Config):
         once per tile); needs a ``ws_capable`` spec and block_h = ``ws_block_h(spec)``. num_warps and
         tma do not apply to it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot address) the Triton
         stage 1 runs with the same config.
-    merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps.
+    merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps (the tile's registers
+        per thread also set how many pieces stage 2 loads at once: the generated ``merge_pieces``).
     pdl: 1 launches stage 2 as a programmatic dependent of stage 1 (sm_90+; elsewhere ignored): stage 1
         lets it launch (the warp-specialized one once its loader has issued a share's last tile, the
         Triton one at once), so its launch and prologue (finding its request; programs of requests that
