@@ -29,6 +29,8 @@ if ! python3 -c "import optuna" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MLA_TUNER_CACHE_DIR="$PWD/build/mla-cache"
 left() { echo $((LIMIT - ($(date +%s) - T0))); }
+# every decode row of the benchmark set at page sizes 1 and 64 (the default ROWS of stages and ab)
+DECODE_ROWS="$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-b64-skew d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 
@@ -42,11 +44,11 @@ for phase in "$@"; do
                 -k "test_gpu_decode and not h128 and not h64" 2>&1 | tee "$OUT/narrow_tests.log" | tail -3 ;;
     gather) (source .peers/activate.sh && timeout "$(left)" python3 perf/probe.py all gather) 2>&1 \
                 | tee "$OUT/gather_probe.log" | grep -v "  check" ;;
-    stages) timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-b64-skew d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
+    stages) timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$DECODE_ROWS} \
                 2>&1 | tee "$OUT/stage_probe.log" ;;
     ab) for side in before after; do  # stages of the committed modules and table (OLD, e.g. from git archive) vs these
             if [ $side = before ]; then env="MLA_TUNER_GENERATED_DIR=${OLD:-$PWD/build/old_src/generated}"; else env="STALE_OK=1"; fi
-            env $env timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-b64-skew d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
+            env $env timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$DECODE_ROWS} \
                 2>&1 | tee "$OUT/ab_$side.log"
         done ;;
     align) timeout "$(left)" python3 perf/stage_probe.py align ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
