@@ -24,11 +24,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from tuner import MLADecode  # noqa: E402
-from tuner.config import default_decode_config  # noqa: E402
-from tuner.loader import load_module  # noqa: E402
-from tuner.spec import MLASpec  # noqa: E402
-from tuner.timing import time_call  # noqa: E402
-from tuner.workloads import Workload, benchmark_set, make_inputs  # noqa: E402
+from tuner.harness.inputs import Workload, benchmark_set, make_inputs  # noqa: E402
+from tuner.harness.timing import time_call  # noqa: E402
+from tuner.runtime.config import default_decode_config  # noqa: E402
+from tuner.runtime.loader import load_module  # noqa: E402
+from tuner.runtime.spec import MLASpec  # noqa: E402
 
 # The share arithmetic of the generated decode modules (the same in every one), reused as is.
 _helpers = load_module(MLASpec("decode", 16, 512, 64, 1))

@@ -15,11 +15,11 @@ from dataclasses import replace
 import torch
 
 import tuner
-from tuner.buckets import decode_bucket, prefill_bucket
-from tuner.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config, ws_capable
-from tuner.reference import mla_decode_ref, mla_prefill_ref
-from tuner.timing import time_call
-from tuner.workloads import benchmark_set, make_inputs
+from tuner.harness.inputs import benchmark_set, make_inputs
+from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
+from tuner.harness.timing import time_call
+from tuner.runtime.buckets import decode_bucket, prefill_bucket
+from tuner.runtime.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config, ws_capable
 
 DEV = torch.device("cuda")
 WHAT = sys.argv[1] if len(sys.argv) > 1 else "all"
@@ -133,7 +133,7 @@ def main() -> None:
         for ps in (1, 64):
             configs = [None]
             if SWEEP and w.is_decode:
-                base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
+                base = tuner.runtime.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
                 grid = ([(16, 64, 8, 2, 1), (16, 64, 8, 3, 1), (16, 32, 4, 3, 1), (16, 32, 4, 3, 2), (16, 32, 4, 4, 1),
                          (16, 16, 4, 4, 2)] if w.heads <= 16 else
                         [(64, 32, 8, 3, 1), (64, 32, 8, 2, 1), (64, 64, 8, 1, 1), (64, 32, 8, 4, 1)])
@@ -141,7 +141,7 @@ def main() -> None:
                     configs.append(DecodeConfig(**{**base, "block_h": bh, "block_n": bn, "num_warps": nw,
                                                    "num_stages": st, "programs_per_sm": pps}))
             if "small" in sys.argv[2:] and w.is_decode:
-                base = tuner.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
+                base = tuner.runtime.dispatch.decode_config(w.spec(ps), w.batch, w.avg_kv_len, DEV).to_dict()
                 for st, mbh, mbd in itertools.product((32, 64, 128), (4, 16), (32, 128)):
                     configs.append(DecodeConfig(**{**base, "split_tokens": st, "merge_block_h": mbh,
                                                    "merge_block_d": mbd}))

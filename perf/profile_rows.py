@@ -17,7 +17,7 @@ import sys
 import torch
 
 from tuner import MLADecode, MLAPrefill
-from tuner.workloads import benchmark_set, make_inputs
+from tuner.harness.inputs import benchmark_set, make_inputs
 
 
 def main(argv: list[str]) -> None:

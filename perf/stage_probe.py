@@ -24,10 +24,10 @@ import torch
 import triton
 
 from tuner import MLADecode
-from tuner.config import next_pow2
-from tuner.loader import load_module
-from tuner.timing import time_call
-from tuner.workloads import benchmark_set, make_inputs
+from tuner.harness.inputs import benchmark_set, make_inputs
+from tuner.harness.timing import time_call
+from tuner.runtime.config import next_pow2
+from tuner.runtime.loader import load_module
 
 
 def spanning(kv_indptr: torch.Tensor, num_programs: int) -> int:
@@ -159,7 +159,7 @@ class _AnyHash(str):
 def use_stale_entries() -> None:
     """Let the dispatch use the table's entries of kernels whose generated module changed since they were
     tuned (their configs are still valid): for an A/B of a new switch before the re-tune."""
-    from tuner import dispatch
+    from tuner.runtime import dispatch
 
     dispatch.module_hash = lambda spec: _AnyHash("any")
 

@@ -14,10 +14,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from probe import check, fi_wrapper  # noqa: E402
 
 import tuner  # noqa: E402
-from tuner.config import DecodeConfig  # noqa: E402
-from tuner.reference import mla_decode_ref  # noqa: E402
-from tuner.timing import time_call  # noqa: E402
-from tuner.workloads import Workload, benchmark_set, make_inputs  # noqa: E402
+from tuner.harness.inputs import Workload, benchmark_set, make_inputs  # noqa: E402
+from tuner.harness.reference import mla_decode_ref  # noqa: E402
+from tuner.harness.timing import time_call  # noqa: E402
+from tuner.runtime.config import DecodeConfig  # noqa: E402
 
 DEV = torch.device("cuda")
 TRITON = DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=3, tma=1, merge_block_h=4)

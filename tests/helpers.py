@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 import tuner
-from tuner.reference import mla_decode_ref, mla_prefill_ref
-from tuner.workloads import Inputs
+from tuner.harness.inputs import Inputs
+from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
 
 Outputs = tuple[torch.Tensor, torch.Tensor]
 
@@ -79,7 +79,7 @@ def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, 
 
 @dataclass
 class Case(Inputs):
-    """One random paged batch: the arguments of ``mla_decode`` / ``mla_prefill`` (``tuner.workloads.Inputs``)
+    """One random paged batch: the arguments of ``mla_decode`` / ``mla_prefill`` (``tuner.harness.inputs.Inputs``)
     plus the lengths they were made from, and the calls the tests make on them.
 
     q_nope [R, H, ckv], q_pe [R, H, kpe] (R = batch for decode, sum(q_lens) for prefill);
@@ -286,7 +286,7 @@ def check_installed(site: str | Path) -> None:
     and prefill under the Triton interpreter when there is no GPU), and a shape outside the catalogue
     fails with advice instead of rendering (an install has no templates). Set MLA_TUNER_CACHE_DIR to
     an empty folder first. Used by tests/cpu/test_install.py and .ci/run."""
-    from tuner import loader, paths
+    from tuner.runtime import loader, paths
 
     package = Path(tuner.__file__).resolve().parent
     assert package == Path(site).resolve() / "tuner", f"expected the copy in {site}, found {package}"

@@ -7,10 +7,10 @@ Runtime API (importing it imports neither optuna nor jinja2):
 
 from __future__ import annotations
 
-from .config import DecodeConfig, PrefillConfig
-from .decode import MLADecode, mla_decode
-from .prefill import MLAPrefill, mla_prefill
-from .spec import MLASpec, catalogue
+from tuner.runtime.config import DecodeConfig, PrefillConfig
+from tuner.runtime.decode import MLADecode, mla_decode
+from tuner.runtime.prefill import MLAPrefill, mla_prefill
+from tuner.runtime.spec import MLASpec, catalogue
 
 __all__ = [
     "DecodeConfig", "MLADecode", "MLAPrefill", "MLASpec", "PrefillConfig", "catalogue", "mla_decode",

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .spec import VARIANTS, MLASpec, catalogue
+from tuner.runtime.spec import VARIANTS, MLASpec, catalogue
 
 
 def _specs_from_args(args: argparse.Namespace) -> list[MLASpec] | None:
@@ -34,7 +34,7 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .codegen import generate
+    from tuner.codegen.render import generate
 
     specs = _specs_from_args(args)
     if specs is not None and not args.out:
@@ -63,9 +63,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS = {
-    "tune": "search launch parameters on this GPU and write the dispatch table",
-    "show": "print a kernel's generated module and its dispatch entries",
-    "bench": "time the tuned dispatch against the peers on the benchmark set",
+    "tune": ("tuner.tuning.command", "search launch parameters on this GPU and write the dispatch table"),
+    "show": ("tuner.tuning.show", "print a kernel's generated module and its dispatch entries"),
+    "bench": ("tuner.bench.command", "time the tuned dispatch against the peers on the benchmark set"),
 }
 
 
@@ -79,13 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_args(g)
     g.set_defaults(func=cmd_generate)
 
-    for name, help_text in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"tuner.cmd_{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"tuner.cmd_{name}":
-                raise
-            continue
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(p)
         p.set_defaults(func=module.run)

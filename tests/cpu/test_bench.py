@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuner import bench
+from tuner.bench import run as bench
+from tuner.bench.peers import PEER_KEYS, SGLangPeer, TorchPeer, sglang_kv_splits, token_slots
 from tuner.cli import main
-from tuner.peers import PEER_KEYS, SGLangPeer, TorchPeer, sglang_kv_splits, token_slots
-from tuner.reference import kv_lengths, mla_decode_ref, mla_prefill_ref
-from tuner.workloads import Workload, make_inputs
+from tuner.harness.inputs import Workload, make_inputs
+from tuner.harness.reference import kv_lengths, mla_decode_ref, mla_prefill_ref
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tuner import MLASpec, catalogue, codegen, paths
+from tuner import MLASpec, catalogue
+from tuner.codegen import render as codegen
+from tuner.runtime import paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPECS = catalogue()

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 from helpers import assert_matches, make_case, poisoned_outputs
 
-from tuner import DecodeConfig, MLADecode, MLASpec, catalogue, loader, mla_decode
-from tuner.device import gpu_info
+from tuner import DecodeConfig, MLADecode, MLASpec, catalogue, mla_decode
+from tuner.runtime import loader
+from tuner.runtime.device import gpu_info
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 

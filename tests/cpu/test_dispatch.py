@@ -1,4 +1,4 @@
-"""The dispatch table (tuner.dispatch): export and merge, lookup and its fallbacks, stale entries,
+"""The dispatch table (tuner.runtime.dispatch): export and merge, lookup and its fallbacks, stale entries,
 broken tables, and what the runtime calls."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import tuner
-from tuner import dispatch, paths
-from tuner.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
-from tuner.device import GPUInfo, gpu_info
-from tuner.loader import module_hash, module_path
-from tuner.spec import MLASpec
+from tuner.runtime import dispatch, paths
+from tuner.runtime.config import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from tuner.runtime.device import GPUInfo, gpu_info
+from tuner.runtime.loader import module_hash, module_path
+from tuner.runtime.spec import MLASpec
 
 DECODE = MLASpec("decode", 16, 512, 64, 1)
 DECODE64 = MLASpec("decode", 16, 512, 64, 64)

@@ -21,7 +21,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from tuner.search import COUNTED, _with_pg_driver, counted_trials  # noqa: E402
+from tuner.tuning.search import COUNTED, _with_pg_driver, counted_trials  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import assert_matches, make_case, poisoned_outputs
 
-from tuner import MLAPrefill, MLASpec, PrefillConfig, loader
+from tuner import MLAPrefill, MLASpec, PrefillConfig
+from tuner.runtime import loader
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 CAUSAL = [pytest.param(True, id="causal"), pytest.param(False, id="noncausal")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import TOLERANCES, assert_matches, make_case
 
-from tuner.reference import kv_lengths, mla_decode_ref, mla_prefill_ref
+from tuner.harness.reference import kv_lengths, mla_decode_ref, mla_prefill_ref
 
 
 def naive_prefill(case, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from tuner import DecodeConfig, MLASpec, PrefillConfig, catalogue
-from tuner.config import default_decode_config, default_prefill_config
+from tuner.runtime.config import default_decode_config, default_prefill_config
 
 
 def test_catalogue_contents() -> None:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tuner import dispatch, paths
-from tuner.spec import MLASpec
+from tuner.runtime import dispatch, paths
+from tuner.runtime.spec import MLASpec
+from tuner.tuning import representative
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_DECODE = MLASpec("decode", 8, 32, 16, 4)
@@ -98,7 +99,7 @@ def test_interrupted_study_resumes_and_loses_nothing(tmp_path: Path) -> None:
     fails and re-queues it (its process is gone), finishes the budget and exports."""
     import optuna
 
-    from tuner.search import counted_trials
+    from tuner.tuning.search import counted_trials
 
     journal = tmp_path / "studies.journal"
     args = ["--storage", f"journal:{journal}", "--variant", "decode", "--page-size", "1", "--trials", "6"]
@@ -134,10 +135,11 @@ SM90_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     import tuner
-    from tuner import precompile, space
-    from tuner.config import DecodeConfig
-    from tuner.spec import MLASpec
-    from tuner.workloads import Workload, make_inputs
+    from tuner.tuning import precompile
+    from tuner.tuning import space
+    from tuner.runtime.config import DecodeConfig
+    from tuner.runtime.spec import MLASpec
+    from tuner.harness.inputs import Workload, make_inputs
 
     def capture(spec, config):
         w = Workload("w", spec.num_heads, (40, 17, 64), head_dim_ckv=spec.head_dim_ckv,
@@ -194,11 +196,12 @@ def test_parallel_compile_for_sm90_fills_the_cache_without_a_gpu(tmp_path: Path)
 
 
 def test_tuner_modules_import_no_optuna_until_they_run() -> None:
-    code = ("import sys, tuner, tuner.dispatch, tuner.space, tuner.buckets, tuner.measure, tuner.precompile, "
-            "tuner.cmd_tune, tuner.cmd_show\n"
+    code = ("import sys, tuner, tuner.runtime.dispatch, tuner.tuning.space, tuner.runtime.buckets, "
+            "tuner.tuning.measure, "
+            "tuner.tuning.precompile, tuner.tuning.command, tuner.tuning.show\n"
             "bad = [m for m in ('optuna', 'jinja2') if m in sys.modules]\n"
             "assert not bad, bad\n"
-            "import tuner.search\nassert 'optuna' in sys.modules\nprint('ok')")
+            "import tuner.tuning.search\nassert 'optuna' in sys.modules\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(Path("/nonexistent")),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
@@ -206,7 +209,7 @@ def test_tuner_modules_import_no_optuna_until_they_run() -> None:
 
 def test_exhaustive_needs_one_bucket_of_one_kernel() -> None:
     from tuner.cli import build_parser
-    from tuner.cmd_tune import build_tasks
+    from tuner.tuning.command import build_tasks
 
     args = build_parser().parse_args(["tune", "--exhaustive"])
     with pytest.raises(SystemExit, match="one bucket of one kernel"):
@@ -221,7 +224,7 @@ def test_exhaustive_needs_one_bucket_of_one_kernel() -> None:
 
 def test_default_catalogue_and_model_presets() -> None:
     from tuner.cli import build_parser
-    from tuner.cmd_tune import build_tasks
+    from tuner.tuning.command import build_tasks
 
     tasks = build_tasks(build_parser().parse_args(["tune"]), dry=False)
     kernels = sorted({t.spec.name() for t in tasks})
@@ -260,9 +263,10 @@ def test_exhaustive_sweep_measures_every_point_once_and_compares_with_tpe() -> N
     import optuna
     import torch
 
-    from tuner import buckets, search, space
-    from tuner.config import default_decode_config
-    from tuner.precompile import CompilePool
+    from tuner.runtime import buckets
+    from tuner.runtime.config import default_decode_config
+    from tuner.tuning import search, space
+    from tuner.tuning.precompile import CompilePool
 
     spec = TINY_DECODE
     task = search.Task(spec, buckets.DECODE_BUCKETS[0], tiny=True)
@@ -301,11 +305,13 @@ def test_effective_key_of_warp_specialized_configs() -> None:
 
     import torch
 
-    from tuner import buckets, search
-    from tuner.config import DecodeConfig
+    from tuner.runtime import buckets
+    from tuner.runtime.config import DecodeConfig
+    from tuner.tuning import search
 
     spec = MLASpec("decode", 64, 512, 64, 16)
-    bench = search.Bench(spec, buckets.DECODE_BUCKETS[0].tiny_workload(spec), torch.device("cpu"), torch.float16)
+    tiny = representative.tiny_workload(buckets.DECODE_BUCKETS[0], spec)
+    bench = search.Bench(spec, tiny, torch.device("cpu"), torch.float16)
     ws = DecodeConfig(block_h=64, block_n=16, num_warps=4, num_stages=2, tma=1, ws=1, merge_block_h=4)
     assert not bench.ws_runs
     assert bench.effective_key(ws) == bench.effective_key(dataclasses.replace(ws, ws=0))
@@ -322,7 +328,7 @@ def test_a_worker_killed_before_its_first_heartbeat_loses_nothing(tmp_path: Path
     test's timeout): the next worker to look seeds it, and one grace period later it is failed and
     re-queued like any other lost trial."""
     optuna = pytest.importorskip("optuna")
-    from tuner.search import make_storage, recover_lost_trials
+    from tuner.tuning.search import make_storage, recover_lost_trials
 
     storage = make_storage(f"sqlite:///{tmp_path / 'studies.db'}", heartbeat_s=1)
     study = optuna.create_study(storage=storage, study_name="orphan")

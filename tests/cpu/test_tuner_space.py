@@ -1,4 +1,4 @@
-"""The search spaces (tuner.space), their feasibility pruning, and the shape buckets (tuner.buckets)."""
+"""The search spaces (tuner.tuning.space), their feasibility pruning, and the shape buckets (tuner.runtime.buckets)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from tuner import buckets, space
-from tuner.config import (
+from tuner.harness.inputs import benchmark_set
+from tuner.runtime import buckets, resources
+from tuner.runtime.config import (
+    Config,
     DecodeConfig,
     PrefillConfig,
     default_decode_config,
@@ -19,15 +21,15 @@ from tuner.config import (
     ws_block_h,
     ws_capable,
 )
-from tuner.space import space_for
-from tuner.spec import MLASpec, catalogue
-from tuner.workloads import benchmark_set
+from tuner.runtime.spec import MLASpec, catalogue
+from tuner.tuning import representative, space
+from tuner.tuning.space import space_for
 
 H100_SMS = 132
 
 
-def _default(spec: MLASpec, bucket: buckets.Bucket) -> space.Config:
-    w = bucket.workload(spec)
+def _default(spec: MLASpec, bucket: buckets.Bucket) -> Config:
+    w = representative.workload(bucket, spec)
     if spec.is_decode:
         return default_decode_config(spec, w.batch, sum(w.kv_lens) / w.batch, H100_SMS)
     return default_prefill_config(spec)
@@ -81,7 +83,7 @@ def test_every_feasible_point_is_a_valid_config(spec: MLASpec) -> None:
 
 
 # (config, shared bytes of Triton 3.6's sm_90 compile, ckv 512 + kpe 64, bf16): calibration points of
-# space.shared_bytes_estimate, which must never exceed what the compiler asks for.
+# resources.shared_bytes_estimate, which must never exceed what the compiler asks for.
 MEASURED_SHARED = [
     (DecodeConfig(block_h=16, block_n=16, num_warps=8, num_stages=2), 37376),
     (DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=2), 94208),
@@ -98,10 +100,10 @@ MEASURED_SHARED = [
 
 
 @pytest.mark.parametrize("config,measured", MEASURED_SHARED, ids=lambda x: getattr(x, "short", lambda: str(x))())
-def test_shared_memory_estimate_is_a_close_lower_bound(config: space.Config, measured: int) -> None:
+def test_shared_memory_estimate_is_a_close_lower_bound(config: Config, measured: int) -> None:
     variant = "decode" if isinstance(config, DecodeConfig) else "prefill_causal"
     spec = MLASpec(variant, 64, 512, 64, 1)  # type: ignore[arg-type]
-    estimate = space.shared_bytes_estimate(spec, config)
+    estimate = resources.shared_bytes_estimate(spec, config)
     assert 0.6 * measured <= estimate <= measured
 
 
@@ -109,14 +111,14 @@ def test_shared_memory_estimate_is_a_close_lower_bound(config: space.Config, mea
 def test_ws_shared_estimate_follows_the_generated_formula(spec: MLASpec) -> None:
     """The warp-specialized estimate is the generated module's ws_shared_bytes with one P buffer, less
     its vectors and barriers (at most 1 KB): the query rows are the heads below 64 heads, else 64."""
-    from tuner.loader import load_module
+    from tuner.runtime.loader import load_module
 
     module = load_module(spec)
     for block_n, stages in ((64, 1), (64, 2), (32, 4), (16, 4)):
         config = (DecodeConfig(block_h=ws_block_h(spec), block_n=block_n, num_stages=stages, ws=1) if spec.is_decode
                   else PrefillConfig(block_m=64 // ws_block_h(spec), block_h=ws_block_h(spec), block_n=block_n,
                                      num_stages=stages, ws=1))
-        gap = module.ws_shared_bytes(block_n, stages, 1) - space.shared_bytes_estimate(spec, config)
+        gap = module.ws_shared_bytes(block_n, stages, 1) - resources.shared_bytes_estimate(spec, config)
         assert 0 <= gap <= 1024, (config.short(), gap)
 
 
@@ -131,7 +133,7 @@ def test_ws_shared_estimate_follows_the_generated_formula(spec: MLASpec) -> None
     (PrefillConfig(block_m=4, block_h=16, block_n=64, num_warps=8, num_stages=3), "shared memory"),
     (PrefillConfig(block_m=1, block_h=128), "block_h"),
 ])
-def test_infeasible_configs_are_pruned_with_a_reason(config: space.Config, why: str) -> None:
+def test_infeasible_configs_are_pruned_with_a_reason(config: Config, why: str) -> None:
     variant = "decode" if isinstance(config, DecodeConfig) else "prefill_causal"
     spec = MLASpec(variant, 64, 512, 64, 1)  # type: ignore[arg-type]
     reason = space.check(spec, config)
@@ -192,16 +194,16 @@ def test_representative_workloads_sit_inside_their_bucket() -> None:
     for bucket in buckets.DECODE_BUCKETS + buckets.PREFILL_BUCKETS:
         variant = "decode" if bucket.kind == "decode" else "prefill_causal"
         spec = MLASpec(variant, 16, 512, 64, 64)  # type: ignore[arg-type]
-        w = bucket.workload(spec)
+        w = representative.workload(bucket, spec)
         assert w.spec(64) == spec
         rows = w.batch if bucket.kind == "decode" else w.total_q
         assert bucket.contains(rows, sum(w.kv_lens) / w.batch), bucket.name
         assert w.visible_pairs() > 0
-        assert bucket.workload(spec) == w  # fixed seeds
-        tiny = bucket.tiny_workload(spec)
+        assert representative.workload(bucket, spec) == w  # fixed seeds
+        tiny = representative.tiny_workload(bucket, spec)
         assert sum(tiny.kv_lens) < 200 and tiny.spec(64) == spec
     with pytest.raises(ValueError, match="is for decode"):
-        buckets.DECODE_BUCKETS[0].workload(MLASpec("prefill", 16, 512, 64, 1))
+        representative.workload(buckets.DECODE_BUCKETS[0], MLASpec("prefill", 16, 512, 64, 1))
 
 
 def test_benchmark_rows_land_in_distinct_plausible_buckets() -> None:
@@ -223,14 +225,14 @@ def test_benchmark_rows_land_in_distinct_plausible_buckets() -> None:
 def test_untuned_config_fits_the_gpu_shared_memory(spec: MLASpec, shared: int) -> None:
     """Without a tuned entry the runtime shrinks the default to the GPU (an A100 has 163 KB a block, an
     RTX 4090 99 KB); on a Hopper the default is left as it is."""
-    from tuner.device import GPUInfo
-    from tuner.dispatch import untuned_config
+    from tuner.runtime.device import GPUInfo
+    from tuner.runtime.dispatch import untuned_config
 
     gpu = GPUInfo("test-gpu", "test", "8.0", 108, shared_bytes=shared)
     for rows, avg_kv in ((1, 1000.0), (64, 8000.0), (4096, 2000.0)):
         config = untuned_config(spec, rows, avg_kv, gpu)
         config.check_spec(spec)
-        assert space.shared_bytes_estimate(spec, config) + space.shared_margin(config) <= shared, config
+        assert resources.shared_bytes_estimate(spec, config) + resources.shared_margin(config) <= shared, config
         default = (default_decode_config(spec, rows, avg_kv, 108, hopper=False) if spec.is_decode
                    else default_prefill_config(spec, hopper=False))
         if shared == space.H100_SHARED_BYTES:
@@ -244,7 +246,7 @@ def test_untuned_config_fits_the_gpu_shared_memory(spec: MLASpec, shared: int) -
 def test_half_workload_is_the_first_half_of_the_representative(spec: MLASpec) -> None:
     """The finalists' second batch: the first half of the representative's requests, same spec."""
     for bucket in buckets.buckets_for(spec):
-        full, half = bucket.workload(spec), bucket.half_workload(spec)
+        full, half = representative.workload(bucket, spec), representative.half_workload(bucket, spec)
         assert half.batch == max(1, full.batch // 2)
         assert half.kv_lens == full.kv_lens[: half.batch] and half.spec(64) == full.spec(64)
         assert half.q_lens == (None if full.q_lens is None else full.q_lens[: half.batch])
@@ -255,15 +257,15 @@ def test_check_workloads_cover_the_small_end_of_each_bucket() -> None:
     typical length (b1-16_kv1-2k: d-b1-1k's shape); the others only on the half."""
     spec = MLASpec("decode", 16, 512, 64, 64)
     for bucket in buckets.buckets_for(spec):
-        checks = bucket.check_workloads(spec)
-        assert checks[0] == bucket.half_workload(spec)
+        checks = representative.check_workloads(bucket, spec)
+        assert checks[0] == representative.half_workload(bucket, spec)
         if bucket.rows[0] == 0:
             (one,) = checks[1:]
             assert one.kv_lens == (bucket.lengths.median,) and one.spec(64) == spec
         else:
             assert len(checks) == 1
     prefill = MLASpec("prefill_causal", 16, 512, 64, 64)
-    assert [len(b.check_workloads(prefill)) for b in buckets.buckets_for(prefill)] == [1, 1, 1, 1]
+    assert [len(representative.check_workloads(b, prefill)) for b in buckets.buckets_for(prefill)] == [1, 1, 1, 1]
 
 
 class _FakeBench:
@@ -290,7 +292,7 @@ def test_finalize_keeps_the_default_when_a_finalist_loses_on_a_check_batch() -> 
     """A finalist replaces the default only when it is no slower on any batch (the representative, its
     half, one request): the best geometric mean among those, else the default."""
     optuna = pytest.importorskip("optuna")
-    from tuner import search
+    from tuner.tuning import search
 
     spec = MLASpec("decode", 16, 512, 64, 64)
     default = default_decode_config(spec, 4, 1024, 132)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from tuner import MLASpec, catalogue
-from tuner.config import default_decode_config, default_prefill_config, ws_capable
-from tuner.loader import load_module
+from tuner.runtime.config import default_decode_config, default_prefill_config, ws_capable
+from tuner.runtime.loader import load_module
 
 SPECS = [s for s in catalogue() if ws_capable(s)]
 

@@ -11,8 +11,8 @@ import torch
 from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import DecodeConfig, MLASpec, catalogue
-from tuner.config import default_decode_config, ws_block_h, ws_capable, ws_narrow
-from tuner.loader import load_module
+from tuner.runtime.config import default_decode_config, ws_block_h, ws_capable, ws_narrow
+from tuner.runtime.loader import load_module
 
 pytestmark = pytest.mark.gpu
 

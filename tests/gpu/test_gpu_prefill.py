@@ -9,8 +9,8 @@ import torch
 from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
 
 from tuner import MLASpec, PrefillConfig, catalogue
-from tuner.config import ws_capable
-from tuner.loader import load_module
+from tuner.runtime.config import ws_capable
+from tuner.runtime.loader import load_module
 
 pytestmark = pytest.mark.gpu
 

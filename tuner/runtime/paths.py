@@ -18,7 +18,7 @@ ENV_GENERATED_DIR = "MLA_TUNER_GENERATED_DIR"
 ENV_CACHE_DIR = "MLA_TUNER_CACHE_DIR"
 ENV_GPU_KEY = "MLA_TUNER_GPU_KEY"
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # tuner/
 REPO_ROOT = PACKAGE_DIR.parent
 TEMPLATES_DIR = REPO_ROOT / "templates"
 GENERATED_MARKER = "__init__.py"

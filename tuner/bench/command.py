@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-PEERS = ("fa3", "fa2", "sglang", "torch")  # tuner.peers.PEER_KEYS (kept literal: nothing heavy at import)
+PEERS = ("fa3", "fa2", "sglang", "torch")  # tuner.bench.peers.PEER_KEYS (kept literal: nothing heavy at import)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are loaded (triton reads it per jit)
 
-    from . import bench, paths
+    from tuner.runtime import paths
+
+    from . import run as bench
 
     try:
         old = bench.load_results(Path(args.compare)) if args.compare else None

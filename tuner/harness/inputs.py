@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spec import MLASpec
+from tuner.runtime.spec import MLASpec
 
 SM_SCALE = 1.0 / math.sqrt(128 + 64)  # DeepSeek: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
 

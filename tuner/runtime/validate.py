@@ -127,15 +127,25 @@ def check_host_data(spec: MLASpec, num_pages: int, kv_indptr: torch.Tensor, kv_i
         if total_q is not None and int(qo[-1]) != total_q:
             raise ValueError(f"qo_indptr: expected the last value to equal the rows of q_nope ({total_q}), "
                              f"found {int(qo[-1])}")
-        last = (kv_last_page_len.cpu().long() if kv_last_page_len is not None and spec.page_size > 1
-                else torch.full_like(n_pages, spec.page_size))
-        kv_len = torch.where(n_pages > 0, (n_pages - 1) * spec.page_size + last, torch.zeros_like(n_pages))
+        kv_len = kv_lengths(indptr, spec.page_size, None if kv_last_page_len is None else kv_last_page_len.cpu())
         q_len = qo[1:] - qo[:-1]
         bad = q_len > kv_len
         if bool(bad.any()):
             b = int(bad.nonzero()[0])
             raise ValueError(f"qo_indptr: sequence {b} has q_len {int(q_len[b])} > kv_len {int(kv_len[b])} "
                              "(its queries are its last q_len tokens, so kv_len >= q_len is required)")
+
+
+def kv_lengths(kv_indptr: torch.Tensor, page_size: int,
+               kv_last_page_len: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [B]: tokens of each sequence, ``(pages - 1) * page_size + kv_last_page_len`` (0 without
+    pages; full pages when ``kv_last_page_len`` is None or the page size is 1). On the tensors' device."""
+    n_pages = (kv_indptr[1:] - kv_indptr[:-1]).long()
+    if page_size == 1 or kv_last_page_len is None:
+        last = torch.full_like(n_pages, page_size)
+    else:
+        last = kv_last_page_len.long()
+    return torch.where(n_pages > 0, (n_pages - 1) * page_size + last, torch.zeros_like(n_pages))
 
 
 def _check_indptr(name: str, indptr: torch.Tensor, limit: int | None) -> None:

@@ -14,7 +14,7 @@ JSON with sorted keys, written atomically::
           "b1-16_kv1-2k": {
             "config": {"block_h": 16, "block_n": 64, ...},   # DecodeConfig / PrefillConfig fields
             "default_time_us": 21.3,  # the default config, re-timed beside the winner (null: it failed)
-            "kernel_hash": "1f0c...", # tuner.loader.module_hash of the generated module tuned
+            "kernel_hash": "1f0c...", # tuner.runtime.loader.module_hash of the generated module tuned
             "time_us": 17.9,          # the winner: median of a CUDA-graph replay, L2 flushed
             "trials": 24,             # candidates measured
             "versions": {"cuda": "12.8", "torch": "2.11.0", "triton": "3.6.0"}
@@ -24,7 +24,7 @@ JSON with sorted keys, written atomically::
     }
 
 Lookup (``decode_config`` / ``prefill_config``, called by ``plan()`` and on every call of the
-functional forms): the bucket of the batch (:mod:`tuner.buckets`), then the entry of this exact GPU,
+functional forms): the bucket of the batch (:mod:`tuner.runtime.buckets`), then the entry of this exact GPU,
 else the entry of a GPU with the same compute capability (same multiprocessor count first), else the
 default config. An entry whose kernel hash no longer matches its generated module is stale and
 ignored. Each fallback warns once per (kernel, reason) with :class:`DispatchWarning`; the Triton
@@ -54,10 +54,17 @@ import torch
 
 from . import paths
 from .buckets import by_name, decode_bucket, prefill_bucket
-from .config import ConfigKeysError, DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from .config import (
+    Config,
+    ConfigKeysError,
+    DecodeConfig,
+    PrefillConfig,
+    default_decode_config,
+    default_prefill_config,
+)
 from .device import GPUInfo, gpu_info
 from .loader import module_hash
-from .space import Config, fit_shared_memory
+from .resources import fit_shared_memory
 from .spec import MLASpec
 
 SCHEMA_VERSION = 1

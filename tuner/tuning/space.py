@@ -1,41 +1,25 @@
 """Search spaces: each kernel's tunable launch parameters as data, and a feasibility predicate.
 
 A :class:`Space` is a small table of categorical choices per parameter (every parameter is a field of
-:class:`~tuner.config.DecodeConfig` / :class:`~tuner.config.PrefillConfig`, except prefill's ``rows``,
+:class:`~tuner.runtime.config.DecodeConfig` / :class:`~tuner.runtime.config.PrefillConfig`, except prefill's ``rows``,
 the M dimension ``block_m * block_h`` of its tl.dot, which is searched instead of ``block_m``). The
 default config of a shape is always in the space (its values are added to the choices), so the tuner
 can try it first. Fields that are not searched take the default's value.
 
-:func:`check` is the feasibility predicate that prunes a candidate before it is compiled. Its resource
-model was calibrated against Triton 3.6 compiles for sm_90 (``metadata.shared`` and cuobjdump's
-register/stack counts, ckv 512 + kpe 64, bf16) and is a lower bound of the shared memory the compiled
-kernel asks for; the tuner checks the compiled kernel's exact figure before it runs anything:
-
-- a tile whose M dimension (rows: decode's block_h, prefill's block_m * block_h) is at least 64 is
-  lowered to wgmma, which keeps ``num_stages`` KV tiles in flight; smaller tiles use mma.sync with
-  ``num_stages - 1``; either way the query tile (rows x (ckv + kpe)) stays in shared memory, and
-  decode at 64 rows also stages its fp32 partial output (rows x ckv x 4 bytes) there;
-- the fp32 accumulator (rows x ckv) is spread over num_warps * 32 threads: above 128 registers per
-  thread it spills kilobytes (measured), so such configs are pruned.
+:func:`check` is the feasibility predicate that prunes a candidate before it is compiled, by the
+resource model of :mod:`tuner.runtime.resources`.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from .config import DecodeConfig, PrefillConfig, next_pow2, ws_capable, ws_narrow
-from .device import H100_SHARED_BYTES
-from .spec import MLASpec
-
-Config = DecodeConfig | PrefillConfig
-
-SHARED_MARGIN = 4096
-"""Bytes the compiled kernel may use beyond :func:`shared_bytes_estimate` (measured: 0-2 KB)."""
-
-MAX_ACC_REGS = 128
-"""fp32 accumulator registers per thread above which a config is pruned (of 255)."""
+from tuner.runtime.config import Config, DecodeConfig, PrefillConfig, next_pow2, ws_capable
+from tuner.runtime.device import H100_SHARED_BYTES
+from tuner.runtime.resources import MAX_ACC_REGS, acc_registers, shared_bytes_estimate
+from tuner.runtime.spec import MLASpec
 
 DECODE_CHOICES: dict[str, tuple[int, ...]] = {
     "block_h": (16, 32, 64),
@@ -188,57 +172,6 @@ def space_for(spec: MLASpec, default: Config) -> Space:
     if not isinstance(default, PrefillConfig):
         raise TypeError(f"default: expected a PrefillConfig for {spec.name()}, found {type(default).__name__}")
     return prefill_space(spec, default)
-
-
-def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> int:
-    """Shared memory of the main kernel (a lower bound; see the module docstring)."""
-    width = spec.head_dim_ckv + spec.head_dim_kpe
-    if config.ws:  # the generated module's ws_shared_bytes with 1 P buffer, less its vectors and barriers
-        q_rows = spec.num_heads if ws_narrow(spec) else 64  # its WS_Q_ROWS: below 64 heads, the heads
-        return ((q_rows + config.num_stages * config.block_n) * width + q_rows * config.block_n) * itemsize
-    rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
-    wgmma = rows >= 64
-    buffers = max(1, config.num_stages if wgmma else config.num_stages - 1)
-    smem = (rows + buffers * config.block_n) * width * itemsize
-    if wgmma and isinstance(config, DecodeConfig):
-        smem = max(smem, rows * spec.head_dim_ckv * 4)
-    return smem
-
-
-def shared_margin(config: Config) -> int:
-    """What the compiled kernel may use beyond the estimate: SHARED_MARGIN, or 512 bytes for the
-    warp-specialized stage 1, whose buffers are all explicit (measured: 190-230 bytes of barriers)."""
-    return 512 if config.ws else SHARED_MARGIN
-
-
-def fit_shared_memory(spec: MLASpec, config: Config, shared_bytes: int, itemsize: int = 2) -> Config:
-    """``config``, made smaller until its shared memory fits ``shared_bytes`` (for the default configs,
-    written for a Hopper's 227 KB, on GPUs with less): fewer stages first, then smaller KV tiles, then
-    fewer rows per program. Returns ``config`` itself when it fits; the smallest config it can make
-    otherwise (whose compile then says what does not fit)."""
-    def fits(c: Config) -> bool:
-        return shared_bytes_estimate(spec, c, itemsize) + shared_margin(c) <= shared_bytes
-
-    while not fits(config):
-        if config.num_stages > 1:
-            config = replace(config, num_stages=config.num_stages - 1)
-        elif config.block_n > 16:
-            config = replace(config, block_n=config.block_n // 2)
-        elif isinstance(config, PrefillConfig) and config.block_m > 1:
-            config = replace(config, block_m=config.block_m // 2)
-        elif config.block_h > 16 or (isinstance(config, PrefillConfig) and config.block_h > 1):
-            config = replace(config, block_h=config.block_h // 2)
-        else:
-            break
-    return config
-
-
-def acc_registers(spec: MLASpec, config: Config) -> float:
-    """fp32 accumulator registers per thread of the main kernel."""
-    if config.ws:  # [64, ckv / 2] per warpgroup
-        return 64 * spec.head_dim_ckv / 2 / 128
-    rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
-    return rows * spec.head_dim_ckv / (config.num_warps * 32)
 
 
 def check(spec: MLASpec, config: Config, limits: Limits = Limits()) -> str | None:

@@ -1,9 +1,9 @@
 """``mla-tune bench``: the tuned dispatch against the peers on the public benchmark set.
 
-Per (row, page size): build the inputs once (:func:`tuner.workloads.make_inputs`, fixed seed), compute
+Per (row, page size): build the inputs once (:func:`tuner.harness.inputs.make_inputs`, fixed seed), compute
 the float32 reference on the first sequences, then for every implementation: prepare (plan, layout
 conversion: untimed), run once and check against the reference (relative Frobenius error < 1e-2, lse
-within 1e-3 where it returns one), and only if it passes, time it with :func:`tuner.timing.time_call`
+within 1e-3 where it returns one), and only if it passes, time it with :func:`tuner.harness.timing.time_call`
 (CUDA-graph replay of one call, L2 flushed before each call, median; a call that cannot be captured is
 timed with events without a graph, and the table marks it). The floor of a row is
 max(bytes / copy bandwidth, FLOPs / matmul rate), both ceilings measured in the same run.
@@ -30,18 +30,19 @@ from typing import Any
 
 import torch
 
-from . import paths
-from .config import DecodeConfig, PrefillConfig
-from .decode import MLADecode, mla_decode
-from .device import gpu_info
-from .dispatch import untuned_config
-from .fileio import write_atomic
-from .loader import module_hash
+from tuner.harness.inputs import Inputs, Workload, benchmark_set, make_inputs
+from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
+from tuner.harness.timing import Timing, time_call
+from tuner.runtime import paths
+from tuner.runtime.config import DecodeConfig, PrefillConfig
+from tuner.runtime.decode import MLADecode, mla_decode
+from tuner.runtime.device import gpu_info
+from tuner.runtime.dispatch import untuned_config
+from tuner.runtime.fileio import write_atomic
+from tuner.runtime.loader import module_hash
+from tuner.runtime.prefill import MLAPrefill, mla_prefill
+
 from .peers import Impl, Prepared, all_peers, output_buffers
-from .prefill import MLAPrefill, mla_prefill
-from .reference import mla_decode_ref, mla_prefill_ref
-from .timing import Timing, time_call
-from .workloads import Inputs, Workload, benchmark_set, make_inputs
 
 SCHEMA_VERSION = 1
 REL_TOL = 1e-2  # relative Frobenius error of the output against the float32 reference
@@ -436,7 +437,7 @@ def environment(device: torch.device, impls: dict[str, Impl], reasons: dict[str,
     """GPU identity, versions (torch, triton, CUDA, peers present), the date and the checkout's commit."""
     import triton
 
-    from . import __version__
+    from tuner import __version__
 
     info = gpu_info(device)
     env: dict[str, Any] = {

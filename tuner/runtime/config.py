@@ -261,6 +261,10 @@ class PrefillConfig(_Config):
         return self.block_m * self.block_h
 
 
+Config = DecodeConfig | PrefillConfig
+"""A launch config of either variant."""
+
+
 def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms: int,
                           hopper: bool = True) -> DecodeConfig:
     """A sensible decode config without tuning (the best single config of the H100 sweep, perf/LOG.md):

@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _gpu(key: str | None):  # -> GPUInfo
-    from .device import gpu_info
-    from .dispatch import load_table, table_path
+    from tuner.runtime.device import gpu_info
+    from tuner.runtime.dispatch import load_table, table_path
 
     if key is None:
         return gpu_info()
@@ -35,11 +35,12 @@ def _probe(bucket) -> tuple[int, float]:  # a (rows, avg_kv) inside the bucket
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import dispatch
-    from .buckets import buckets_for
-    from .loader import module_hash, module_path
+    from tuner.runtime import dispatch
+    from tuner.runtime.buckets import buckets_for
+    from tuner.runtime.loader import module_hash, module_path
+    from tuner.runtime.spec import MLASpec
+
     from .space import compact
-    from .spec import MLASpec
 
     gpu = _gpu(args.gpu)
     path = dispatch.table_path(gpu.key)

@@ -33,10 +33,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .spec import MLASpec
+from tuner.runtime.spec import MLASpec
 
 _LOADED_PREFIX = "tuner._kernels."
-"""tuner.loader imports a generated module under this package name."""
+"""tuner.runtime.loader imports a generated module under this package name."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def _error_text(err: BaseException) -> str:
 
 def compile_job(job: CompileJob) -> CompileResult:
     """Compile every kernel of ``job`` into Triton's cache (runs in a worker process)."""
-    from .loader import load_module
+    from tuner.runtime.loader import load_module
 
     start = time.perf_counter()
     try:

@@ -106,9 +106,8 @@ class MLAPrefill:
         qo_host = qo_indptr.cpu()
         self.total_q = int(qo_host[-1])
         if config is None:
-            from .reference import kv_lengths
 
-            kv_total = int(kv_lengths(kv_indptr.cpu(), page_size,
+            kv_total = int(validate.kv_lengths(kv_indptr.cpu(), page_size,
                                       None if kv_last_page_len is None else kv_last_page_len.cpu()).sum())
             config = dispatch.prefill_config(self.spec, self.total_q, kv_total / max(1, batch), device)
         config.check_spec(self.spec)

@@ -11,13 +11,13 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
-from . import paths
-from .config import ws_block_h, ws_capable, ws_narrow
-from .fileio import write_atomic
-from .spec import MLASpec, catalogue
+from tuner.runtime import paths
+from tuner.runtime.config import ws_block_h, ws_capable, ws_narrow
+from tuner.runtime.fileio import write_atomic
+from tuner.runtime.spec import MLASpec, catalogue
 
 GENERATED_INIT = '''\
-"""Generated MLA kernels: one module per specialization, named by ``tuner.spec.MLASpec.name()``.
+"""Generated MLA kernels: one module per specialization, named by ``tuner.runtime.spec.MLASpec.name()``.
 
 Made by ``mla-tune generate`` from ``templates/``; ``mla-tune generate --check`` fails when a file here
 differs from what the templates render. Do not edit by hand. ``dispatch/`` holds the tuned tables.

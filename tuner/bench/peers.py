@@ -1,6 +1,6 @@
 """Adapters that run the other implementations on the benchmark's inputs (``mla-tune bench``).
 
-Every adapter turns one :class:`tuner.workloads.Inputs` into a :class:`Prepared` call: the host work
+Every adapter turns one :class:`tuner.harness.inputs.Inputs` into a :class:`Prepared` call: the host work
 (planning, index conversion, layout changes a peer's engine would already have) is done once, outside
 the timed region, and the call only launches work and returns ``(output, lse or None)`` with the
 output [total_q, H, ckv] in the input dtype and lse [total_q, H] float32 in base 2.
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .reference import kv_lengths
-from .workloads import Inputs, Workload
+from tuner.harness.inputs import Inputs, Workload
+from tuner.harness.reference import kv_lengths
 
 LOG2E = 1.0 / math.log(2.0)
 FLASHINFER_WORKSPACE_BYTES = 256 << 20  # what FlashInfer's own examples and SGLang allocate
@@ -89,7 +89,7 @@ def token_slots(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_lens: torc
 
     Args:
         kv_indptr: int32 [B + 1] page offsets; kv_indices: int32 page ids; kv_lens: [B] tokens per
-            sequence (:func:`tuner.reference.kv_lengths`).
+            sequence (:func:`tuner.harness.reference.kv_lengths`).
 
     Returns:
         (slot_indptr int32 [B + 1], slots int64 [total tokens]): the tokens of sequence b are
@@ -257,7 +257,7 @@ class SGLangPeer(Impl):
         return f"unknown (decode_attention.py sha256 {hashlib.sha256(source).hexdigest()[:12]})"
 
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
-        from .device import gpu_info
+        from tuner.runtime.device import gpu_info
 
         fwd = importlib.import_module(SGLANG_MODULE).decode_attention_fwd
         batch, heads, ckv = inp.q_nope.shape

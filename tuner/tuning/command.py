@@ -43,7 +43,7 @@ TINY_PAGE_SIZES = (1, 4)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .spec import VARIANTS
+    from tuner.runtime.spec import VARIANTS
 
     shape = p.add_argument_group("what to tune (default: the catalogue of --model)")
     shape.add_argument("--model", choices=sorted(MODELS), help=f"shape preset (default: {DEFAULT_MODEL})")
@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _specs(args: argparse.Namespace, dry: bool) -> list:  # -> list[MLASpec]
-    from .spec import MLASpec
+    from tuner.runtime.spec import MLASpec
 
     custom = any(x is not None for x in (args.model, args.heads, args.ckv, args.kpe))
     if dry and not custom:
@@ -93,7 +93,8 @@ def _specs(args: argparse.Namespace, dry: bool) -> list:  # -> list[MLASpec]
 
 
 def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[search.Task]
-    from .buckets import DECODE_BUCKETS, PREFILL_BUCKETS, buckets_for
+    from tuner.runtime.buckets import DECODE_BUCKETS, PREFILL_BUCKETS, buckets_for
+
     from .search import Task
 
     known = {b.name for b in DECODE_BUCKETS + PREFILL_BUCKETS}
@@ -225,7 +226,7 @@ def print_summary(results: list, dry: bool) -> None:  # results: list[search.Stu
 def _exporter(gpu: Any, out: Path | None, write: Any) -> Any:
     """A callback that merges each finished study's entry into the table at once (so that a run cut
     short keeps what it finished) and reports it."""
-    from .dispatch import merge
+    from tuner.runtime.dispatch import merge
 
     def export(result: Any) -> None:
         if result.entry is None:
@@ -275,8 +276,10 @@ def run(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before any generated module is imported
     import optuna
 
-    from . import dispatch, paths, search
-    from .device import gpu_info
+    from tuner.runtime import dispatch, paths
+    from tuner.runtime.device import gpu_info
+
+    from . import search
     from .measure import device_limits, measure_floors
 
     tasks = build_tasks(args, dry)

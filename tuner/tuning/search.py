@@ -3,12 +3,12 @@
 Flow of one study (:func:`run_study`), in Optuna's ask/tell form so that the GPU never waits for the
 compiler:
 
-    ask -> suggest a point of the space (tuner.space) -> prune if infeasible
+    ask -> suggest a point of the space (tuner.tuning.space) -> prune if infeasible
         -> reuse the value of an identical launch already measured (a duplicate)
-        -> capture the kernels to compile and hand them to a compile worker (tuner.precompile)
+        -> capture the kernels to compile and hand them to a compile worker (tuner.tuning.precompile)
     ... while workers compile, the GPU process takes the first candidate whose compile is done:
         compile error / out of resources -> pruned, the reason in the trial's user attrs
-        -> correctness gate on fresh inputs against the float32 reference (tuner.measure)
+        -> correctness gate on fresh inputs against the float32 reference (tuner.tuning.measure)
         -> time (CUDA-graph replay, L2 flushed, median) -> tell
 
 The default config is the first trial of every study (``enqueue_trial``). ``--trials N`` counts the
@@ -17,7 +17,7 @@ candidates measured (trial outcome ``ok``, ``compile_error``, ``out_of_resources
 not count. :func:`finalize` re-times the best few and the default with more runs and makes the
 dispatch entry.
 
-Storage (:func:`make_storage`): an Optuna JournalStorage file in ``tuner.paths.cache_dir()`` by
+Storage (:func:`make_storage`): an Optuna JournalStorage file in ``tuner.runtime.paths.cache_dir()`` by
 default, or any Optuna storage URL. Studies are named by GPU key, kernel, bucket, kernel hash and
 search-space hash, so a study resumes after an interrupt and starts afresh when the kernel or the
 space changes. Several worker processes (one per GPU, or many hosts on one PostgreSQL database) share
@@ -49,17 +49,20 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from . import paths
-from .bench import Ceilings
-from .buckets import Bucket
-from .device import gpu_info
-from .dispatch import Entry, untuned_config, versions
-from .loader import module_hash
+from tuner.bench.run import Ceilings
+from tuner.harness.inputs import Workload
+from tuner.runtime import paths
+from tuner.runtime.buckets import Bucket
+from tuner.runtime.config import Config
+from tuner.runtime.device import gpu_info
+from tuner.runtime.dispatch import Entry, untuned_config, versions
+from tuner.runtime.loader import module_hash
+from tuner.runtime.spec import MLASpec
+
+from . import representative
 from .measure import Bench
 from .precompile import CompilePool, CompileResult, capture, current_target, interpreting
-from .space import Config, Limits, Space, check_values, feasible_grid, space_for
-from .spec import MLASpec
-from .workloads import Workload
+from .space import Limits, Space, check_values, feasible_grid, space_for
 
 COUNTED = frozenset({"ok", "compile_error", "out_of_resources", "incorrect", "launch_error", "timeout"})
 """Trial outcomes that count toward a study's budget (candidates that cost a compile or GPU time)."""
@@ -85,11 +88,13 @@ class Task:
         return f"{self.spec.name()} {self.bucket.name}"
 
     def workload(self) -> Workload:
-        return self.bucket.tiny_workload(self.spec) if self.tiny else self.bucket.workload(self.spec)
+        if self.tiny:
+            return representative.tiny_workload(self.bucket, self.spec)
+        return representative.workload(self.bucket, self.spec)
 
     def check_workloads(self) -> tuple[Workload, ...]:
         """The other batches the finalists are re-timed on (none for the interpreter's tiny batch)."""
-        return () if self.tiny else self.bucket.check_workloads(self.spec)
+        return () if self.tiny else representative.check_workloads(self.bucket, self.spec)
 
 
 @dataclass
@@ -147,7 +152,7 @@ def default_journal() -> Path:
 
 
 def make_storage(url: str | None, heartbeat_s: int = 10) -> optuna.storages.BaseStorage:
-    """The Optuna storage for ``url`` (None: the embedded journal in ``tuner.paths.cache_dir()``).
+    """The Optuna storage for ``url`` (None: the embedded journal in ``tuner.runtime.paths.cache_dir()``).
 
     The default is a JournalStorage over a JournalFileBackend, not SQLite: the journal is an
     append-only log of operations, so an interrupted run loses nothing already written and a study

@@ -4,7 +4,7 @@
 fresh inputs (another seed: other values and another page permutation) with their float32 reference
 for the correctness gate. A candidate runs through the public runtime API (``tuner.mla_decode`` /
 ``tuner.mla_prefill`` with ``config=``), so it is measured exactly as it will run, host-side split
-policy included. No optuna here: :mod:`tuner.search` drives it.
+policy included. No optuna here: :mod:`tuner.tuning.search` drives it.
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ from collections.abc import Callable
 
 import torch
 
-from .bench import Ceilings, floor_us, measure_ceilings
-from .config import DecodeConfig, PrefillConfig
-from .decode import mla_decode
-from .device import gpu_info
-from .dispatch import untuned_config
-from .prefill import mla_prefill
-from .reference import mla_decode_ref, mla_prefill_ref
-from .space import Config, Limits
-from .spec import MLASpec
-from .timing import Timing, time_call
-from .workloads import Inputs, Workload, make_inputs
+from tuner.bench.run import Ceilings, floor_us, measure_ceilings
+from tuner.harness.inputs import Inputs, Workload, make_inputs
+from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
+from tuner.harness.timing import Timing, time_call
+from tuner.runtime.config import Config, DecodeConfig, PrefillConfig
+from tuner.runtime.decode import mla_decode
+from tuner.runtime.device import gpu_info
+from tuner.runtime.dispatch import untuned_config
+from tuner.runtime.prefill import mla_prefill
+from tuner.runtime.spec import MLASpec
+
+from .space import Limits
 
 OUT_TOL = 1e-2
 """Elementwise: an output element fails only if it misses both atol and rtol (FlashInfer-Bench's bar)."""

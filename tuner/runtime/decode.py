@@ -118,9 +118,8 @@ class MLADecode:
             validate.check_host_data(self.spec, num_pages if num_pages is not None else 2**62,
                                      kv_indptr, kv_indices, kv_last_page_len)
         if config is None:
-            from .reference import kv_lengths
 
-            total = int(kv_lengths(kv_indptr.cpu(), page_size,
+            total = int(validate.kv_lengths(kv_indptr.cpu(), page_size,
                                    None if kv_last_page_len is None else kv_last_page_len.cpu()).sum())
             config = dispatch.decode_config(self.spec, batch, total / max(1, batch), device)
         config.check_spec(self.spec)

@@ -33,7 +33,8 @@ def module_path(spec: MLASpec) -> Path:
     # Keyed by the templates' content: a module rendered by other templates is never picked up.
     cached = paths.cache_dir() / "generated" / _templates_hash() / name
     if not cached.is_file():
-        from .codegen import render  # imports jinja2: only for shapes outside the catalogue
+        from tuner.codegen.render import render  # imports jinja2: only for shapes outside the catalogue
+
         from .fileio import write_atomic
 
         write_atomic(cached, render(spec))

@@ -12,16 +12,9 @@ import math
 
 import torch
 
+from tuner.runtime.validate import kv_lengths
 
-def kv_lengths(kv_indptr: torch.Tensor, page_size: int,
-               kv_last_page_len: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [B]: tokens of each sequence."""
-    n_pages = (kv_indptr[1:] - kv_indptr[:-1]).long()
-    if page_size == 1 or kv_last_page_len is None:
-        last = torch.full_like(n_pages, page_size)
-    else:
-        last = kv_last_page_len.long()
-    return torch.where(n_pages > 0, (n_pages - 1) * page_size + last, torch.zeros_like(n_pages))
+__all__ = ["kv_lengths", "mla_decode_ref", "mla_prefill_ref"]
 
 
 def _attend(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,

@@ -9,12 +9,12 @@ exactly. Ranges are ``lo < x <= hi`` (``hi`` None: unbounded).
 Decode (6 buckets): batch 1-16 / 17-96 / 97+ by mean KV up to 2k / above 2k.
 Prefill (4 buckets): up to 256 queries (a chunk of a prompt), 257-2k queries (a handful of fresh
 prompts), and above 2k queries with mean KV up to 2k / above 2k. The edges put every row of
-``shared/benchmark_set.md`` well inside one bucket and cover serving ranges (batch 1-512,
+the benchmark set (``docs/benchmark_set.md``) well inside one bucket and cover serving ranges (batch 1-512,
 KV 128-128k, prompts up to tens of thousands of tokens).
 
 Each bucket is tuned on one representative synthetic workload (:meth:`Bucket.workload`): lengths
 drawn lognormal around the bucket's typical value with fixed seeds (serving-like skew), the
-page ids a random permutation (``tuner.workloads.make_inputs``).
+page ids a random permutation (``tuner.harness.inputs.make_inputs``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .spec import MLASpec
-from .workloads import Workload, skewed_lengths
 
 Kind = Literal["decode", "prefill"]
 
@@ -39,10 +38,10 @@ class Lengths:
     sigma: float = 0.5
     seed: int = 0
 
-    def draw(self) -> tuple[int, ...]:
-        if self.lo == self.hi:
-            return (self.lo,) * self.count
-        return skewed_lengths(self.count, self.median, self.lo, self.hi, self.sigma, self.seed)
+    @property
+    def typical(self) -> int:
+        """The median, clipped to [lo, hi]."""
+        return min(max(self.median, self.lo), self.hi)
 
 
 @dataclass(frozen=True)
@@ -80,62 +79,7 @@ class Bucket:
     def contains(self, rows: float, avg_kv: float) -> bool:
         return _inside(rows, self.rows) and _inside(avg_kv, self.kv)
 
-    def workload(self, spec: MLASpec) -> Workload:
-        """The representative batch of this bucket for ``spec``'s heads and head dims."""
-        self._check_kind(spec)
-        lengths = self.lengths.draw()
-        if self.kind == "decode":
-            return Workload(f"{self.name}", spec.num_heads, lengths, head_dim_ckv=spec.head_dim_ckv,
-                            head_dim_kpe=spec.head_dim_kpe)
-        prefix = self.prefix.draw() if self.prefix is not None else (0,) * len(lengths)
-        return Workload(self.name, spec.num_heads, tuple(q + p for q, p in zip(lengths, prefix, strict=True)), lengths,
-                        causal=spec.causal, head_dim_ckv=spec.head_dim_ckv, head_dim_kpe=spec.head_dim_kpe)
-
-    def half_workload(self, spec: MLASpec) -> Workload:
-        """The first half of the representative's requests (at least one): the finalists are re-timed on
-        it too, so that a config tuned to the representative's size (a split count, say) does not lose
-        on the smaller batches of the same bucket."""
-        full = self.workload(spec)
-        n = max(1, full.batch // 2)
-        q_lens = None if full.q_lens is None else full.q_lens[:n]
-        return Workload(f"{self.name}-half", full.heads, full.kv_lens[:n], q_lens, causal=full.causal,
-                        head_dim_ckv=full.head_dim_ckv, head_dim_kpe=full.head_dim_kpe)
-
-    def check_workloads(self, spec: MLASpec) -> tuple[Workload, ...]:
-        """The batches the finalists are re-timed on besides the representative: its first half and, where
-        the bucket starts at one request and the half holds more, a single request of the typical length
-        (``lengths.median``): a config must not lose at the bucket's small end either (H200: a b1-16 entry
-        picked on 4 and 2 requests ran d-b1-1k in 20.8 µs against the default's 18.5)."""
-        half = self.half_workload(spec)
-        if self.rows[0] > 0 or half.batch <= 1:
-            return (half,)
-        full = self.workload(spec)
-
-        def typical(lengths: Lengths) -> int:
-            return min(max(lengths.median, lengths.lo), lengths.hi)
-
-        if full.q_lens is None:
-            one = Workload(f"{self.name}-one", full.heads, (typical(self.lengths),),
-                           head_dim_ckv=full.head_dim_ckv, head_dim_kpe=full.head_dim_kpe)
-        else:
-            q = typical(self.lengths)
-            prefix = typical(self.prefix) if self.prefix is not None else 0
-            one = Workload(f"{self.name}-one", full.heads, (q + prefix,), (q,), causal=full.causal,
-                           head_dim_ckv=full.head_dim_ckv, head_dim_kpe=full.head_dim_kpe)
-        return half, one
-
-    def tiny_workload(self, spec: MLASpec) -> Workload:
-        """A few sequences of tens of tokens, for the Triton interpreter (the dry run): the same
-        code path, none of the bucket's scale."""
-        self._check_kind(spec)
-        kv = (37, 5, 64)
-        common = dict(head_dim_ckv=spec.head_dim_ckv, head_dim_kpe=spec.head_dim_kpe)
-        if self.kind == "decode":
-            return Workload(f"{self.name}-tiny", spec.num_heads, kv, **common)  # type: ignore[arg-type]
-        return Workload(f"{self.name}-tiny", spec.num_heads, kv, (9, 1, 16), causal=spec.causal,
-                        **common)  # type: ignore[arg-type]
-
-    def _check_kind(self, spec: MLASpec) -> None:
+    def check_kind(self, spec: MLASpec) -> None:
         if spec.is_decode != (self.kind == "decode"):
             raise ValueError(f"spec: bucket {self.name} is for {self.kind}, found {spec.name()}")
 

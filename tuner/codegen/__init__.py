@@ -1,0 +1,1 @@
+"""Code generation: renders templates/ into one Triton module per specialization (needs jinja2)."""
