@@ -79,25 +79,27 @@ def run(args: argparse.Namespace) -> int:
 
     from tuner.runtime import paths
 
-    from . import run as bench
+    from . import report as bench_report
+    from . import rows as bench_rows
+    from . import run as bench_run
 
     try:
-        old = bench.load_results(Path(args.compare)) if args.compare else None
+        old = bench_report.load_results(Path(args.compare)) if args.compare else None
         if old is not None and old["dry_run"] != dry_run:
             raise ValueError(f"compare: {args.compare} is {'a dry run' if old['dry_run'] else 'a GPU run'}; "
                              f"this is {'a dry run' if dry_run else 'a GPU run'}")
         shape = _custom_shape(args)
         if shape is not None:
-            rows = [bench.custom_workload(*shape)]
+            rows = [bench_rows.custom_workload(*shape)]
         elif old is not None and not args.rows:
-            rows = bench.rows_of(old)
+            rows = bench_rows.rows_of(old)
         else:
-            rows = bench.select_rows(args.rows, dry_run)
+            rows = bench_rows.select_rows(args.rows, dry_run)
         page_sizes = args.page_size or (old["settings"]["page_sizes"] if old else [1, 64])
         for ps in page_sizes:
             if ps < 1 or ps & (ps - 1):
                 raise ValueError(f"page-size: expected powers of two, found {ps}")
-        runs = args.runs or (bench.DRY_RUN_RUNS if dry_run else bench.DEFAULT_RUNS)
+        runs = args.runs or (bench_run.DRY_RUN_RUNS if dry_run else bench_run.DEFAULT_RUNS)
         if runs < 1:
             raise ValueError(f"runs: expected at least 1, found {runs}")
     except (ValueError, OSError) as err:
@@ -108,11 +110,11 @@ def run(args: argparse.Namespace) -> int:
     skip = {}
     if dry_run and not args.peers:
         skip = {k: "dry run: only the PyTorch peer runs on the interpreter" for k in PEERS if k != "torch"}
-    settings = bench.Settings(
+    settings = bench_run.Settings(
         device=torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device()),
         dtype=torch.float16 if dry_run else torch.bfloat16, runs=runs, warmup=args.warmup,
         check_seqs=args.check_seqs, seed=args.seed, dry_run=dry_run)
-    doc = bench.run_bench(rows, page_sizes, peers, settings, skip=skip,
+    doc = bench_run.run_bench(rows, page_sizes, peers, settings, skip=skip,
                           log=lambda line: print(line, flush=True))
 
     if args.out:
@@ -123,18 +125,18 @@ def run(args: argparse.Namespace) -> int:
         root = Path(tempfile.mkdtemp(prefix="mla-tune-bench-"))
     else:
         root = paths.results_dir()
-    written, message = bench.write_results(doc, root / doc["env"]["gpu_key"], figure=not args.no_figure)
-    for line in bench.summary(doc):
+    written, message = bench_report.write_results(doc, root / doc["env"]["gpu_key"], figure=not args.no_figure)
+    for line in bench_report.summary(doc):
         print(line)
     if message:
         print(message)
     print("wrote " + ", ".join(str(p) for p in written))
 
-    status = 0 if bench.ours_ok(doc) else 1
+    status = 0 if bench_report.ours_ok(doc) else 1
     if status:
         print("ours FAILED the reference check or errored on some rows (see above)", file=sys.stderr)
     if old is not None:
-        lines, within = bench.compare(old, doc, args.tolerance)
+        lines, within = bench_report.compare(old, doc, args.tolerance)
         print("\n".join(lines))
         status = status or (0 if within else 1)
     return status

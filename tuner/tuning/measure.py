@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from tuner.bench.run import Ceilings, floor_us, measure_ceilings
+from tuner.harness.check import check
+from tuner.harness.floors import Ceilings, floor_us, measure_ceilings
 from tuner.harness.inputs import Inputs, Workload, make_inputs
 from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
 from tuner.harness.timing import Timing, time_call
@@ -26,11 +27,6 @@ from tuner.runtime.prefill import mla_prefill
 from tuner.runtime.spec import MLASpec
 
 from .space import Limits
-
-OUT_TOL = 1e-2
-"""Elementwise: an output element fails only if it misses both atol and rtol (FlashInfer-Bench's bar)."""
-REL_L2_TOL = 1e-2
-LSE_TOL = 1e-3
 
 
 def device_limits(device: torch.device) -> Limits:
@@ -48,25 +44,9 @@ def measure_floors(device: torch.device) -> Ceilings | None:
 
 
 def compare(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor) -> str | None:
-    """Why ``out``/``lse`` fail the gate of ``shared/mla_paged.md`` against the float32 reference, or None."""
-    o, r = out.float(), ref_out
-    if not torch.isfinite(o).all():
-        return f"output has {int((~torch.isfinite(o)).sum())} non-finite values"
-    diff = (o - r).abs()
-    bad = (diff > OUT_TOL) & (diff > OUT_TOL * r.abs())
-    if bad.any():
-        return f"{int(bad.sum())} output elements miss atol=rtol={OUT_TOL} (max abs error {diff.max().item():.3g})"
-    rel = ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
-    if rel > REL_L2_TOL:
-        return f"relative L2 error {rel:.3g} > {REL_L2_TOL}"
-    finite = torch.isfinite(ref_lse)
-    if not torch.equal(torch.isfinite(lse), finite) or (lse[~finite] != ref_lse[~finite]).any():
-        return "lse is not -inf exactly where the reference is"
-    if finite.any():
-        err = (lse[finite] - ref_lse[finite]).abs().max().item()
-        if not err <= LSE_TOL:
-            return f"lse error {err:.3g} > {LSE_TOL}"
-    return None
+    """Why ``out``/``lse`` fail the correctness rule (:mod:`tuner.harness.check`), or None."""
+    verdict = check(out, lse, ref_out, ref_lse)
+    return None if verdict.passed else verdict.reason
 
 
 class Bench:

@@ -49,7 +49,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from tuner.bench.run import Ceilings
+from tuner.harness.floors import Ceilings
 from tuner.harness.inputs import Workload
 from tuner.runtime import paths
 from tuner.runtime.buckets import Bucket

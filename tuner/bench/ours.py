@@ -1,0 +1,77 @@
+"""Our implementation as :class:`~tuner.bench.peers.Impl` adapters beside the peers: plan/run, the one-call
+form and the untuned default config (no explicit config: the dispatch table decides)."""
+
+from __future__ import annotations
+
+from tuner.harness.inputs import Inputs, Workload
+from tuner.runtime.config import DecodeConfig, PrefillConfig
+from tuner.runtime.decode import MLADecode, mla_decode
+from tuner.runtime.device import gpu_info
+from tuner.runtime.dispatch import untuned_config
+from tuner.runtime.loader import module_hash
+from tuner.runtime.prefill import MLAPrefill, mla_prefill
+
+from .peers import Impl, Prepared, all_peers, output_buffers
+
+
+class OursPlanRun(Impl):
+    """MLADecode / MLAPrefill: plan() once (the host work), time run(). ``default``: with the default
+    config instead of the tuned dispatch (what tuning gained, in the same run)."""
+
+    key = "ours"
+    label = "mla-tuner MLADecode / MLAPrefill plan + run (tuned dispatch)"
+
+    def __init__(self, default: bool = False) -> None:
+        self.default = default
+        if default:
+            self.key = "ours_default"
+            self.label = "mla-tuner MLADecode / MLAPrefill plan + run (default config, untuned)"
+
+    def _config(self, w: Workload, inp: Inputs, page_size: int) -> DecodeConfig | PrefillConfig | None:
+        if not self.default:
+            return None
+        return untuned_config(w.spec(page_size), w.total_q, w.avg_kv_len, gpu_info(inp.q_nope.device))
+
+    def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
+        shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale,
+                     head_dim_ckv=w.head_dim_ckv, head_dim_kpe=w.head_dim_kpe,
+                     num_pages=inp.ckv_cache.shape[0], config=self._config(w, inp, page_size))
+        plan: MLADecode | MLAPrefill
+        if inp.qo_indptr is None:
+            plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
+        else:
+            plan = MLAPrefill().plan(inp.qo_indptr, inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
+                                     causal=w.causal, **shape)
+        assert plan.spec is not None and plan.config is not None
+        out, lse = output_buffers(inp)
+        q_nope, q_pe, ckv, kpe = inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache
+        info = {"kernel": plan.spec.name(), "config": plan.config.to_dict(),
+                "module_hash": module_hash(plan.spec)}
+        return Prepared(lambda: plan.run(q_nope, q_pe, ckv, kpe, out=out, lse=lse), info)
+
+
+class OursFunctional(Impl):
+    """mla_decode / mla_prefill: the one-call form (its config comes from the host-known average)."""
+
+    key = "ours_fn"
+    label = "mla-tuner mla_decode / mla_prefill one call"
+
+    def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
+        out, lse = output_buffers(inp)
+        common = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache)
+        if inp.qo_indptr is None:
+            args = (*common, inp.kv_indptr, inp.kv_indices, inp.sm_scale, inp.kv_last_page_len)
+            return Prepared(lambda: mla_decode(*args, out=out, lse=lse))
+        args = (*common, inp.qo_indptr, inp.kv_indptr, inp.kv_indices, inp.sm_scale, inp.kv_last_page_len)
+        return Prepared(lambda: mla_prefill(*args, causal=w.causal, out=out, lse=lse))
+
+
+def implementations(peer_keys: list[str]) -> dict[str, Impl]:
+    """Ours (both forms) first, then the chosen peers in table order."""
+    peers = all_peers()
+    unknown = [k for k in peer_keys if k not in peers]
+    if unknown:
+        raise ValueError(f"peers: unknown {unknown}; expected some of {list(peers)}")
+    impls: dict[str, Impl] = {"ours": OursPlanRun(), "ours_fn": OursFunctional(), "ours_default": OursPlanRun(True)}
+    impls.update({k: p for k, p in peers.items() if k in peer_keys})
+    return impls

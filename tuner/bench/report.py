@@ -1,0 +1,253 @@
+"""The benchmark's report: the table streamed to stdout and its summary, the files (bench.json, bench.csv,
+bench.png; ``results/README.md`` describes them) and the comparison with committed results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tuner.runtime.fileio import write_atomic
+
+SCHEMA_VERSION = 1
+OURS = ("ours", "ours_fn", "ours_default")  # plan/run (timed against the peers), one call, untuned default
+DRY_RUN_NOTE = ("DRY RUN: Triton interpreter on the CPU, tiny shapes, fp16 - the timings mean nothing "
+                "about GPU speed")
+_STATUS_CELL = {"n/a": "n/a", "skipped": "-", "wrong": "WRONG", "error": "ERROR"}
+
+
+def _us(us: float) -> str:
+    return f"{us:.0f}" if us >= 1000 else f"{us:.1f}"
+
+
+_SHORT = {"ours_fn": "fn", "ours_default": "untuned"}
+
+
+def table_header(columns: list[str], name_width: int = 16) -> str:
+    head = f"{'row':<{name_width}} {'ps':>3} {'ours µs':>9} {'GB/s':>7} {'TFLOP/s':>7} {'floor':>5}"
+    for key in columns:
+        if key == "ours":
+            continue
+        head += f" | {_SHORT.get(key, key) + ' µs':>10}"
+        head += "" if key == "ours_fn" else f" {'x':>5}"
+    return head
+
+
+def _cell(e: dict[str, Any], width: int = 9) -> str:
+    if e.get("median_us") is None:
+        return f"{_STATUS_CELL.get(e.get('status', ''), '?'):>{width}}"
+    return f"{_us(e['median_us']):>{width - 1}}{'*' if e.get('method') == 'cuda-events' else ' '}"
+
+
+def _ratio(r: float | None) -> str:
+    if r is None:
+        return f"{'':>5}"
+    return f"{r:>5.2f}" if r < 10 else f"{r:>5.1f}" if r < 100 else f"{r:>5.0f}"
+
+
+def table_line(row: dict[str, Any], columns: list[str], name_width: int = 16) -> str:
+    ours = row["impls"].get("ours", {})
+    line = f"{row['row']:<{name_width}} {row['page_size']:>3} {_cell(ours)}"
+    if ours.get("median_us") is not None:
+        line += f" {ours['gbps']:>7.0f} {ours['tflops']:>7.1f} {ours['floor_frac']:>5.2f}"
+    else:
+        line += f" {'':>7} {'':>7} {'':>5}"
+    for key in columns:
+        if key == "ours":
+            continue
+        e = row["impls"].get(key, {"status": "skipped"})
+        line += f" | {_cell(e, 10)}"
+        if key != "ours_fn":
+            line += f" {_ratio(e.get('ours_over'))}"
+    return line + f"  [{row['seconds']:.1f}s]"
+
+
+def summary(doc: dict[str, Any]) -> list[str]:
+    """What was skipped and why, what failed, where the check used a subset, and the graph marker."""
+    lines: list[str] = []
+    for key, meta in doc["impls"].items():
+        if not meta["available"]:
+            lines.append(f"skipped {key}: {meta['reason']}")
+    by_note: dict[tuple[str, str, str], list[str]] = {}
+    subset = []
+    for row in doc["rows"]:
+        tag = f"{row['row']} ps{row['page_size']}"
+        if row["checked_seqs"] < row["batch"]:
+            subset.append(f"{tag} ({row['checked_seqs']} of {row['batch']})")
+        for key, e in row["impls"].items():
+            if e["status"] != "skipped" and (e["status"] != "ok" or e.get("note")):
+                by_note.setdefault((key, e["status"], e.get("note", "")), []).append(tag)
+    labels = {"n/a": "not applicable", "wrong": "WRONG (failed the reference check, not timed)",
+              "error": "ERROR", "ok": "note"}
+    for (key, status, note), tags in by_note.items():
+        lines.append(f"{labels.get(status, status)}: {key} on {_tags(tags)}: {note}")
+    if subset:
+        lines.append(f"reference check on the first sequences only: {', '.join(subset)}")
+    if any(e.get("method") == "cuda-events" for row in doc["rows"] for e in row["impls"].values()):
+        lines.append("* timed with CUDA events without a graph (the call could not be graph-captured)")
+    if doc["dry_run"]:
+        lines.append(DRY_RUN_NOTE)
+    return lines
+
+
+def _tags(tags: list[str]) -> str:
+    return ", ".join(tags) if len(tags) <= 4 else f"{len(tags)} rows ({tags[0]}, ..., {tags[-1]})"
+
+
+def ours_ok(doc: dict[str, Any]) -> bool:
+    """Did our implementation pass the check (and run) on every row?"""
+    return all(row["impls"][k]["status"] == "ok" for row in doc["rows"] for k in OURS if k in row["impls"])
+
+
+
+
+
+CSV_ENV = ("gpu", "gpu_key", "date", "torch", "triton", "cuda", "flashinfer", "sglang")
+CSV_ROW = ("row", "kind", "heads", "batch", "total_q", "kv_tokens", "page_size", "floor_us", "checked_seqs")
+CSV_IMPL = ("impl", "status", "median_us", "p10_us", "p90_us", "runs", "method", "gbps", "tflops",
+            "floor_frac", "ours_over", "rel_err", "lse_err", "note")
+CSV_COLUMNS = CSV_ENV + CSV_ROW + CSV_IMPL
+
+
+def to_csv(doc: dict[str, Any]) -> str:
+    """One line per (row, page size, implementation); the environment repeated on every line."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    env = {k: doc["env"].get(k) for k in CSV_ENV}
+    for row in doc["rows"]:
+        base = {**env, **{k: row[k] for k in CSV_ROW}}
+        for key, e in row["impls"].items():
+            writer.writerow({**base, "impl": key, **{k: e.get(k) for k in CSV_IMPL if k != "impl"}})
+    return buf.getvalue()
+
+
+def write_results(doc: dict[str, Any], folder: Path, figure: bool = True) -> tuple[list[Path], str]:
+    """Write bench.json, bench.csv and (with matplotlib) bench.png into ``folder``.
+
+    Returns (the files written, a message about the figure or "").
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "bench.json", folder / "bench.csv"]
+    write_atomic(written[0], json.dumps(doc, indent=1) + "\n")
+    write_atomic(written[1], to_csv(doc))
+    message = ""
+    if figure:
+        message = draw_figure(doc, folder / "bench.png")
+        if not message:
+            written.append(folder / "bench.png")
+    return written, message
+
+
+def _fastest_peer(row: dict[str, Any]) -> float | None:
+    times = [e["median_us"] for k, e in row["impls"].items() if k not in OURS and e.get("median_us")]
+    return min(times) if times else None
+
+
+def draw_figure(doc: dict[str, Any], path: Path) -> str:
+    """Left: each implementation's time relative to the fastest peer, per row. Right: achieved FLOP/s
+    against the roofline of the measured ceilings. Returns "" or why there is no figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no bench.png (pip install matplotlib, or the 'bench' extra)"
+    rows = doc["rows"]
+    keys = [k for k in doc["impls"] if k not in ("ours_fn", "ours_default")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, max(5.0, 0.3 * len(rows) + 2)))
+    height = 0.8 / max(1, len(keys))
+    for j, key in enumerate(keys):
+        ys, xs = [], []
+        for i, row in enumerate(rows):
+            base = _fastest_peer(row) or row["impls"].get("ours", {}).get("median_us")
+            us = row["impls"].get(key, {}).get("median_us")
+            if base and us:
+                ys.append(i + (j - (len(keys) - 1) / 2) * height)
+                xs.append(us / base)
+        if xs:  # bars grow from 1; a tick marks each end (the fastest peer's own bar has no length)
+            bars = left.barh(ys, [x - 1.0 for x in xs], height, left=1.0, label=key)
+            left.scatter(xs, ys, marker="|", color=bars.patches[0].get_facecolor(), s=60)
+    left.set_xscale("log")
+    left.axvline(1.0, color="black", linewidth=0.8)
+    left.set_yticks(range(len(rows)), [f"{r['row']} ps{r['page_size']}" for r in rows], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("time / fastest peer's time (log; below 1: faster than every peer)")
+    left.legend(fontsize=8)
+    c = doc["ceilings"]
+    bw, rate = c["copy_gbps"] * 1e9, c["matmul_tflops"] * 1e12
+    intensity = [r["flops"] / r["bytes"] for r in rows]
+    lo, hi = min(intensity + [rate / bw]) / 2, max(intensity + [rate / bw]) * 2
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    roof = f"roofline: copy {c['copy_gbps'] / 1e3:.3g} TB/s, matmul {c['matmul_tflops']:.3g} TFLOP/s"
+    right.plot(xs, [min(rate, bw * x) / 1e12 for x in xs], color="black", linewidth=1, label=roof)
+    for key, marker in zip(keys, "o^sDvP*" * 2, strict=False):
+        pts = [(r["flops"] / r["bytes"], r["impls"][key]["tflops"]) for r in rows
+               if r["impls"].get(key, {}).get("tflops")]
+        if pts:
+            right.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=key,
+                          s=40 if key == "ours" else 20, zorder=3 if key == "ours" else 2)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("arithmetic intensity (FLOP / byte, as mla_paged.md counts them)")
+    right.set_ylabel("achieved TFLOP/s")
+    right.legend(fontsize=8)
+    env = doc["env"]
+    title = f"mla-tune bench: {env['gpu']}, {env['date'][:10]}, torch {env['torch']}, triton {env['triton']}"
+    fig.suptitle(title + (f"\n{DRY_RUN_NOTE}" if doc["dry_run"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ""
+
+
+
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("tool") != "mla-tune bench":
+        raise ValueError(f"{path}: expected an mla-tune bench results file (bench.json)")
+    if doc.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: expected schema {SCHEMA_VERSION}, found {doc.get('schema')}")
+    return doc
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> tuple[list[str], bool]:
+    """Per (row, page size, implementation) present in both: committed and fresh median, deviation.
+
+    Returns (report lines, whether ours stayed ok and within ``tolerance`` (a fraction) everywhere).
+    """
+    def index(doc: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, Any]]:
+        return {(r["row"], r["page_size"], k): e for r in doc["rows"] for k, e in r["impls"].items()}
+
+    before, after = index(old), index(new)
+    lines = [f"compare with {old['env']['gpu']} results of {old['env']['date']} (tolerance {tolerance:.0%}):"]
+    if old["env"]["gpu_key"] != new["env"]["gpu_key"]:
+        lines.append(f"warning: different GPU ({old['env']['gpu_key']} then, {new['env']['gpu_key']} now)")
+    within = True
+    width = max([len(k[0]) for k in after] + [4])
+    lines.append(f"{'row':<{width}} {'ps':>3} {'impl':<8} {'then µs':>9} {'now µs':>9} {'change':>7}")
+    for key, e in after.items():
+        was = before.get(key)
+        if was is None:
+            continue
+        then_us, now_us = was.get("median_us"), e.get("median_us")
+        flag, change = "", ""
+        if then_us and now_us:
+            dev = now_us / then_us - 1
+            change = f"{dev:+.1%}"
+            flag = "  outside" if abs(dev) > tolerance else ""
+        elif was["status"] != e["status"]:
+            change, flag = "", f"  status {was['status']} -> {e['status']}"
+        else:
+            continue
+        if flag and key[2] == "ours":
+            within = False
+        lines.append(f"{key[0]:<{width}} {key[1]:>3} {key[2]:<8} {_us(then_us) if then_us else '-':>9} "
+                     f"{_us(now_us) if now_us else '-':>9} {change:>7}{flag}")
+    lines.append("ours within tolerance on every row" if within else "ours OUTSIDE tolerance on some rows")
+    return lines, within
