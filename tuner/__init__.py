@@ -7,6 +7,7 @@ Runtime API (importing it imports neither optuna nor jinja2):
 
 from __future__ import annotations
 
+from tuner.runtime import __version__
 from tuner.runtime.config import DecodeConfig, PrefillConfig
 from tuner.runtime.decode import MLADecode, mla_decode
 from tuner.runtime.prefill import MLAPrefill, mla_prefill
@@ -14,6 +15,5 @@ from tuner.runtime.spec import MLASpec, catalogue
 
 __all__ = [
     "DecodeConfig", "MLADecode", "MLAPrefill", "MLASpec", "PrefillConfig", "catalogue", "mla_decode",
-    "mla_prefill",
+    "mla_prefill", "__version__",
 ]
-__version__ = "0.1.0"

@@ -1,8 +1,19 @@
-"""The command line: ``mla-tune generate | tune | show | bench`` (also ``python -m tuner ...``).
+"""mla-tune: generated, autotuned Triton kernels for MLA attention over a paged KV cache.
 
-``generate`` lives here; every other subcommand lives in its own light module ``tuner/cmd_<name>.py``
-with ``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports (jinja2, optuna, matplotlib)
-happen inside ``run``, never at import.
+Commands:
+  generate  render the kernel catalogue (or shapes you name) from the templates
+  tune      search the kernels' launch parameters on this GPU and write its dispatch table
+  show      show the dispatch table this machine uses and the config each shape bucket gets
+  bench     time the tuned kernels against FlashInfer, SGLang and PyTorch on the benchmark set
+
+Examples:
+  mla-tune tune                       # tune the default catalogue (16 heads, page sizes 1 and 64)
+  mla-tune tune --model deepseek-v3-tp1 --variant decode
+  mla-tune show mla_paged_decode_h16_ckv512_kpe64_ps64
+  mla-tune bench --rows d-b1-1k d-b32-4k
+  mla-tune generate --check           # exit 1 when generated/ differs from the templates
+
+`mla-tune COMMAND --help` describes each command and its options. Also: python -m tuner ...
 """
 
 from __future__ import annotations
@@ -64,16 +75,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS = {
     "tune": ("tuner.tuning.command", "search launch parameters on this GPU and write the dispatch table"),
-    "show": ("tuner.tuning.show", "print a kernel's generated module and its dispatch entries"),
-    "bench": ("tuner.bench.command", "time the tuned dispatch against the peers on the benchmark set"),
+    "show": ("tuner.tuning.show", "show the dispatch table this machine uses and each bucket's config"),
+    "bench": ("tuner.bench.command", "time the tuned kernels against the peers on the benchmark set"),
 }
+"""Each command's module has add_arguments(parser) and run(args); heavy imports happen inside run."""
+
+GENERATE_HELP = """Render the templates into one Triton module per specialization.
+
+With no shape options: the built-in catalogue into generated/ (only files whose content changes are
+written; modules no longer in the catalogue are removed). With shape options and --out DIR: those
+shapes into DIR (a shape outside the catalogue is also rendered on first use by the runtime, into the
+cache folder).
+
+Examples:
+  mla-tune generate
+  mla-tune generate --check                       # CI: print a diff and exit 1 when stale
+  mla-tune generate --heads 24 --page-size 16 --variant decode --out /tmp/kernels
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mla-tune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mla-tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="render the kernel catalogue into generated/")
+    g = sub.add_parser("generate", help="render the kernel catalogue into generated/", description=GENERATE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--check", action="store_true", help="write nothing; print a diff and exit 1 if stale")
     g.add_argument("--out", help="render into this folder instead of generated/ (needed for custom shapes)")
     _add_shape_args(g)
@@ -81,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser

@@ -21,7 +21,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from tuner.tuning.search import COUNTED, _with_pg_driver, counted_trials  # noqa: E402
+from tuner.tuning.studies import _with_pg_driver, counted_trials  # noqa: E402
+from tuner.tuning.task import COUNTED  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 

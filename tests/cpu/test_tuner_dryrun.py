@@ -17,7 +17,8 @@ import pytest
 
 from tuner.runtime import dispatch, paths
 from tuner.runtime.spec import MLASpec
-from tuner.tuning import representative
+from tuner.tuning import finalize, measure, objective, representative, studies
+from tuner.tuning import task as tasks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_DECODE = MLASpec("decode", 8, 32, 16, 4)
@@ -265,26 +266,26 @@ def test_exhaustive_sweep_measures_every_point_once_and_compares_with_tpe() -> N
 
     from tuner.runtime import buckets
     from tuner.runtime.config import default_decode_config
-    from tuner.tuning import search, space
+    from tuner.tuning import space
     from tuner.tuning.precompile import CompilePool
 
     spec = TINY_DECODE
-    task = search.Task(spec, buckets.DECODE_BUCKETS[0], tiny=True)
+    task = tasks.Task(spec, buckets.DECODE_BUCKETS[0], tiny=True)
     default = dataclasses.replace(default_decode_config(spec, 3, 35, 4, hopper=False), block_n=16, num_stages=1)
     small = space.Space(spec, (space.Param("block_n", (16, 32)), space.Param("num_stages", (1, 2))),
                         tuple((k, v) for k, v in default.to_dict().items() if k not in ("block_n", "num_stages")))
     storage = optuna.storages.InMemoryStorage()
-    bench = search.Bench(spec, task.workload(), torch.device("cpu"), torch.float16)
+    bench = measure.Bench(spec, task.workload(), torch.device("cpu"), torch.float16)
     pool = CompilePool(1, None)
-    heartbeat = search._Heartbeat(None)
+    heartbeat = studies.Heartbeat(None)
     results = {}
     try:
         for exhaustive, trials in ((False, 3), (True, 0)):
-            settings = search.Settings(trials=trials, runs=1, warmup=0, final_runs=1, exhaustive=exhaustive,
+            settings = tasks.Settings(trials=trials, runs=1, warmup=0, final_runs=1, exhaustive=exhaustive,
                                        startup_trials=2)
-            study = search.open_study(f"t/{exhaustive}", storage, settings, small, default)
-            search.StudyRunner(task, study, small, lambda: bench, pool, space.Limits(), settings, heartbeat).run()
-            results[exhaustive] = (study, search.finalize(task, study, small, bench, settings, None))
+            study = studies.open_study(f"t/{exhaustive}", storage, settings, small, default)
+            objective.StudyRunner(task, study, small, lambda: bench, pool, space.Limits(), settings, heartbeat).run()
+            results[exhaustive] = (study, finalize.finalize(task, study, small, bench, settings, None))
     finally:
         pool.close()
     grid_study, grid = results[True]
@@ -294,7 +295,7 @@ def test_exhaustive_sweep_measures_every_point_once_and_compares_with_tpe() -> N
     tpe_study, tpe = results[False]
     assert tpe.counted == 3 and tpe_study.trials[0].user_attrs.get("default") is True
     best = min(t.value for t in grid_study.trials if t.value is not None)
-    report = search.tpe_vs_grid(tpe_study, best)
+    report = finalize.tpe_vs_grid(tpe_study, best)
     assert report is not None and report["tpe_measured"] == 3 and report["tpe_best_us"] >= best * 0.5
 
 
@@ -307,11 +308,10 @@ def test_effective_key_of_warp_specialized_configs() -> None:
 
     from tuner.runtime import buckets
     from tuner.runtime.config import DecodeConfig
-    from tuner.tuning import search
 
     spec = MLASpec("decode", 64, 512, 64, 16)
     tiny = representative.tiny_workload(buckets.DECODE_BUCKETS[0], spec)
-    bench = search.Bench(spec, tiny, torch.device("cpu"), torch.float16)
+    bench = measure.Bench(spec, tiny, torch.device("cpu"), torch.float16)
     ws = DecodeConfig(block_h=64, block_n=16, num_warps=4, num_stages=2, tma=1, ws=1, merge_block_h=4)
     assert not bench.ws_runs
     assert bench.effective_key(ws) == bench.effective_key(dataclasses.replace(ws, ws=0))

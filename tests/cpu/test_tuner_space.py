@@ -22,7 +22,8 @@ from tuner.runtime.config import (
     ws_capable,
 )
 from tuner.runtime.spec import MLASpec, catalogue
-from tuner.tuning import representative, space
+from tuner.tuning import finalize, representative, space
+from tuner.tuning import task as tasks
 from tuner.tuning.space import space_for
 
 H100_SMS = 132
@@ -292,7 +293,6 @@ def test_finalize_keeps_the_default_when_a_finalist_loses_on_a_check_batch() -> 
     """A finalist replaces the default only when it is no slower on any batch (the representative, its
     half, one request): the best geometric mean among those, else the default."""
     optuna = pytest.importorskip("optuna")
-    from tuner.tuning import search
 
     spec = MLASpec("decode", 16, 512, 64, 64)
     default = default_decode_config(spec, 4, 1024, 132)
@@ -308,10 +308,10 @@ def test_finalize_keeps_the_default_when_a_finalist_loses_on_a_check_batch() -> 
     half = _FakeBench("half", {default: 55.0, fast: 54.0, faster: 40.0}, default)
     one = _FakeBench("one", {default: 18.5, fast: 18.0, faster: 19.0}, default)
     worse_one = _FakeBench("one", {default: 18.5, fast: 18.6, faster: 19.0}, default)
-    task = search.Task(spec, buckets.by_name("decode", "b1-16_kv1-2k"))
-    settings = search.Settings()
-    assert search.finalize(task, study, space, rep, settings, None, [half]).best == faster
+    task = tasks.Task(spec, buckets.by_name("decode", "b1-16_kv1-2k"))
+    settings = tasks.Settings()
+    assert finalize.finalize(task, study, space, rep, settings, None, [half]).best == faster
     # faster has the best geometric mean of the three batches but loses to the default on one request
-    assert search.finalize(task, study, space, rep, settings, None, [half, one]).best == fast
-    kept = search.finalize(task, study, space, rep, settings, None, [half, worse_one])
+    assert finalize.finalize(task, study, space, rep, settings, None, [half, one]).best == fast
+    kept = finalize.finalize(task, study, space, rep, settings, None, [half, worse_one])
     assert kept.best == default and kept.best_us == 100.0 and kept.default_us == 100.0

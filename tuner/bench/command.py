@@ -1,4 +1,4 @@
-"""Time the tuned dispatch against the peers on the public benchmark set (shared/benchmark_set.md).
+"""Time the tuned kernels against the peers on the benchmark set (docs/benchmark_set.md).
 
 Every row runs at page sizes 1 and 64 with our kernels (no explicit config: the dispatch table
 decides) beside every peer that imports: FlashInfer's MLA wrapper (fa3, fa2), SGLang's Triton decode
@@ -8,7 +8,14 @@ OUT/<gpu-key>/ (default OUT: the checkout's results/).
 
 Without CUDA, or with --dry-run, the same pipeline runs under the Triton interpreter on tiny shapes
 (fp16) with the PyTorch peer only, writing into a temporary folder unless --out: its timings mean
-nothing about GPU speed.
+nothing about GPU speed. The peers are optional (docs/peers.md says how to install them); those that
+do not import are listed as skipped.
+
+Examples:
+  mla-tune bench                                   # every row, page sizes 1 and 64, all peers present
+  mla-tune bench --rows d-b1-1k p-1x4k --page-size 64
+  mla-tune bench --heads 16 --batch 64 --kv-len 8192           # a shape of your own (decode)
+  mla-tune bench --compare results/nvidia-h200/bench.json      # exit 1 if our times moved > 5%
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def environment(device: torch.device, impls: dict[str, Impl], reasons: dict[str,
     """GPU identity, versions (torch, triton, CUDA, peers present), the date and the checkout's commit."""
     import triton
 
-    from tuner import __version__
+    from tuner.runtime import __version__
 
     info = gpu_info(device)
     env: dict[str, Any] = {

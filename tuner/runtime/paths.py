@@ -7,6 +7,16 @@ Environment variables:
     MLA_TUNER_CACHE_DIR: where tuning studies (the embedded Optuna journal) live.
         Default: ``$XDG_CACHE_HOME/mla-tuner`` or ``~/.cache/mla-tuner``.
     MLA_TUNER_GPU_KEY: overrides the GPU key used for dispatch lookups (tests use it).
+    MLA_TUNER_VALIDATE: set to ``1`` (any value but empty or ``0``) to check the index data on the host
+        in every call, as ``validate_data=True`` does: in ``mla_decode`` / ``mla_prefill`` and in
+        ``MLADecode.plan`` / ``MLAPrefill.plan`` (even when given ``validate_data=False``). For an engine
+        debugging a crash: out-of-range page ids, decreasing indptr, a bad ``kv_last_page_len`` or a
+        ``qo_indptr[-1]`` that is not the query row count then raise a ValueError naming the argument
+        before any launch. In the one-call forms that costs a device sync per call (so they can no longer be
+        captured in a CUDA graph); ``run()`` is unchanged. Read on each call.
+
+Read, not owned: TRITON_INTERPRET (Triton's own switch for its interpreter; where Triton has no
+``triton.knobs``, the runtime reads it to accept float32 inputs only under the interpreter).
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from pathlib import Path
 ENV_GENERATED_DIR = "MLA_TUNER_GENERATED_DIR"
 ENV_CACHE_DIR = "MLA_TUNER_CACHE_DIR"
 ENV_GPU_KEY = "MLA_TUNER_GPU_KEY"
+ENV_VALIDATE = "MLA_TUNER_VALIDATE"
+ENV_TRITON_INTERPRET = "TRITON_INTERPRET"
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # tuner/
 REPO_ROOT = PACKAGE_DIR.parent
@@ -62,3 +74,8 @@ def cache_dir() -> Path:
         return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mla-tuner"
+
+
+def dry_run_dispatch_dir() -> Path:
+    """Where ``mla-tune tune`` without a GPU (a dry run) writes its table: never read by the runtime."""
+    return cache_dir() / "dry-run" / "dispatch"

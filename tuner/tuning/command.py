@@ -7,7 +7,14 @@ an Optuna journal in the cache folder and resume after an interrupt.
 
 Without a GPU (or with --dry-run) the same pipeline runs under the Triton interpreter on a tiny
 built-in problem: its timings are CPU wall time and mean nothing, and its table goes to a scratch
-folder (or --out), never to generated/.
+folder (or --out), never to generated/; `mla-tune show` shows it.
+
+Examples:
+  mla-tune tune                                            # the default catalogue, 48 trials per bucket
+  mla-tune tune --model deepseek-v3-tp1 --variant decode   # 128 heads, decode only
+  mla-tune tune --page-size 16 --buckets b1-16_kv1-2k --trials 24
+  mla-tune tune --minutes 20                               # a time budget for the whole run
+  mla-tune tune --storage postgresql://user:pw@host/db     # many GPUs/hosts on one set of studies
 """
 
 from __future__ import annotations
@@ -92,10 +99,10 @@ def _specs(args: argparse.Namespace, dry: bool) -> list:  # -> list[MLASpec]
     return sorted({MLASpec(v, h, ckv, kpe, ps) for v in variants for h in heads for ps in page_sizes})
 
 
-def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[search.Task]
+def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[Task]
     from tuner.runtime.buckets import DECODE_BUCKETS, PREFILL_BUCKETS, buckets_for
 
-    from .search import Task
+    from .task import Task
 
     known = {b.name for b in DECODE_BUCKETS + PREFILL_BUCKETS}
     unknown = sorted(set(args.buckets or ()) - known)
@@ -114,9 +121,9 @@ def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[search.
     return tasks
 
 
-def build_settings(args: argparse.Namespace, dry: bool, n_tasks: int):  # -> search.Settings
+def build_settings(args: argparse.Namespace, dry: bool, n_tasks: int):  # -> task.Settings
     from .precompile import default_workers
-    from .search import Settings
+    from .task import Settings
 
     s = Settings(seed=args.seed, heartbeat_s=args.heartbeat, exhaustive=args.exhaustive)
     if dry:
@@ -195,7 +202,7 @@ def _format_row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
-def print_summary(results: list, dry: bool) -> None:  # results: list[search.StudyResult]
+def print_summary(results: list, dry: bool) -> None:  # results: list[task.StudyResult]
     from .space import compact
 
     header = ["kernel", "bucket", "best config", "us", "default us", "speedup", "of floor", "trials"]
@@ -244,7 +251,8 @@ def _report_exhaustive(result: Any, ctx: Any, task: Any) -> None:
     import dataclasses
     import json
 
-    from .search import load_study, prepare, tpe_vs_grid
+    from .finalize import tpe_vs_grid
+    from .search import load_study, prepare
 
     grid_best = min(t.value for t in load_study(result.study_name, ctx.storage).get_trials(deepcopy=False)
                     if t.value is not None and t.user_attrs.get("outcome") == "ok")
@@ -279,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     from tuner.runtime import dispatch, paths
     from tuner.runtime.device import gpu_info
 
-    from . import search
+    from . import objective, search, studies
     from .measure import device_limits, measure_floors
 
     tasks = build_tasks(args, dry)
@@ -293,9 +301,9 @@ def run(args: argparse.Namespace) -> int:
             scratch = tempfile.mkdtemp(prefix="mla-tune-dry-")
             storage_url = f"journal:{scratch}/studies.journal"
         else:
-            storage_url = f"journal:{search.default_journal()}"
+            storage_url = f"journal:{studies.default_journal()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ctx = search.Context(device=device, gpu_key=gpu.key, storage=search.make_storage(storage_url, args.heartbeat),
+    ctx = search.Context(device=device, gpu_key=gpu.key, storage=studies.make_storage(storage_url, args.heartbeat),
                          settings=settings, limits=device_limits(device), worker_index=args.worker_index or 0,
                          workers=args.workers,
                          dtype=torch.float16 if dry else torch.bfloat16)
@@ -307,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"DRY RUN: Triton interpreter on a tiny problem ({len(tasks)} studies); timings mean nothing.")
     else:
         print(f"tuning {len(tasks)} studies on {gpu.name} ({gpu.key}, capability {gpu.capability}, "
-              f"{gpu.num_sms} SMs); storage: {storage_url or search.default_journal()}")
+              f"{gpu.num_sms} SMs); storage: {storage_url or studies.default_journal()}")
     floors = measure_floors(device)
     if floors is not None:
         print(f"floors: copy {floors.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul "
@@ -318,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     if args.exhaustive:
         total = None
     bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
-    out = Path(args.out) if args.out else (paths.cache_dir() / "dry-run" / "dispatch" if dry else None)
+    out = Path(args.out) if args.out else (paths.dry_run_dispatch_dir() if dry else None)
     export = _exporter(gpu, out, bar.write)
     started = time.monotonic()
     try:
@@ -334,11 +342,11 @@ def run(args: argparse.Namespace) -> int:
             results = search.run_tasks(tasks, ctx, floors, on_counted=bar.update, on_result=export)
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ninterrupted: finished trials are kept in {storage_url or search.default_journal()}; run the "
+        print(f"\ninterrupted: finished trials are kept in {storage_url or studies.default_journal()}; run the "
               "same command again to resume" + (" (a dry run always starts afresh)" if scratch else ""),
               file=sys.stderr)
         return 130
-    except search.CrashError as err:
+    except objective.CrashError as err:
         bar.close()
         print(f"\n{err}", file=sys.stderr)
         return 1

@@ -1,9 +1,18 @@
-"""Print a kernel's generated module and the config each shape bucket dispatches to on this GPU.
+"""Show the dispatch table this machine would use, and the config each shape bucket gets.
 
-``mla-tune show mla_paged_decode_h16_ckv512_kpe64_ps1`` prints the module's path and hash, the
-dispatch table read, and per bucket: the config used, where it comes from (this GPU's entry, another
-GPU of the same compute capability, or the default), the tuned and default times and the versions the
-entry was tuned with. Without a name it lists the kernels that have entries for this GPU.
+Without a name: the GPU, the table file it would read (and where), and every kernel with entries in it,
+with its tuned buckets. With a kernel name: its generated module, and per shape bucket the config used,
+where it comes from (this GPU's entry, another GPU of the same compute capability, or the default), the
+tuned and default times and the versions the entry was tuned with.
+
+Examples:
+  mla-tune show
+  mla-tune show mla_paged_decode_h16_ckv512_kpe64_ps64
+  mla-tune show --gpu nvidia-h200              # the committed table of another GPU
+  mla-tune show --table ~/.cache/mla-tuner/dry-run/dispatch/cpu-interpreter.json
+
+Without a GPU, after ``mla-tune tune`` (a dry run), it shows the dry-run table that tune wrote into the
+cache folder (the runtime never reads that one).
 """
 
 from __future__ import annotations
@@ -11,27 +20,56 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", help="kernel name, e.g. mla_paged_decode_h16_ckv512_kpe64_ps1")
-    p.add_argument("--gpu", help="show the table of this GPU key instead of the current device's")
+    p.add_argument("name", nargs="?", help="a kernel name, e.g. mla_paged_decode_h16_ckv512_kpe64_ps1 "
+                                           "(default: list every kernel of the table)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--gpu", metavar="KEY", help="the committed table of this GPU key (e.g. nvidia-h200) "
+                                                    "instead of the current device's")
+    which.add_argument("--table", metavar="PATH", help="a table file, e.g. one written by `mla-tune tune --out`")
 
 
-def _gpu(key: str | None):  # -> GPUInfo
+def _which_table(args: argparse.Namespace) -> tuple[Any, Path, str]:
+    """(GPUInfo, table path, what it is) for the arguments."""
+    from tuner.runtime import paths
     from tuner.runtime.device import gpu_info
-    from tuner.runtime.dispatch import load_table, table_path
+    from tuner.runtime.dispatch import INTERPRETER_CAPABILITY, load_table, table_path
 
-    if key is None:
-        return gpu_info()
-    path = table_path(key)
-    if not path.is_file():
-        raise SystemExit(f"--gpu: no dispatch table {path}")
-    return load_table(path).gpu
+    if args.table:
+        path = Path(args.table)
+        if not path.is_file():
+            raise SystemExit(f"--table: no such file {path}")
+        return load_table(path).gpu, path, "given with --table"
+    if args.gpu:
+        path = table_path(args.gpu)
+        if not path.is_file():
+            raise SystemExit(f"--gpu: no dispatch table {path}")
+        return load_table(path).gpu, path, "committed"
+    gpu = gpu_info()
+    path = table_path(gpu.key)
+    if gpu.capability == INTERPRETER_CAPABILITY and not path.is_file():
+        dry = table_path(gpu.key, paths.dry_run_dispatch_dir())
+        if dry.is_file():
+            return gpu, dry, "the dry-run table of the last `mla-tune tune` without a GPU; the runtime does not read it"
+    return gpu, path, "read by the runtime on this machine"
 
 
-def _probe(bucket) -> tuple[int, float]:  # a (rows, avg_kv) inside the bucket
-    return bucket.rows[0] + 1, bucket.kv[0] + 1.0
+def _list(table: Any) -> None:
+    from .space import compact
+
+    if table is None or not table.kernels:
+        print("no tuned entries: every kernel runs its default config (run `mla-tune tune` on this GPU)")
+        return
+    for kernel, entries in sorted(table.kernels.items()):
+        print(kernel)
+        for bucket, entry in sorted(entries.items()):
+            speedup = f"{entry.speedup:.2f}x the default" if entry.speedup else ""
+            print(f"  {bucket:<14} {entry.time_us:>8.1f} us  {speedup:<18} {compact(entry.config)}")
+    print("(`mla-tune show NAME` for one kernel's buckets and their ranges)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .space import compact
 
-    gpu = _gpu(args.gpu)
-    path = dispatch.table_path(gpu.key)
+    gpu, path, what = _which_table(args)
     table = None
     try:
         table = dispatch.load_table(path) if path.is_file() else None
@@ -51,10 +88,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"GPU: {gpu.name} ({gpu.key}, capability {gpu.capability}, {gpu.num_sms} SMs)")
-    print(f"dispatch table: {path}{'' if table is not None else ' (none)'}")
+    print(f"dispatch table: {path} ({what if table is not None else 'none yet'})")
     if args.name is None:
-        for kernel, entries in sorted((table.kernels if table else {}).items()):
-            print(f"  {kernel}: {', '.join(sorted(entries))}")
+        _list(table)
         return 0
     try:
         spec = MLASpec.from_name(args.name)
@@ -66,14 +102,17 @@ def run(args: argparse.Namespace) -> int:
              "tuned with"]]
     notes: list[str] = []
     for bucket in buckets_for(spec):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", dispatch.DispatchWarning)
-            config, _, source = dispatch.select(spec, *_probe(bucket), gpu)
-        notes += [str(w.message) for w in caught]
         entry = table.entry(spec.name(), bucket.name) if table is not None else None
-        if source.startswith("tuned on") and source != f"tuned on {gpu.key}":
-            entry = None  # times measured on another GPU are not shown as this GPU's
-        rows.append([bucket.name, bucket.describe(), compact(config),
+        if args.table:
+            config, source = (entry.config, "the table given") if entry else (None, "-")
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", dispatch.DispatchWarning)
+                config, _, source = dispatch.select(spec, bucket.rows[0] + 1, bucket.kv[0] + 1.0, gpu)
+            notes += [str(w.message) for w in caught]
+            if source.startswith("tuned on") and source != f"tuned on {gpu.key}":
+                entry = None  # times measured on another GPU are not shown as this GPU's
+        rows.append([bucket.name, bucket.describe(), compact(config) if config else "default",
                      f"{entry.time_us:.1f}" if entry else "-",
                      f"{entry.default_time_us:.1f}" if entry and entry.default_time_us else "-",
                      f"{entry.speedup:.2f}x" if entry and entry.speedup else "-", source,
