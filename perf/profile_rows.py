@@ -6,7 +6,7 @@ Run on the GPU machine (one call of the tuned dispatch per row, inside a profile
         --section LaunchStats --section WarpStateStats --csv --page details \
         python perf/profile_rows.py d-b256-4k:64 p-1x4k:64 > $OUT/ncu.csv
 
-Arguments: ROW:PAGE_SIZE of shared/benchmark_set.md. Without ncu it just runs them.
+Arguments: ROW:PAGE_SIZE of docs/benchmark_set.md. Without ncu it just runs them.
 Development tool for the performance log (perf/LOG.md).
 """
 

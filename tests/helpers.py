@@ -1,4 +1,4 @@
-"""Shared test utilities: random paged batches built for the edge cases of ``shared/mla_paged.md``,
+"""Shared test utilities: random paged batches built for the edge cases of ``docs/contract.md``,
 the contract's tolerances, and poisoned output buffers.
 
 Every case is random normal data (never zeros). Cache pages that no sequence uses, and the unused

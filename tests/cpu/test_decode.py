@@ -1,5 +1,5 @@
 """Decode kernels under the Triton interpreter against the float32 reference: every edge case of
-``shared/mla_paged.md`` at small sizes, several launch configs, and the plan/run API."""
+``docs/contract.md`` at small sizes, several launch configs, and the plan/run API."""
 
 from __future__ import annotations
 

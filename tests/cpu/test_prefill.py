@@ -1,5 +1,5 @@
 """Prefill kernels (causal and non-causal) under the Triton interpreter against the float32
-reference: the edge cases of ``shared/mla_paged.md`` at small sizes, launch configs, plan/run."""
+reference: the edge cases of ``docs/contract.md`` at small sizes, launch configs, plan/run."""
 
 from __future__ import annotations
 

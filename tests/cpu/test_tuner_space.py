@@ -208,7 +208,7 @@ def test_representative_workloads_sit_inside_their_bucket() -> None:
 
 
 def test_benchmark_rows_land_in_distinct_plausible_buckets() -> None:
-    """The edges put the benchmark set's rows (shared/benchmark_set.md) in buckets of their shape."""
+    """The edges put the benchmark set's rows (docs/benchmark_set.md) in buckets of their shape."""
     expected = {
         "d-b1-1k": "b1-16_kv1-2k", "d-b32-4k": "b17-96_kv2k+", "d-b128-2k": "b97+_kv1-2k",
         "d-b256-4k": "b97+_kv2k+", "d-b16-32k": "b1-16_kv2k+", "d-b64-skew": "b17-96_kv1-2k",

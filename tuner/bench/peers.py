@@ -5,7 +5,7 @@ Every adapter turns one :class:`tuner.harness.inputs.Inputs` into a :class:`Prep
 the timed region, and the call only launches work and returns ``(output, lse or None)`` with the
 output [total_q, H, ckv] in the input dtype and lse [total_q, H] float32 in base 2.
 
-The peers, called the way their own engines call them (``shared/peers/README.md``):
+The peers, called the way their own engines call them (``docs/peers.md``):
 
 - ``fa3`` / ``fa2``: FlashInfer's ``BatchMLAPagedAttentionWrapper`` with that backend, planned once.
 - ``sglang``: SGLang's Triton MLA decode kernel ``decode_attention_fwd`` (decode rows only); it reads a
@@ -36,7 +36,7 @@ from tuner.harness.reference import kv_lengths
 
 LOG2E = 1.0 / math.log(2.0)
 FLASHINFER_WORKSPACE_BYTES = 256 << 20  # what FlashInfer's own examples and SGLang allocate
-SGLANG_MODULE = "decode_attention"  # SGLang's triton_ops/decode_attention.py, staged by shared/peers
+SGLANG_MODULE = "decode_attention"  # SGLang's triton_ops/decode_attention.py, staged as docs/peers.md says
 SGLANG_MAX_KV_SPLITS = 8  # SGLang's default (--triton-attention-num-kv-splits)
 PEER_KEYS = ("fa3", "fa2", "sglang", "torch")
 

@@ -192,7 +192,7 @@ def draw_figure(doc: dict[str, Any], path: Path) -> str:
                           s=40 if key == "ours" else 20, zorder=3 if key == "ours" else 2)
     right.set_xscale("log")
     right.set_yscale("log")
-    right.set_xlabel("arithmetic intensity (FLOP / byte, as mla_paged.md counts them)")
+    right.set_xlabel("arithmetic intensity (FLOP / byte, as docs/contract.md counts them)")
     right.set_ylabel("achieved TFLOP/s")
     right.legend(fontsize=8)
     env = doc["env"]

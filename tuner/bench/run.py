@@ -258,8 +258,8 @@ def run_bench(rows: list[Workload], page_sizes: list[int], peer_keys: list[str],
     log(f"mla-tune bench on {env['gpu']} ({env['gpu_key']}): torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda']}" + "".join(f", {lib} {env[lib]}" for lib in ("flashinfer", "sglang")
                                          if env.get(lib)))
-    for key, why in reasons.items():
-        log(f"skipped: {key} ({why})")
+    if reasons:  # the reasons come once, in the summary after the table
+        log(f"skipped: {', '.join(reasons)}")
     ceilings = measure_ceilings(s.device, s.dtype, max(s.runs, 5))
     log(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, {str(s.dtype).removeprefix('torch.')} "
         f"matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s; floor = max(bytes / copy, FLOPs / matmul)")

@@ -1,6 +1,6 @@
-"""Workloads: the public benchmark set (``shared/benchmark_set.md``) and synthetic inputs for any shape.
+"""Workloads: the public benchmark set (``docs/benchmark_set.md``) and synthetic inputs for any shape.
 
-Inputs follow the timing rules of ``shared/mla_paged.md``: random normal values (never zeros), page
+Inputs follow the timing rules of ``docs/contract.md``: random normal values (never zeros), page
 ids a random permutation of the cache's pages, fixed seeds so every run sees the same shapes.
 """
 
@@ -95,7 +95,7 @@ def _p28_fresh() -> Workload:
 
 
 def benchmark_set() -> list[Workload]:
-    """The rows of ``shared/benchmark_set.md`` (each decode row runs at page sizes 1 and 64)."""
+    """The rows of ``docs/benchmark_set.md`` (each decode row runs at page sizes 1 and 64)."""
     return [
         Workload("d-b1-1k", 16, (1024,)),
         Workload("d-b32-4k", 16, (4096,) * 32),

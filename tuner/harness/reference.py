@@ -1,6 +1,6 @@
 """Vectorized float32 PyTorch reference for MLA decode and prefill over a paged cache.
 
-Follows ``shared/mla_paged.md`` exactly: kv_len(b) = (pages - 1) * page_size + kv_last_page_len[b]
+Follows ``docs/contract.md`` exactly: kv_len(b) = (pages - 1) * page_size + kv_last_page_len[b]
 (0 without pages), score = (q_nope . ckv + q_pe . kpe) * sm_scale, lse in base 2, a row that sees no
 token gets output 0 and lse -inf. Used by the tests, the tuner's correctness gate and the benchmark.
 It synchronizes with the device freely: it is never on a launch path.

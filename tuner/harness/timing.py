@@ -1,4 +1,4 @@
-"""Timing as ``shared/mla_paged.md`` says: median over many runs after warm-up, L2 cleared before each
+"""Timing as ``docs/contract.md`` says: median over many runs after warm-up, L2 cleared before each
 run, CUDA-graph replay of one call timed with CUDA events.
 
 On a machine without CUDA (the Triton interpreter) :func:`time_call` measures wall time; such numbers

@@ -113,7 +113,7 @@ CATALOGUE_PAGE_SIZES = (1, 16, 32, 64)
 
 
 def catalogue() -> list[MLASpec]:
-    """The built-in catalogue that ``mla-tune generate`` renders (``shared/mla_paged.md``)."""
+    """The built-in catalogue that ``mla-tune generate`` renders (``docs/contract.md``)."""
     shapes: list[tuple[int, int, int, int]] = [
         (h, 512, 64, ps) for h in CATALOGUE_HEADS for ps in CATALOGUE_PAGE_SIZES
     ]
