@@ -33,8 +33,11 @@ def _launch(spec: MLASpec, config: PrefillConfig, q_nope: torch.Tensor, q_pe: to
     return out, lse
 
 
-def _check_all(spec: MLASpec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
-               kv_last_page_len, out, lse) -> int:
+def _check_all(spec: MLASpec, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+               kpe_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+               kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None, out: torch.Tensor | None,
+               lse: torch.Tensor | None) -> int:
+    """The metadata checks of both forms; returns the batch size."""
     total_q, device = q_nope.shape[0], q_nope.device
     validate.check_inputs(spec, total_q, q_nope, q_pe, ckv_cache, kpe_cache)
     batch = validate._need_tensor("qo_indptr", qo_indptr).numel() - 1
@@ -55,24 +58,44 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
     """MLA prefill over a paged cache; positional order as FlashInfer-Bench's prefill definition.
 
     Args:
-        q_nope: [total_q, H, ckv]; q_pe: [total_q, H, kpe] (bf16/fp16, fp32 for tests).
+        q_nope: [total_q, H, ckv]; q_pe: [total_q, H, kpe]. bf16 or fp16, the dtype of the caches
+            (float32 only under the Triton interpreter, as :func:`tuner.mla_decode`).
         ckv_cache, kpe_cache: [num_pages, page_size, ckv|kpe], last dimension contiguous.
         qo_indptr: int32 [B + 1], the queries of sequence b are rows qo_indptr[b]:qo_indptr[b + 1]:
-            its last q_len tokens. kv_indptr, kv_indices, kv_last_page_len: as :func:`tuner.mla_decode`.
+            its last q_len tokens; qo_indptr[-1] must equal total_q. kv_indptr, kv_indices,
+            kv_last_page_len: as :func:`tuner.mla_decode`.
         causal: query i of sequence b sees tokens 0 .. kv_len - q_len + i; False: all kv_len tokens.
-        validate_data: also check the index data on the host (a sync), including kv_len >= q_len.
+        out, lse: optional outputs to write ([total_q, H, ckv] input dtype; [total_q, H] float32).
+        config: launch parameters (default: the tuned dispatch table, else the default config).
+        validate_data: also check the index data on the host (a device sync) before the launch. The
+            environment variable ``MLA_TUNER_VALIDATE=1`` turns it on for every call.
 
     Returns:
         (output [total_q, H, ckv] in the input dtype, lse [total_q, H] float32, base 2).
+
+    Always checked (tensor metadata, no sync): as :func:`tuner.mla_decode`, plus qo_indptr's dtype,
+    device and length (B + 1). When qo_indptr is in host memory (CPU tensors: the interpreter), also
+    ``qo_indptr[-1] == total_q``, which costs no sync there.
+
+    NOT checked without ``validate_data``: that kv_indptr and qo_indptr start at 0 and never decrease
+    and kv_indptr ends at most at len(kv_indices); that every page id is in [0, num_pages); that
+    kv_last_page_len is in [1, page_size] for sequences with pages; on a GPU, that qo_indptr[-1] ==
+    total_q (fewer leaves output rows unwritten, more reads and writes past q_nope and out); that
+    kv_len >= q_len for every sequence (causal rows placed before position 0 see no token: output 0,
+    lse -inf).
+    Bad index data makes the kernel read outside its tensors: garbage, NaN, an illegal memory access on
+    a GPU, a segfault under the interpreter. ``MLAPrefill.plan()`` checks all of it once per layout.
     """
     spec = validate.spec_from_tensors(_variant(causal), q_nope, q_pe, ckv_cache, kpe_cache)
     batch = _check_all(spec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
                        kv_last_page_len, out, lse)
     scale = validate.check_sm_scale(sm_scale)
-    if validate_data:
-        validate.check_host_data(spec, ckv_cache.shape[0], kv_indptr, kv_indices, kv_last_page_len,
-                                 qo_indptr=qo_indptr, total_q=q_nope.shape[0])
     total_q = q_nope.shape[0]
+    if validate.data_validation(validate_data):
+        validate.check_host_data(spec, ckv_cache.shape[0], kv_indptr, kv_indices, kv_last_page_len,
+                                 qo_indptr=qo_indptr, total_q=total_q)
+    else:
+        validate.check_total_q_if_on_host(qo_indptr, total_q)
     if config is None:
         avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)
         config = dispatch.prefill_config(spec, total_q, avg_kv, q_nope.device)
@@ -82,51 +105,68 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
 
 
 class MLAPrefill:
-    """Plan once per batch layout, then run (graph-capturable); see :class:`tuner.MLADecode`."""
+    """Plan once per batch layout, then run (graph-capturable); see :class:`tuner.MLADecode`.
+
+    ``run()`` also compares its q_nope's rows with ``qo_indptr[-1]`` as plan() read it (metadata only).
+    """
 
     def __init__(self) -> None:
         self.spec: MLASpec | None = None
         self.config: PrefillConfig | None = None
+        self.max_page_id: int | None = None
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
              kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
              sm_scale: float, causal: bool = True, head_dim_ckv: int = 512, head_dim_kpe: int = 64,
              num_pages: int | None = None, config: PrefillConfig | None = None,
              validate_data: bool = True) -> MLAPrefill:
-        self.spec = MLASpec(_variant(causal), num_heads, head_dim_ckv, head_dim_kpe, page_size)  # type: ignore[arg-type]
+        """Check and record one batch layout (host work, one device sync); arguments as
+        :meth:`tuner.MLADecode.plan`, plus qo_indptr and causal as :func:`tuner.mla_prefill`.
+        ``qo_indptr[-1]`` is read here (always) and compared with q_nope's rows at every run()."""
+        spec = MLASpec(_variant(causal), num_heads, head_dim_ckv, head_dim_kpe, page_size)  # type: ignore[arg-type]
         batch = validate._need_tensor("qo_indptr", qo_indptr).numel() - 1
         if batch < 0:
             raise ValueError("qo_indptr: expected at least one element, found 0")
         device = qo_indptr.device
         validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device, qo_indptr=qo_indptr)
-        self.sm_scale = validate.check_sm_scale(sm_scale)
-        if validate_data:
-            validate.check_host_data(self.spec, num_pages if num_pages is not None else 2**62, kv_indptr,
-                                     kv_indices, kv_last_page_len, qo_indptr=qo_indptr)
-        qo_host = qo_indptr.cpu()
-        self.total_q = int(qo_host[-1])
+        sm_scale = validate.check_sm_scale(sm_scale)
+        host = None
+        if validate.data_validation(validate_data):
+            host = validate.check_host_data(spec, num_pages, kv_indptr, kv_indices, kv_last_page_len,
+                                            qo_indptr=qo_indptr)
+        if host is not None and host.total_q is not None:
+            total_q = host.total_q
+        else:
+            total_q = int(qo_indptr.cpu()[-1])
         if config is None:
-
-            kv_total = int(validate.kv_lengths(kv_indptr.cpu(), page_size,
-                                      None if kv_last_page_len is None else kv_last_page_len.cpu()).sum())
-            config = dispatch.prefill_config(self.spec, self.total_q, kv_total / max(1, batch), device)
-        config.check_spec(self.spec)
-        self.config, self.batch, self.device = config, batch, device
+            kv_lens = host.kv_lens if host is not None else validate.kv_lengths(
+                kv_indptr.cpu(), page_size, None if kv_last_page_len is None else kv_last_page_len.cpu())
+            config = dispatch.prefill_config(spec, total_q, int(kv_lens.sum()) / max(1, batch), device)
+        config.check_spec(spec)
+        self.spec, self.config, self.sm_scale, self.total_q = spec, config, sm_scale, total_q
+        self.max_page_id = None if host is None else host.max_page_id
+        self.batch, self.device = batch, device
         self.qo_indptr, self.kv_indptr = qo_indptr, kv_indptr
         self.kv_indices, self.kv_last_page_len = kv_indices, kv_last_page_len
-        load_module(self.spec)
+        load_module(spec)
         return self
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
             kpe_cache: torch.Tensor, *, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill with the planned layout; shapes as :func:`mla_prefill`. No host sync."""
+        """Prefill with the planned layout; shapes as :func:`mla_prefill`. No host sync.
+
+        Checks tensor metadata only, including q_nope's rows against the planned ``qo_indptr[-1]`` and
+        the planned largest page id against ``ckv_cache.shape[0]`` (ValueErrors naming q_nope and
+        kv_indices).
+        """
         if self.spec is None or self.config is None:
             raise RuntimeError("MLAPrefill.run: call plan() first")
         _check_all(self.spec, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr,
                    self.kv_indices, self.kv_last_page_len, out, lse)
         if q_nope.shape[0] != self.total_q:
-            raise ValueError(f"q_nope: expected {self.total_q} rows (qo_indptr[-1] at plan), "
+            raise ValueError(f"q_nope: expected {self.total_q} rows (qo_indptr[-1] at plan()), "
                              f"found {q_nope.shape[0]}")
+        validate.check_planned_pages(self.max_page_id, ckv_cache)
         return _launch(self.spec, self.config, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr,
                        self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.sm_scale, out, lse)

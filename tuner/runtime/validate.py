@@ -1,22 +1,57 @@
-"""Input validation for the runtime API (``shared/mla_paged.md``, "Bad input").
+"""Input validation for the runtime API (``docs/contract.md``, "Bad input").
 
 Metadata checks (dtype, rank, shape, device, strides) are cheap and run on every call. Checks that
 need the index data on the host run only where a host copy exists or is asked for: ``plan()``, the
-tests, the tuner, or ``validate=True``; never silently in the launch path.
+tests, the tuner, ``validate_data=True`` or the environment switch ``MLA_TUNER_VALIDATE=1``
+(:func:`data_validation`); never silently in the launch path.
+
+Element types: the caches define the dtype and both queries must have it. bf16 and fp16 are the
+supported dtypes. float32 is a test dtype (the reference precision the CPU tests compare at): it is
+accepted only where the Triton interpreter runs the kernels (tensors not on a CUDA device, or
+``TRITON_INTERPRET`` set) and refused on a GPU with a TypeError naming the tensor.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from . import paths
 from .spec import MLASpec
 
-INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+"""The element types of the queries and caches on a GPU."""
+TEST_DTYPE = torch.float32
+"""Accepted besides :data:`SUPPORTED_DTYPES` only under the Triton interpreter (:func:`float32_allowed`)."""
+INPUT_DTYPES = (*SUPPORTED_DTYPES, TEST_DTYPE)
 INDEX_DTYPE = torch.int32
+_OFF = ("", "0")
+
+
+def data_validation(validate_data: bool) -> bool:
+    """Whether to check the index data on the host: ``validate_data``, or forced on for every call by
+    the environment variable ``MLA_TUNER_VALIDATE`` (any value but empty or ``0``; read on each call)."""
+    return bool(validate_data) or os.environ.get(paths.ENV_VALIDATE, "").strip() not in _OFF
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET``)."""
+    import triton  # only on the rare path that needs it: importing the runtime does not import triton
+
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get(paths.ENV_TRITON_INTERPRET, "").strip() not in _OFF
+
+
+def float32_allowed(device: torch.device) -> bool:
+    """float32 inputs run only under the Triton interpreter: tensors off CUDA, or ``TRITON_INTERPRET``."""
+    return device.type != "cuda" or _interpreting()
 
 
 def _need_tensor(name: str, x: object) -> torch.Tensor:
@@ -25,9 +60,9 @@ def _need_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequence[torch.dtype],
+def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequence[torch.dtype] | None,
                  device: torch.device | None = None, last_contiguous: bool = True) -> torch.Tensor:
-    """Check rank, shape (None = any), dtype, device and a contiguous last dimension."""
+    """Check rank, shape (None = any), dtype (None = any), device and a contiguous last dimension."""
     t = _need_tensor(name, x)
     if t.dim() != len(shape):
         raise ValueError(f"{name}: expected {len(shape)} dimensions, found {t.dim()} (shape {tuple(t.shape)})")
@@ -36,7 +71,7 @@ def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequ
             dims = ", ".join("*" if s is None else str(s) for s in shape)
             expect = f"({dims},)" if len(shape) == 1 else f"({dims})"
             raise ValueError(f"{name}: expected shape {expect}, found {tuple(t.shape)} (axis {axis})")
-    if t.dtype not in dtypes:
+    if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, found {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected device {device}, found {t.device}")
@@ -45,6 +80,31 @@ def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequ
     if t.dim() > 0 and any(s < 0 for s in t.stride()):
         raise ValueError(f"{name}: negative strides are not supported, found {t.stride()}")
     return t
+
+
+def check_dtypes(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                 kpe_cache: torch.Tensor) -> torch.dtype:
+    """The element type of the four inputs (TypeError naming the tensor that differs).
+
+    Each must be bf16 or fp16 (float32 too under the interpreter, :func:`float32_allowed`). The caches
+    define the dtype: kpe_cache must match ckv_cache, then each query must match the caches, so a
+    mixed pair of queries names the one that differs from the caches.
+    """
+    supported = " or ".join(map(str, SUPPORTED_DTYPES))
+    for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache), ("kpe_cache", kpe_cache)):
+        if t.dtype == TEST_DTYPE and not float32_allowed(t.device):
+            raise TypeError(f"{name}: expected dtype {supported} on a GPU ({TEST_DTYPE} is a test dtype, accepted "
+                            f"only under the Triton interpreter), found {t.dtype} on {t.device}")
+        if t.dtype not in INPUT_DTYPES:
+            raise TypeError(f"{name}: expected dtype {supported} (or {TEST_DTYPE} under the Triton interpreter), "
+                            f"found {t.dtype}")
+    dtype = ckv_cache.dtype
+    if kpe_cache.dtype != dtype:
+        raise TypeError(f"kpe_cache: expected dtype {dtype} (that of ckv_cache), found {kpe_cache.dtype}")
+    for name, q in (("q_nope", q_nope), ("q_pe", q_pe)):
+        if q.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (that of ckv_cache and kpe_cache), found {q.dtype}")
+    return dtype
 
 
 def check_sm_scale(sm_scale: object) -> float:
@@ -61,11 +121,12 @@ def check_sm_scale(sm_scale: object) -> float:
 
 def spec_from_tensors(variant: str, q_nope: object, q_pe: object, ckv_cache: object,
                       kpe_cache: object) -> MLASpec:
-    """Derive the specialization from the input shapes, checking ranks first."""
-    q_nope_t = check_tensor("q_nope", q_nope, (None, None, None), INPUT_DTYPES)
-    q_pe_t = check_tensor("q_pe", q_pe, (None, None, None), INPUT_DTYPES)
-    ckv_t = check_tensor("ckv_cache", ckv_cache, (None, None, None), INPUT_DTYPES)
-    check_tensor("kpe_cache", kpe_cache, (None, None, None), INPUT_DTYPES)
+    """Derive the specialization from the input shapes, checking ranks and dtypes first."""
+    q_nope_t = check_tensor("q_nope", q_nope, (None, None, None), None)
+    q_pe_t = check_tensor("q_pe", q_pe, (None, None, None), None)
+    ckv_t = check_tensor("ckv_cache", ckv_cache, (None, None, None), None)
+    kpe_t = check_tensor("kpe_cache", kpe_cache, (None, None, None), None)
+    check_dtypes(q_nope_t, q_pe_t, ckv_t, kpe_t)
     try:
         return MLASpec(variant, q_nope_t.shape[1], q_nope_t.shape[2], q_pe_t.shape[2], ckv_t.shape[1])  # type: ignore[arg-type]
     except ValueError as err:
@@ -73,15 +134,20 @@ def spec_from_tensors(variant: str, q_nope: object, q_pe: object, ckv_cache: obj
                          f"ckv_cache {tuple(ckv_t.shape)}): {err}") from None
 
 
-def check_inputs(spec: MLASpec, rows: int, q_nope: torch.Tensor, q_pe: torch.Tensor,
-                 ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> None:
-    """q_nope/q_pe [rows, H, *] and the two caches against ``spec``: one dtype, one device."""
-    dtype, device = q_nope.dtype, q_nope.device
+def check_inputs(spec: MLASpec, rows: int, q_nope: object, q_pe: object, ckv_cache: object,
+                 kpe_cache: object) -> None:
+    """q_nope/q_pe [rows, H, *] and the two caches against ``spec``: one dtype (:func:`check_dtypes`),
+    one device (q_nope's)."""
+    tensors = [_need_tensor(name, t) for name, t in
+               (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache), ("kpe_cache", kpe_cache))]
+    dtype = check_dtypes(*tensors)
+    q_nope_t, q_pe_t, ckv_t, kpe_t = tensors
+    device = q_nope_t.device
     h, c, k, ps = spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size
-    check_tensor("q_nope", q_nope, (rows, h, c), INPUT_DTYPES, device)
-    check_tensor("q_pe", q_pe, (rows, h, k), (dtype,), device)
-    check_tensor("ckv_cache", ckv_cache, (None, ps, c), (dtype,), device)
-    check_tensor("kpe_cache", kpe_cache, (ckv_cache.shape[0], ps, k), (dtype,), device)
+    check_tensor("q_nope", q_nope_t, (rows, h, c), (dtype,), device)
+    check_tensor("q_pe", q_pe_t, (rows, h, k), (dtype,), device)
+    check_tensor("ckv_cache", ckv_t, (None, ps, c), (dtype,), device)
+    check_tensor("kpe_cache", kpe_t, (ckv_t.shape[0], ps, k), (dtype,), device)
 
 
 def check_indices(batch: int, kv_indptr: object, kv_indices: object, kv_last_page_len: object,
@@ -102,38 +168,97 @@ def check_outputs(rows: int, spec: MLASpec, dtype: torch.dtype, device: torch.de
         check_tensor("lse", lse, (rows, spec.num_heads), (torch.float32,), device)
 
 
-def check_host_data(spec: MLASpec, num_pages: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+def check_total_q(qo_last: int, rows: int) -> None:
+    """``qo_indptr[-1]`` must equal the query rows: fewer leaves rows unwritten (garbage or NaN in the
+    output), more makes the kernel read q_nope and write out past their ends."""
+    if qo_last != rows:
+        raise ValueError(f"qo_indptr: expected the last value to equal the rows of q_nope ({rows}), "
+                         f"found {qo_last}")
+
+
+def check_total_q_if_on_host(qo_indptr: torch.Tensor, rows: int) -> None:
+    """:func:`check_total_q` where it costs no device sync: ``qo_indptr`` in host memory (always so
+    under the interpreter on CPU tensors). On a GPU the one-call form checks it only under validation."""
+    if qo_indptr.device.type == "cpu":
+        check_total_q(int(qo_indptr[-1]), rows)
+
+
+def check_planned_pages(max_page_id: int | None, ckv_cache: torch.Tensor) -> None:
+    """At ``run()``: the largest page id seen at ``plan()`` against the cache given now (its
+    ``shape[0]``, tensor metadata: no sync). ``max_page_id`` None: plan did not look at the page ids."""
+    num_pages = ckv_cache.shape[0]
+    if max_page_id is not None and max_page_id >= num_pages:
+        raise ValueError(f"kv_indices: expected page ids in [0, {num_pages}), found {max_page_id} (the largest "
+                         f"page id at plan(); ckv_cache and kpe_cache have {num_pages} pages)")
+
+
+@dataclass(frozen=True)
+class HostIndexData:
+    """What :func:`check_host_data` learnt from its host copy of the index data.
+
+    kv_lens: int64 [B] tokens per sequence, on the host; max_page_id: the largest page id any sequence
+    uses (-1 without pages), for ``run()`` to compare with the cache it gets; total_q: ``qo_indptr[-1]``
+    (None without qo_indptr).
+    """
+
+    kv_lens: torch.Tensor
+    max_page_id: int
+    total_q: int | None
+
+
+def _to_host(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """int64 host copies of the given int32 1-D tensors, in one device-to-host transfer."""
+    present = [t for t in tensors if t is not None]
+    if not present or all(t.device.type == "cpu" for t in present):
+        return [None if t is None else t.long() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in present]).cpu().long()
+    parts = iter(flat.split([t.numel() for t in present]))
+    return [None if t is None else next(parts) for t in tensors]
+
+
+def check_host_data(spec: MLASpec, num_pages: int | None, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                     kv_last_page_len: torch.Tensor | None, qo_indptr: torch.Tensor | None = None,
-                    total_q: int | None = None) -> None:
-    """The checks that need the index data on the host (copies it: a device sync). ``total_q``: the
-    rows of q_nope, which qo_indptr[-1] must equal (prefill)."""
-    indptr = kv_indptr.cpu().long()
-    _check_indptr("kv_indptr", indptr, kv_indices.numel())
-    ids = kv_indices.cpu().long()[: int(indptr[-1])]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_pages):
-        bad = ids[(ids < 0) | (ids >= num_pages)][0]
-        raise ValueError(f"kv_indices: expected page ids in [0, {num_pages}), found {int(bad)}")
+                    total_q: int | None = None) -> HostIndexData:
+    """The checks that need the index data on the host (copies it: one device sync).
+
+    kv_indptr and qo_indptr start at 0 and never decrease, kv_indptr[-1] <= len(kv_indices), page ids
+    >= 0 and, where ``num_pages`` is known, < num_pages; kv_last_page_len in [1, page_size] for
+    sequences with pages; with qo_indptr, kv_len >= q_len and, where ``total_q`` (the rows of q_nope)
+    is known, qo_indptr[-1] == total_q. Returns what ``plan()`` keeps (:class:`HostIndexData`).
+    """
+    indptr, ids_all, last, qo = _to_host([kv_indptr, kv_indices, kv_last_page_len, qo_indptr])
+    assert indptr is not None and ids_all is not None
+    _check_indptr("kv_indptr", indptr, ids_all.numel())
+    ids = ids_all[: int(indptr[-1])]
+    max_page_id = -1
+    if ids.numel():
+        max_page_id = int(ids.max())
+        bad = (ids < 0) if num_pages is None else (ids < 0) | (ids >= num_pages)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0])
+            expect = ">= 0" if num_pages is None else f"in [0, {num_pages})"
+            raise ValueError(f"kv_indices: expected page ids {expect}, found {int(ids[pos])} at position {pos}")
     n_pages = indptr[1:] - indptr[:-1]
-    if kv_last_page_len is not None:
-        last = kv_last_page_len.cpu().long()
+    if last is not None:
         bad = (n_pages > 0) & ((last < 1) | (last > spec.page_size))
         if bool(bad.any()):
             b = int(bad.nonzero()[0])
             raise ValueError(f"kv_last_page_len: expected values in [1, {spec.page_size}] for sequences with "
                              f"pages, found {int(last[b])} at sequence {b}")
-    if qo_indptr is not None:
-        qo = qo_indptr.cpu().long()
+    kv_len = kv_lengths(indptr, spec.page_size, last)
+    qo_last = None
+    if qo is not None:
         _check_indptr("qo_indptr", qo, None)
-        if total_q is not None and int(qo[-1]) != total_q:
-            raise ValueError(f"qo_indptr: expected the last value to equal the rows of q_nope ({total_q}), "
-                             f"found {int(qo[-1])}")
-        kv_len = kv_lengths(indptr, spec.page_size, None if kv_last_page_len is None else kv_last_page_len.cpu())
+        qo_last = int(qo[-1])
+        if total_q is not None:
+            check_total_q(qo_last, total_q)
         q_len = qo[1:] - qo[:-1]
         bad = q_len > kv_len
         if bool(bad.any()):
             b = int(bad.nonzero()[0])
             raise ValueError(f"qo_indptr: sequence {b} has q_len {int(q_len[b])} > kv_len {int(kv_len[b])} "
                              "(its queries are its last q_len tokens, so kv_len >= q_len is required)")
+    return HostIndexData(kv_lens=kv_len, max_page_id=max_page_id, total_q=qo_last)
 
 
 def kv_lengths(kv_indptr: torch.Tensor, page_size: int,
