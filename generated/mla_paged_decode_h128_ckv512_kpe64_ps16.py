@@ -311,21 +311,23 @@ def _decode_stage2(
         # PIECES pieces per step: all their loads are issued before the first fold, so their L2 round
         # trips overlap (a plain loop over the pieces waits one round trip per piece)
         for p in range(p_first, p_last + 1, PIECES):
-            lse0, part0 = _load_piece(part_out_ptr, part_lse_ptr, p, p_last, seq, total_pages, num_programs,
-                                      offs_h, mask_h, offs_d)
-            if PIECES >= 2:
+            lse0, part0 = _load_piece(part_out_ptr, part_lse_ptr, p, p_last, seq, total_pages,
+                                      num_programs, offs_h, mask_h, offs_d)
+            if PIECES > 1:
                 lse1, part1 = _load_piece(part_out_ptr, part_lse_ptr, p + 1, p_last, seq, total_pages,
                                           num_programs, offs_h, mask_h, offs_d)
-            if PIECES >= 4:
+            if PIECES > 2:
                 lse2, part2 = _load_piece(part_out_ptr, part_lse_ptr, p + 2, p_last, seq, total_pages,
                                           num_programs, offs_h, mask_h, offs_d)
+            if PIECES > 3:
                 lse3, part3 = _load_piece(part_out_ptr, part_lse_ptr, p + 3, p_last, seq, total_pages,
                                           num_programs, offs_h, mask_h, offs_d)
             m, denom, acc = _fold_piece(m, denom, acc, lse0, part0)
-            if PIECES >= 2:
+            if PIECES > 1:
                 m, denom, acc = _fold_piece(m, denom, acc, lse1, part1)
-            if PIECES >= 4:
+            if PIECES > 2:
                 m, denom, acc = _fold_piece(m, denom, acc, lse2, part2)
+            if PIECES > 3:
                 m, denom, acc = _fold_piece(m, denom, acc, lse3, part3)
     o, lse = _softmax_finish(m, denom, acc)
     tl.store(out_ptr + seq * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
@@ -474,9 +476,9 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    P_BUFS: gl.constexpr, GATHER: gl.constexpr, CONSUMERS: gl.constexpr):
-        """Shared memory of a warp-specialized kernel and its barriers (initialised): the query rows, the
-        KV stage ring (read by CONSUMERS warpgroups), the P buffers (as many rows as the query block) with
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+        """Shared memory of the warp-specialized kernel and its barriers (initialised): the query rows, the
+        KV stage ring (read by both math warpgroups), the P buffers (as many rows as the query block) with
         their row rescales, the final row sums."""
         dtype: gl.constexpr = ckv_desc.dtype
         q_nope_s = gl.allocate_shared_memory(dtype, q_nope_desc.block_type.shape, q_nope_desc.layout)
@@ -505,12 +507,11 @@ if gluon is not None:
         for i in gl.static_range(NUM_STAGES):
             # gathered: every loader thread arrives when its own copies land; bulk: one arrival + bytes
             mbarrier.init(kv_ready.index(i), count=WS_LOADER_WARPS * 32 if GATHER else 1)
-            mbarrier.init(kv_empty.index(i), count=CONSUMERS)
+            mbarrier.init(kv_empty.index(i), count=2)
         for i in gl.static_range(P_BUFS):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_empty.index(i), count=1)
-        return (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
-                q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty)
+        return q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, fin_ready, fin_empty, kv_ready, kv_empty, p_ready, p_empty
 
     @gluon.jit
     def _ws_share(kv_indptr_ptr, batch, num_programs, p):
@@ -704,9 +705,9 @@ if gluon is not None:
     ):
         """Stage 1 for one (share, 64-head group): a loader, a softmax warpgroup and an output
         warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
-        (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
-         fin_ready, fin_empty) = _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS,
-                                             GATHER, 2)  # both warpgroups read a tile
+        (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, fin_ready, fin_empty,
+         kv_ready, kv_empty, p_ready, p_empty) = _ws_buffers(
+            q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)
         gl.warp_specialize([
             (_ws_softmax, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                            qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
@@ -726,7 +727,7 @@ if gluon is not None:
 
 
 WS_SHARED_BYTES = 232448
-"""Shared memory per block of a Hopper (227 KB, opt-in maximum)."""
+"""Shared memory per block of a Hopper (227 KB, opt-in maximum; tuner.runtime.device.H100_SHARED_BYTES)."""
 WS_Q_ROWS = 64
 """Query rows of a warp-specialized tile (and of its P buffers)."""
 
@@ -744,15 +745,6 @@ def ws_p_buffers(block_n: int, num_stages: int) -> int:
     """P buffers (2 lets the softmax warpgroup run a tile ahead of the output warpgroup) when they fit, else
     1; 1 where one warpgroup does all the math."""
     return 2 if WS_Q_ROWS == 64 and ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
-
-
-_HOPPER: dict[int, bool] = {}
-
-
-def _is_hopper(index: int) -> bool:
-    if index not in _HOPPER:
-        _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
-    return _HOPPER[index]
 
 
 def _ws_rows(t: torch.Tensor, rows: int, row_stride: int, block: list[int]):
@@ -779,7 +771,7 @@ def _ws_ready(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
     Hopper, 16-bit data, q rows and cache rows addressable as 2-D row arrays with 16-byte alignment."""
     if gluon is None or triton.knobs.runtime.interpret or not q_nope.is_cuda:
         return False
-    if q_nope.dtype not in (torch.bfloat16, torch.float16) or not _is_hopper(q_nope.device.index or 0):
+    if q_nope.dtype not in (torch.bfloat16, torch.float16) or _cc_major(q_nope) != 9:
         return False
     if ckv_cache.shape[0] * PAGE_SIZE >= 2**31 or q_nope.shape[0] * NUM_HEADS >= 2**31:
         return False
@@ -834,14 +826,20 @@ def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: i
 _CC_MAJOR: dict[int, int] = {}
 
 
+def _cc_major(t: torch.Tensor) -> int:
+    """Compute capability major of the GPU holding CUDA tensor t, queried once per device: the tensor's
+    device, never the current one (the device tuner.runtime.device.gpu_info(t.device) describes)."""
+    index = t.device.index
+    if index not in _CC_MAJOR:
+        _CC_MAJOR[index] = torch.cuda.get_device_capability(t.device)[0]
+    return _CC_MAJOR[index]
+
+
 def _pdl_ready(t: torch.Tensor) -> bool:
     """Whether a programmatic dependent launch can run: tensors on an sm_90+ GPU, a Triton with gdc_wait."""
     if gdc_wait is None or not t.is_cuda or triton.knobs.runtime.interpret:
         return False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if index not in _CC_MAJOR:
-        _CC_MAJOR[index] = torch.cuda.get_device_capability(index)[0]
-    return _CC_MAJOR[index] >= 9
+    return _cc_major(t) >= 9
 
 
 MERGE_PIECE_REGS = 32
@@ -876,7 +874,8 @@ def launch(
     num_programs: how many equal shares the page stream is cut into (the split count).
     partial_out float32 [scratch_rows(B, num_programs) * 512] and partial_lse float32
     [scratch_rows(B, num_programs)]: contiguous scratch.
-    pdl: launch stage 2 as a programmatic dependent of stage 1 (where _pdl_ready; else ordinary launches).
+    pdl: launch stage 2 as a programmatic dependent of stage 1 (where _pdl_ready; else ordinary launches;
+    not for a ws config whose stage 1 falls back to the Triton kernel).
     """
     batch = q_nope.shape[0]
     if batch == 0:
@@ -887,6 +886,10 @@ def launch(
         _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                           out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl)
     else:
+        # A ws config's pdl is the late trigger (once the loader has issued its last tile); the Triton stage 1
+        # would trigger at its start, which costs where many merging programs wait (tuner.runtime.config,
+        # DecodeConfig.pdl): falling back, stage 2 launches without PDL.
+        pdl = pdl and not ws
         _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                        out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
                        pdl)

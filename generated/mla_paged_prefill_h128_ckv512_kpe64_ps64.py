@@ -364,9 +364,9 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    P_BUFS: gl.constexpr, GATHER: gl.constexpr, CONSUMERS: gl.constexpr):
-        """Shared memory of a warp-specialized kernel and its barriers (initialised): the query rows, the
-        KV stage ring (read by CONSUMERS warpgroups), the P buffers (as many rows as the query block) with
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+        """Shared memory of the warp-specialized kernel and its barriers (initialised): the query rows, the
+        KV stage ring (read by both math warpgroups), the P buffers (as many rows as the query block) with
         their row rescales, the final row sums."""
         dtype: gl.constexpr = ckv_desc.dtype
         q_nope_s = gl.allocate_shared_memory(dtype, q_nope_desc.block_type.shape, q_nope_desc.layout)
@@ -381,26 +381,21 @@ if gluon is not None:
         fin_s = gl.allocate_shared_memory(gl.float32, [64], vec)
         bar: gl.constexpr = mbarrier.MBarrierLayout()
         q_ready = gl.allocate_shared_memory(gl.int64, [1], bar)
-        q_empty = gl.allocate_shared_memory(gl.int64, [1], bar)
         fin_ready = gl.allocate_shared_memory(gl.int64, [1], bar)
-        fin_empty = gl.allocate_shared_memory(gl.int64, [1], bar)
         kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar)
         kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar)
         p_ready = gl.allocate_shared_memory(gl.int64, [P_BUFS, 1], bar)
         p_empty = gl.allocate_shared_memory(gl.int64, [P_BUFS, 1], bar)
         mbarrier.init(q_ready, count=1)
-        mbarrier.init(q_empty, count=1)
         mbarrier.init(fin_ready, count=1)
-        mbarrier.init(fin_empty, count=1)
         for i in gl.static_range(NUM_STAGES):
             # gathered: every loader thread arrives when its own copies land; bulk: one arrival + bytes
             mbarrier.init(kv_ready.index(i), count=WS_LOADER_WARPS * 32 if GATHER else 1)
-            mbarrier.init(kv_empty.index(i), count=CONSUMERS)
+            mbarrier.init(kv_empty.index(i), count=2)
         for i in gl.static_range(P_BUFS):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_empty.index(i), count=1)
-        return (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
-                q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty)
+        return q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, fin_ready, kv_ready, kv_empty, p_ready, p_empty
 
     @gluon.jit
     def _wsp_tile(qo_indptr_ptr, kv_indptr_ptr, kv_last_page_len_ptr, batch, HAS_LAST_PAGE_LEN: gl.constexpr):
@@ -533,9 +528,9 @@ if gluon is not None:
     ):
         """One query tile of 64 (token, head) rows: a loader, a softmax warpgroup and an output
         warpgroup, handing KV tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
-        (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty,
-         fin_ready, fin_empty) = _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS,
-                                             GATHER, 2)  # both warpgroups read a tile
+        (q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s, q_ready, fin_ready, kv_ready, kv_empty,
+         p_ready, p_empty) = _ws_buffers(
+            q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)
         gl.warp_specialize([
             (_wsp_softmax, (qo_indptr_ptr, kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, qk_scale, batch,
                             stride_o_t, stride_o_h, stride_lse_t, q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
@@ -552,7 +547,7 @@ if gluon is not None:
 
 
 WS_SHARED_BYTES = 232448
-"""Shared memory per block of a Hopper (227 KB, opt-in maximum)."""
+"""Shared memory per block of a Hopper (227 KB, opt-in maximum; tuner.runtime.device.H100_SHARED_BYTES)."""
 WS_Q_ROWS = 64
 """Query rows of a warp-specialized tile (and of its P buffers)."""
 
@@ -570,15 +565,6 @@ def ws_p_buffers(block_n: int, num_stages: int) -> int:
     """P buffers (2 lets the softmax warpgroup run a tile ahead of the output warpgroup) when they fit, else
     1; 1 where one warpgroup does all the math."""
     return 2 if WS_Q_ROWS == 64 and ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
-
-
-_HOPPER: dict[int, bool] = {}
-
-
-def _is_hopper(index: int) -> bool:
-    if index not in _HOPPER:
-        _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
-    return _HOPPER[index]
 
 
 def _ws_rows(t: torch.Tensor, rows: int, row_stride: int, block: list[int]):
@@ -605,7 +591,7 @@ def _ws_ready(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
     Hopper, 16-bit data, q rows and cache rows addressable as 2-D row arrays with 16-byte alignment."""
     if gluon is None or triton.knobs.runtime.interpret or not q_nope.is_cuda:
         return False
-    if q_nope.dtype not in (torch.bfloat16, torch.float16) or not _is_hopper(q_nope.device.index or 0):
+    if q_nope.dtype not in (torch.bfloat16, torch.float16) or _cc_major(q_nope) != 9:
         return False
     if ckv_cache.shape[0] * PAGE_SIZE >= 2**31 or q_nope.shape[0] * NUM_HEADS >= 2**31:
         return False
@@ -653,6 +639,18 @@ def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: i
                 TensorDescriptor(kpe_cache, list(kpe_cache.shape), list(kpe_cache.stride()),
                                  [1, block_n, HEAD_DIM_KPE]))
     return False, ckv_cache, kpe_cache  # the gather
+
+
+_CC_MAJOR: dict[int, int] = {}
+
+
+def _cc_major(t: torch.Tensor) -> int:
+    """Compute capability major of the GPU holding CUDA tensor t, queried once per device: the tensor's
+    device, never the current one (the device tuner.runtime.device.gpu_info(t.device) describes)."""
+    index = t.device.index
+    if index not in _CC_MAJOR:
+        _CC_MAJOR[index] = torch.cuda.get_device_capability(t.device)[0]
+    return _CC_MAJOR[index]
 
 
 def launch(

@@ -152,3 +152,56 @@ def test_strict_environment_fails_on_a_missing_variable(tmp_path: Path) -> None:
 def test_environment_trims_blocks(tmp_path: Path) -> None:
     (tmp_path / "t.py.jinja").write_text("A = 1\n    {% if flag %}\nB = 2\n    {% endif %}\nC = 3\n")
     assert codegen._environment(tmp_path).get_template("t.py.jinja").render(flag=True) == "A = 1\nB = 2\nC = 3\n"
+
+
+PUBLIC_NAMES = {
+    "launch": "the module's entry point (tuner.runtime.decode / prefill)",
+    "scratch_rows": "decode: the stage-1 scratch rows (tuner.runtime.decode)",
+    "merge_pieces": "decode: stage 2's pieces per step (perf probes, tests)",
+    "ws_shared_bytes": "the warp-specialized kernel's shared memory (tests, resources)",
+    "ws_p_buffers": "the warp-specialized kernel's P buffers (tests)",
+}
+"""Functions a generated module defines for callers outside it; every other function must be referenced
+inside the module (called, launched, or handed to gl.warp_specialize)."""
+
+
+def referenced_names(tree: ast.AST, skip: ast.AST | None = None) -> set[str]:
+    """Names and attributes used anywhere in ``tree`` outside ``skip`` (a function's own body)."""
+    names: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if node is skip:
+            continue
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        stack.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def dead_functions(source: str, filename: str) -> list[str]:
+    """Functions defined in ``source`` (at any depth: the Gluon kernels sit under ``if gluon``) that are
+    referenced nowhere outside their own body, less PUBLIC_NAMES."""
+    tree = ast.parse(source, filename=filename)
+    functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    assert len({f.name for f in functions}) == len(functions), f"{filename}: a function is defined twice"
+    return sorted(f"{f.name} (line {f.lineno})" for f in functions
+                  if f.name not in PUBLIC_NAMES and f.name not in referenced_names(tree, skip=f))
+
+
+@pytest.mark.parametrize("path", sorted(paths.generated_dir().glob("mla_paged_*.py")), ids=lambda p: p.stem)
+def test_no_generated_function_without_a_caller(path: Path) -> None:
+    """Emit a function only where something calls it: every function a committed module defines is
+    referenced in that module (called, launched, handed to gl.warp_specialize), but PUBLIC_NAMES."""
+    dead = dead_functions(path.read_text(), path.name)
+    assert not dead, f"{path.name} defines functions nothing calls: {dead}"
+
+
+@pytest.mark.parametrize("spec", [MLASpec("decode", 4, 512, 64, 1), MLASpec("decode", 48, 512, 64, 16),
+                                  MLASpec("prefill_causal", 24, 256, 32, 8), MLASpec("prefill", 32, 128, 64, 32)],
+                         ids=str)
+def test_no_function_without_a_caller_outside_the_catalogue(spec: MLASpec) -> None:
+    """The same for modules without the warp-specialized kernels (rendered on first use)."""
+    assert not dead_functions(codegen.render(spec), f"{spec.name()}.py")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tuner.runtime import paths
 from tuner.runtime.config import ws_block_h, ws_capable, ws_narrow
+from tuner.runtime.device import H100_SHARED_BYTES
 from tuner.runtime.fileio import write_atomic
 from tuner.runtime.spec import MLASpec, catalogue
 
@@ -46,7 +47,7 @@ def render(spec: MLASpec, templates_dir: Path | None = None) -> str:
                                 "checkout of mla-tuner (an installed package ships generated kernels, not templates)")
     env = _environment(templates_dir)
     context = dict(asdict(spec), name=spec.name(), causal=spec.causal, ws=ws_capable(spec),
-                   ws_block_h=ws_block_h(spec), ws_narrow=ws_narrow(spec))
+                   ws_block_h=ws_block_h(spec), ws_narrow=ws_narrow(spec), hopper_shared_bytes=H100_SHARED_BYTES)
     source = env.get_template(spec.template).render(**context)
     return source.rstrip("\n") + "\n"
 

@@ -124,7 +124,7 @@ class DecodeConfig(_Config):
     programs_per_sm: stage-1 programs (all head groups together) per multiprocessor: the batch's page
         stream is cut into num_programs equal shares (see :meth:`num_programs`). With ws it is taken as
         1: the warp-specialized stage 1 fills a multiprocessor, so more programs would run in waves of
-        equal work (H200: 5-40% slower on every decode row, perf/LOG.md).
+        equal work.
     split_tokens: the least KV tokens per share, so that small batches are not cut finer than pays
         for the merge.
     num_warps, num_stages: stage-1 warps and software-pipelining depth.
@@ -135,23 +135,22 @@ class DecodeConfig(_Config):
         for a tile inside one page, four warps gathering rows by cp.async for a tile that spans pages;
         one warpgroup for QK and the softmax, the 512-wide output split over two warpgroups, so QK runs
         once per tile); needs a ``ws_capable`` spec and block_h = ``ws_block_h(spec)``. num_warps and
-        tma do not apply to it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot address) the Triton
-        stage 1 runs with the same config.
+        tma do not apply to it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot
+        address) the Triton stage 1 runs with the same config, without pdl.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps (the tile's registers
         per thread also set how many pieces stage 2 loads at once: the generated ``merge_pieces``).
     pdl: 1 launches stage 2 as a programmatic dependent of stage 1 (sm_90+; elsewhere ignored): stage 1
         lets it launch (the warp-specialized one once its loader has issued a share's last tile, the
         Triton one at once), so its launch and prologue (finding its request; programs of requests that
         stage 1 wrote directly exit) overlap stage 1's tail, and it waits (griddepcontrol.wait) only
-        before reading the scratch. Measured on an H200 with the late trigger: 0.3-3.5 us less on every
-        16-head row (perf/LOG.md, v8); with the trigger at stage 1's start it cost up to 6 us where many
-        merging programs waited beside stage 1.
+        before reading the scratch. The late trigger pays everywhere; the early one only where few
+        merging programs wait beside stage 1 (the rule of :func:`default_decode_config`), so a ws config
+        whose stage 1 falls back to the Triton kernel launches stage 2 without PDL.
     align: 1 rounds the number of shares down, by at most 1/16, to a multiple or divisor of the batch
         (host-only, see :meth:`num_programs`). With equal requests (benchmarks, fixed-length batches) the
         shares then hold whole requests or equal pieces of them: no request is cut into a sliver, and
-        at batch >= shares none needs merging. H200, 16 heads: d-b128-2k 93.8 -> 86.7 us, d-b256-4k
-        302.6 -> 289.7, d-b64-8k 159.7 -> 155.2; 128 heads b32 87.2 -> 82.7 (perf/LOG.md, v9). With
-        unequal requests it buys nothing and leaves up to 1/16 of the multiprocessors idle.
+        at batch >= shares none needs merging. With unequal requests it buys nothing and leaves up to
+        1/16 of the multiprocessors idle.
     """
 
     block_h: int = 16
@@ -267,24 +266,22 @@ Config = DecodeConfig | PrefillConfig
 
 def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms: int,
                           hopper: bool = True) -> DecodeConfig:
-    """A sensible decode config without tuning (the best single config of the H100 sweep, perf/LOG.md):
-    8 warps, 64-token tiles double-buffered (3 stages), one wave of balanced shares; at more than 32
-    heads 64 heads per program (wgmma; the KV is read once per 64 heads) with 32-token tiles; tiles by
-    bulk tensor copies whenever a tile fits in a page (H200: 8-15% faster on the large page-64 rows);
-    on a Hopper (``hopper``), the warp-specialized stage 1 wherever the spec allows it (64-token tiles,
-    2 stages)."""
+    """A sensible decode config without tuning: 8 warps, 64-token tiles double-buffered (3 stages), one
+    wave of balanced shares; at more than 32 heads 64 heads per program (wgmma; the KV is read once per
+    64 heads) with 32-token tiles; tiles by bulk tensor copies whenever a tile fits in a page; on a Hopper
+    (``hopper``), the warp-specialized stage 1 wherever the spec allows it (64-token tiles, 2 stages)."""
     block_h = ws_block_h(spec)  # 16, 32 or 64 heads per program
     block_n = 64 if block_h <= 32 else 32
     num_stages, ws = 3, 0
-    if hopper and ws_capable(spec):  # H200: 1.7-2.0x the Triton stage 1 at 64 and 128 heads, page size 64
+    if hopper and ws_capable(spec):
         (block_n, num_stages), ws = _ws_tiles(spec), 1
     # The merge tile: 4 heads x 128 columns keeps a small batch's few merges spread over many programs; from
-    # 64 heads up, 8 heads x the whole row (H200, 128 heads: 8-9% less time than 4 x 128, perf/LOG.md).
+    # 64 heads up, 8 heads x the whole row (fewer, fuller merge programs).
     many_heads = spec.num_heads >= 64
     # Programmatic dependent launch (ignored below sm_90). The warp-specialized stage 1 lets stage 2 launch
-    # only once its loader is done: that paid on every decode row measured (H200, perf/LOG.md, v8). The
-    # Triton stage 1 lets it launch at its start, which pays only where few merging programs would wait
-    # beside it: requests spanning at most two shares, or fewer shares than multiprocessors (v7).
+    # only once its loader is done: always. The Triton stage 1 lets it launch at its start, which pays only
+    # where few merging programs would wait beside it: from 64 heads, batches of at least half the
+    # multiprocessors, or at most 64 tokens per multiprocessor (no more shares than multiprocessors).
     few_waiting = many_heads or 2 * batch >= num_sms or batch * avg_kv_len <= num_sms * 64
     pdl = int(hopper and (ws == 1 or few_waiting))
     return DecodeConfig(

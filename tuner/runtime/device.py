@@ -12,7 +12,8 @@ import torch
 from . import paths
 
 H100_SHARED_BYTES = 232448
-"""Shared memory one block may use on an H100 or H200 (227 KB, the opt-in maximum)."""
+"""Shared memory one block may use on an H100 or H200 (227 KB, the opt-in maximum); the one source of
+the figure: ``tuner.codegen`` renders it into the generated modules as ``WS_SHARED_BYTES``."""
 
 CPU_NUM_SMS = 4
 """Programs in flight assumed for the Triton interpreter (only shapes the split heuristic)."""
@@ -34,7 +35,8 @@ class GPUInfo:
 
     @property
     def hopper(self) -> bool:
-        """A Hopper GPU (compute capability 9.x): where the warp-specialized Gluon kernels run."""
+        """A Hopper GPU (compute capability 9.x): where the warp-specialized Gluon kernels run (what a
+        generated module checks, ``_cc_major(t) == 9``, for tensors on this device)."""
         return self.capability.startswith("9.")
 
 
@@ -56,11 +58,19 @@ def _gpu_info(device_index: int | None) -> GPUInfo:
                    num_sms=props.multi_processor_count, shared_bytes=int(shared))
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device that ``device`` names: its own index (a tensor's device always has one: the
+    device a generated module queries, ``_cc_major(t)``, keyed by ``t.device.index``), or for a bare
+    ``cuda`` the current device (where torch puts a tensor made on it)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def gpu_info(device: torch.device | str | None = None) -> GPUInfo:
-    """GPUInfo of ``device`` (default: the current CUDA device, or the interpreter without CUDA)."""
+    """GPUInfo of ``device``: pass the tensors' device (``q_nope.device``), so that it describes the GPU
+    the kernels run on and whose capability the generated module checks. Default: the current CUDA
+    device, or the interpreter without CUDA."""
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if device.type != "cuda":
         return _gpu_info(None)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _gpu_info(index)
+    return _gpu_info(cuda_index(device))
