@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-try:  # Gluon's Hopper API (Triton 3.6): without it the Triton kernels serve every config
+try:  # Gluon's Hopper API (Triton 3.6-3.9): without it the Triton kernels serve every config
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -34,6 +34,11 @@ try:  # Gluon's Hopper API (Triton 3.6): without it the Triton kernels serve eve
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+    # Gluon renamed its copies: triton 3.8 added cp.async's async_copy.async_load and TMA's tma.async_load
+    # (the old async_copy_global_to_shared names kept as aliases); from 3.9 the old names raise. Same arguments.
+    _cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
@@ -245,10 +250,10 @@ if gluon is not None:
         cols = gl.arange(0, 64, layout=gl.SliceLayout(0, _WS_GATHER))
         src = ckv_ptr + gl.multiple_of(rows * stride_ckv, 8)[:, None] + cols[None, :]
         for c in gl.static_range(0, 512, 64):
-            async_copy.async_copy_global_to_shared(kc.slice(c, 64, dim=1), src + c, mask=ok[:, None])
+            _cp_async_load(kc.slice(c, 64, dim=1), src + c, mask=ok[:, None])
         src = kpe_ptr + gl.multiple_of(rows * stride_kpe, 8)[:, None] + cols[None, :]
         for c in gl.static_range(0, 64, 64):
-            async_copy.async_copy_global_to_shared(kp.slice(c, 64, dim=1), src + c, mask=ok[:, None])
+            _cp_async_load(kp.slice(c, 64, dim=1), src + c, mask=ok[:, None])
         async_copy.mbarrier_arrive(ready, increment_count=False)
 
     @gluon.jit
@@ -257,8 +262,8 @@ if gluon is not None:
         page_id = gl.load(kv_indices_ptr + first_page + n0 // 64)
         row = page_id * 64 + n0 % 64
         mbarrier.expect(ready, ckv_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(ckv_desc, [row, 0], ready, kc)
-        tma.async_copy_global_to_shared(kpe_desc, [row, 0], ready, kp)
+        _tma_load(ckv_desc, [row, 0], ready, kc)
+        _tma_load(kpe_desc, [row, 0], ready, kp)
 
     @gluon.jit
     def _ws_load_kv(ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, kv_indices_ptr, first_page,
@@ -438,8 +443,8 @@ if gluon is not None:
         if ok:
             mbarrier.expect(q_ready, q_nope_desc.block_type.nbytes + q_pe_desc.block_type.nbytes)
             row_q = ((q_start + m0) * 32 + g * 64).to(gl.int32)
-            tma.async_copy_global_to_shared(q_nope_desc, [row_q, 0], q_ready, q_nope_s)
-            tma.async_copy_global_to_shared(q_pe_desc, [row_q, 0], q_ready, q_pe_s)
+            _tma_load(q_nope_desc, [row_q, 0], q_ready, q_nope_s)
+            _tma_load(q_pe_desc, [row_q, 0], q_ready, q_pe_s)
             _ws_load_kv(ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, kv_indices_ptr, first_page,
                         0, kv_hi, gl.to_tensor(0), kc_s, kp_s, kv_ready, kv_empty, BLOCK_N, NUM_STAGES, GATHER)
 
