@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tuner import MLASpec, catalogue
-from tuner.runtime.config import default_decode_config, default_prefill_config, ws_capable
+from tuner.runtime.config import default_decode_config, default_prefill_config, ws_capable, ws_narrow
 from tuner.runtime.loader import load_module
 
 SPECS = [s for s in catalogue() if ws_capable(s)]
@@ -125,7 +125,10 @@ def test_default_config_compiles_for_hopper_without_spills(spec: MLASpec, report
     r = reports[spec.name()]
     assert r["ws"] == 1, "the default config of a capable spec uses the warp-specialized kernel"
     assert r["shared"] <= r["limit"]
-    assert 0 <= r["formula"] - r["shared"] <= 512, "ws_shared_bytes is an upper bound within 512 bytes"
+    # Within 512 bytes; 768 for the swapped-product kernel (below 64 heads), whose per-column reductions'
+    # scratch the formula counts as 16 bytes a head (Triton 3.6-3.7 at 32 heads; 3.8+ takes 256 bytes less).
+    slack = 768 if spec.is_decode and ws_narrow(spec) else 512
+    assert 0 <= r["formula"] - r["shared"] <= slack, f"ws_shared_bytes is an upper bound within {slack} bytes"
     # Decode: at most 16 bytes (32 heads with bulk copies: its [512, 32] accumulator leaves three values
     # stored once before the KV loop and reloaded in the epilogue, 12 bytes; the others none). Prefill:
     # its softmax warpgroup keeps a few 64-bit values on the stack (72-120 bytes, six 8-byte reloads per
