@@ -26,15 +26,21 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
 Nothing here reads host data, so a launch can be captured in a CUDA graph.
 """
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 try:  # grid dependency control (programmatic dependent launch, sm_90+; Triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gdc_launch_dependents = gdc_wait = None
+GLUON_ERROR = None
+"""Why Gluon's Hopper API is unusable with this Triton (then the Triton kernels serve every config and
+the runtime's loader warns once), or None."""
 try:  # Gluon's Hopper API (Triton 3.6-3.9): without it the Triton kernels serve every config
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -52,8 +58,9 @@ try:  # Gluon's Hopper API (Triton 3.6-3.9): without it the Triton kernels serve
     # (the old async_copy_global_to_shared names kept as aliases); from 3.9 the old names raise. Same arguments.
     _cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-except ImportError:  # pragma: no cover - depends on the installed Triton
+except (ImportError, AttributeError) as _err:  # pragma: no cover - depends on the installed Triton
     gluon = None
+    GLUON_ERROR = f"{type(_err).__name__}: {_err}"
 
 NAME = "mla_paged_decode_h64_ckv512_kpe64_ps32"
 VARIANT = "decode"
@@ -773,10 +780,28 @@ def _ws_args(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, 
             ckv_cache, kpe_cache, ckv_cache.stride(1), kpe_cache.stride(1))
 
 
+WS_COMPILE_ERROR: list[str] = []
+"""Why this module's Gluon kernels failed to compile (a Gluon API this template does not know): from then
+on the Triton kernels run every config of this module, after one warning."""
+
+
+def _ws_launched(launch, *args) -> bool:
+    """Run a Gluon launch; False (after recording and warning once) where Triton cannot compile it."""
+    try:
+        launch(*args)
+    except CompilationError as err:
+        WS_COMPILE_ERROR.append(str(err).strip().splitlines()[-1][:300])
+        warnings.warn(f"{NAME}: the warp-specialized Gluon kernel does not compile with triton "
+                      f"{triton.__version__} ({WS_COMPILE_ERROR[0]}); the Triton kernels run instead",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _ws_ready(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> bool:
     """Whether a warp-specialized kernel can run these tensors: Gluon present, not interpreting, a
     Hopper, 16-bit data, q rows and cache rows addressable as 2-D row arrays with 16-byte alignment."""
-    if gluon is None or triton.knobs.runtime.interpret or not q_nope.is_cuda:
+    if gluon is None or WS_COMPILE_ERROR or triton.knobs.runtime.interpret or not q_nope.is_cuda:
         return False
     if q_nope.dtype not in (torch.bfloat16, torch.float16) or _cc_major(q_nope) != 9:
         return False
@@ -888,10 +913,12 @@ def launch(
     if batch == 0:
         return
     pdl = bool(pdl) and _pdl_ready(q_nope)
-    if ws and block_h == WS_BLOCK_H and block_n == (WS_BLOCK_N or block_n) and _ws_ready(q_nope, q_pe, ckv_cache,
-                                                                                         kpe_cache):
-        _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                          out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl)
+    if (ws and block_h == WS_BLOCK_H and block_n == (WS_BLOCK_N or block_n)
+            and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache)
+            and _ws_launched(_launch_ws_stage1, q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+                             kv_last_page_len, sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n,
+                             num_stages, pdl)):
+        pass
     else:
         # A ws config's pdl is the late trigger (once the loader has issued its last tile); the Triton stage 1
         # would trigger at its start, which costs where many merging programs wait (tuner.runtime.config,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -60,7 +61,19 @@ def load_module(spec: MLASpec) -> ModuleType:
     module_spec.loader.exec_module(module)
     if getattr(module, "NAME", None) != spec.name():
         raise ImportError(f"{path}: expected NAME = {spec.name()!r}, found {getattr(module, 'NAME', None)!r}")
+    if getattr(module, "GLUON_ERROR", None):
+        _warn_gluon(module.GLUON_ERROR)
     return module
+
+
+@functools.cache
+def _warn_gluon(error: str) -> None:
+    """Once per process: this Triton's Gluon lacks the Hopper API the warp-specialized kernels use."""
+    import triton
+
+    warnings.warn(f"Gluon's Hopper API is unavailable in triton {triton.__version__} ({error}): the Triton "
+                  "kernels run every config (the supported range is triton 3.6 to 3.9)", RuntimeWarning,
+                  stacklevel=3)
 
 
 @functools.cache
