@@ -7,6 +7,8 @@
 #   stages  perf/stage_probe.py: the launch floor, then each decode row's whole call, stage 1 alone, stage 2 alone (tuned dispatch)
 #   ab      stages of the modules and table in OLD (default build/old_src/generated, e.g. `git archive HEAD generated`)
 #           and then of these modules with the same table entries (STALE_OK=1): a kernel change before its re-tune
+#   abbench the benchmark set with the same table entries, the modules in OLD (default build/old/generated) against
+#           these, alternating ROUNDS times (default 2): perf/ab_bench.py, no peers; a module change before its re-tune
 #   align   perf/stage_probe.py align: the tuned num_programs against multiples / divisors of the batch
 #   merge   perf/stage_probe.py merge: stage 2 as an ordinary and a programmatic dependent launch, every merge tile
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
@@ -51,6 +53,11 @@ for phase in "$@"; do
             env $env timeout "$(left)" python3 perf/stage_probe.py ${ROWS:-$DECODE_ROWS} \
                 2>&1 | tee "$OUT/ab_$side.log"
         done ;;
+    abbench) for round in $(seq ${ROUNDS:-2}); do for side in old new; do
+                if [ $side = old ]; then env="MLA_TUNER_GENERATED_DIR=${OLD:-$PWD/build/old/generated}"; else env="AB=new"; fi
+                env $env timeout "$(left)" python3 perf/ab_bench.py --peers fa3 --no-figure --out "/tmp/ab_${side}_$round" \
+                    2>&1 | tee "$OUT/abbench_${side}_$round.log" | grep -v "^  "
+            done; done ;;
     align) timeout "$(left)" python3 perf/stage_probe.py align ${ROWS:-$(for r in d-b1-1k d-b32-4k d-b64-8k d-b128-2k d-b256-4k d-b16-32k d-h128-b32-4k d-h128-b128-4k; do echo $r:1 $r:64; done)} \
                 2>&1 | tee "$OUT/align_probe.log" ;;
     merge) timeout "$(left)" python3 perf/stage_probe.py merge ${ROWS:-d-b1-1k:1 d-b1-1k:64 d-b32-4k:64 d-b128-2k:64 \
