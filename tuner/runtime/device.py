@@ -39,6 +39,13 @@ class GPUInfo:
         generated module checks, ``_cc_major(t) == 9``, for tensors on this device)."""
         return self.capability.startswith("9.")
 
+    def describe(self) -> str:
+        """One line for reports: ``NVIDIA H200 (nvidia-h200, capability 9.0, 132 SMs)``; the interpreter
+        has no multiprocessors, only the programs in flight its split heuristic assumes."""
+        if self.capability == "cpu":
+            return f"{self.name} ({self.key}; no GPU: split sizes assume {self.num_sms} programs in flight)"
+        return f"{self.name} ({self.key}, capability {self.capability}, {self.num_sms} SMs)"
+
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

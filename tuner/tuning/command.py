@@ -314,8 +314,7 @@ def run(args: argparse.Namespace) -> int:
     if dry:
         print(f"DRY RUN: Triton interpreter on a tiny problem ({len(tasks)} studies); timings mean nothing.")
     else:
-        print(f"tuning {len(tasks)} studies on {gpu.name} ({gpu.key}, capability {gpu.capability}, "
-              f"{gpu.num_sms} SMs); storage: {storage_url or studies.default_journal()}")
+        print(f"tuning {len(tasks)} studies on {gpu.describe()}; storage: {storage_url or studies.default_journal()}")
     floors = measure_floors(device)
     if floors is not None:
         print(f"floors: copy {floors.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul "

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     except dispatch.DispatchTableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"GPU: {gpu.name} ({gpu.key}, capability {gpu.capability}, {gpu.num_sms} SMs)")
+    print(f"GPU: {gpu.describe()}")
     print(f"dispatch table: {path} ({what if table is not None else 'none yet'})")
     if args.name is None:
         _list(table)
