@@ -100,7 +100,7 @@ def test_interrupted_study_resumes_and_loses_nothing(tmp_path: Path) -> None:
     fails and re-queues it (its process is gone), finishes the budget and exports."""
     import optuna
 
-    from tuner.tuning.search import counted_trials
+    from tuner.tuning.studies import counted_trials
 
     journal = tmp_path / "studies.journal"
     args = ["--storage", f"journal:{journal}", "--variant", "decode", "--page-size", "1", "--trials", "6"]
@@ -328,7 +328,7 @@ def test_a_worker_killed_before_its_first_heartbeat_loses_nothing(tmp_path: Path
     test's timeout): the next worker to look seeds it, and one grace period later it is failed and
     re-queued like any other lost trial."""
     optuna = pytest.importorskip("optuna")
-    from tuner.tuning.search import make_storage, recover_lost_trials
+    from tuner.tuning.studies import make_storage, recover_lost_trials
 
     storage = make_storage(f"sqlite:///{tmp_path / 'studies.db'}", heartbeat_s=1)
     study = optuna.create_study(storage=storage, study_name="orphan")
