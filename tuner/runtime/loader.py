@@ -34,7 +34,11 @@ def module_path(spec: MLASpec) -> Path:
     # Keyed by the templates' content: a module rendered by other templates is never picked up.
     cached = paths.cache_dir() / "generated" / _templates_hash() / name
     if not cached.is_file():
-        from tuner.codegen.render import render  # imports jinja2: only for shapes outside the catalogue
+        try:
+            from tuner.codegen.render import render  # imports jinja2: only for shapes outside the catalogue
+        except ImportError as err:
+            raise ImportError(f"{spec.name()} is outside the catalogue and is rendered on first use, which needs "
+                              f"jinja2 ({err}): pip install 'mla-tuner[tune]'") from err
 
         from .fileio import write_atomic
 
