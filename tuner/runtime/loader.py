@@ -38,7 +38,8 @@ def module_path(spec: MLASpec) -> Path:
             from tuner.codegen.render import render  # imports jinja2: only for shapes outside the catalogue
         except ImportError as err:
             raise ImportError(f"{spec.name()} is outside the catalogue and is rendered on first use, which needs "
-                              f"jinja2 ({err}): install the package with its [tune] extra, e.g. pip install '.[tune]'") from err
+                              f"jinja2 ({err}): install the package with its [tune] extra, e.g. "
+                              "pip install '.[tune]'") from err
 
         from .fileio import write_atomic
 
