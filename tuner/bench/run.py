@@ -2,11 +2,12 @@
 
 Per (row, page size): build the inputs once (:func:`tuner.harness.inputs.make_inputs`, fixed seed), compute
 the float32 reference on the first sequences, then for every implementation: prepare (plan, layout
-conversion: untimed), run once and check against the reference (relative Frobenius error < 1e-2, lse
-within 1e-3 where it returns one), and only if it passes, time it with :func:`tuner.harness.timing.time_call`
-(CUDA-graph replay of one call, L2 flushed before each call, median; a call that cannot be captured is
-timed with events without a graph, and the table marks it). The floor of a row is
-max(bytes / copy bandwidth, FLOPs / matmul rate), both ceilings measured in the same run.
+conversion: untimed), run once and check against the reference by the one correctness rule
+(:mod:`tuner.harness.check`; the lse too where it returns one), and only if it passes, time it with
+:func:`tuner.harness.timing.time_call` (CUDA-graph replay of one call, L2 flushed before each call,
+median; a call that cannot be captured is timed with events without a graph, and the table marks it).
+The floor of a row is max(bytes / copy bandwidth, FLOPs / matmul rate), both ceilings measured in the
+same run.
 
 Results: a table on stdout (streamed row by row), and ``bench.json`` / ``bench.csv`` / ``bench.png``
 (``results/README.md`` describes them). :func:`compare` checks a fresh run against a committed one.
@@ -45,7 +46,6 @@ DEFAULT_CHECK_SEQS = 32
 DRY_RUN_RUNS = 2
 
 Log = Callable[[str], None]
-
 
 
 def reference_prefix(w: Workload, inp: Inputs, check_seqs: int) -> tuple[torch.Tensor, torch.Tensor, int]:

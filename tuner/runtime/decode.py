@@ -147,8 +147,7 @@ class MLADecode:
         if validate.data_validation(validate_data):
             host = validate.check_host_data(spec, num_pages, kv_indptr, kv_indices, kv_last_page_len)
         if config is None:
-            kv_lens = host.kv_lens if host is not None else validate.kv_lengths(
-                kv_indptr.cpu(), page_size, None if kv_last_page_len is None else kv_last_page_len.cpu())
+            kv_lens = validate.layout_kv_lengths(host, kv_indptr, page_size, kv_last_page_len)
             config = dispatch.decode_config(spec, batch, int(kv_lens.sum()) / max(1, batch), device)
         config.check_spec(spec)
         self.spec, self.config, self.sm_scale = spec, config, sm_scale

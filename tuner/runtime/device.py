@@ -65,6 +65,16 @@ def _gpu_info(device_index: int | None) -> GPUInfo:
                    num_sms=props.multi_processor_count, shared_bytes=int(shared))
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET``, read on each call)."""
+    import triton  # only on the paths that ask: importing the runtime does not import triton
+
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get(paths.ENV_TRITON_INTERPRET, "").strip() not in ("", "0")
+
+
 def cuda_index(device: torch.device) -> int:
     """The CUDA device that ``device`` names: its own index (a tensor's device always has one: the
     device a generated module queries, ``_cc_major(t)``, keyed by ``t.device.index``), or for a bare

@@ -139,8 +139,7 @@ class MLAPrefill:
         else:
             total_q = int(qo_indptr.cpu()[-1])
         if config is None:
-            kv_lens = host.kv_lens if host is not None else validate.kv_lengths(
-                kv_indptr.cpu(), page_size, None if kv_last_page_len is None else kv_last_page_len.cpu())
+            kv_lens = validate.layout_kv_lengths(host, kv_indptr, page_size, kv_last_page_len)
             config = dispatch.prefill_config(spec, total_q, int(kv_lens.sum()) / max(1, batch), device)
         config.check_spec(spec)
         self.spec, self.config, self.sm_scale, self.total_q = spec, config, sm_scale, total_q

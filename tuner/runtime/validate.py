@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import paths
+from .device import interpreting
 from .spec import MLASpec
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -39,19 +40,9 @@ def data_validation(validate_data: bool) -> bool:
     return bool(validate_data) or os.environ.get(paths.ENV_VALIDATE, "").strip() not in _OFF
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET``)."""
-    import triton  # only on the rare path that needs it: importing the runtime does not import triton
-
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get(paths.ENV_TRITON_INTERPRET, "").strip() not in _OFF
-
-
 def float32_allowed(device: torch.device) -> bool:
     """float32 inputs run only under the Triton interpreter: tensors off CUDA, or ``TRITON_INTERPRET``."""
-    return device.type != "cuda" or _interpreting()
+    return device.type != "cuda" or interpreting()
 
 
 def _need_tensor(name: str, x: object) -> torch.Tensor:
@@ -259,6 +250,17 @@ def check_host_data(spec: MLASpec, num_pages: int | None, kv_indptr: torch.Tenso
             raise ValueError(f"qo_indptr: sequence {b} has q_len {int(q_len[b])} > kv_len {int(kv_len[b])} "
                              "(its queries are its last q_len tokens, so kv_len >= q_len is required)")
     return HostIndexData(kv_lens=kv_len, max_page_id=max_page_id, total_q=qo_last)
+
+
+def layout_kv_lengths(host: HostIndexData | None, kv_indptr: torch.Tensor, page_size: int,
+                      kv_last_page_len: torch.Tensor | None) -> torch.Tensor:
+    """int64 [B] tokens per sequence on the host, for ``plan()``'s config: what :func:`check_host_data`
+    learnt, else from a host copy of the index data (one transfer: a device sync)."""
+    if host is not None:
+        return host.kv_lens
+    indptr, last = _to_host([kv_indptr, kv_last_page_len])
+    assert indptr is not None
+    return kv_lengths(indptr, page_size, last)
 
 
 def kv_lengths(kv_indptr: torch.Tensor, page_size: int,

@@ -33,6 +33,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from tuner.runtime.device import interpreting
 from tuner.runtime.spec import MLASpec
 
 _LOADED_PREFIX = "tuner._kernels."
@@ -111,11 +112,6 @@ def make_stub_driver(target: Any) -> Any:
             raise NotImplementedError("StubDriver compiles only")
 
     return StubDriver()
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET set): nothing to compile."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def current_target() -> Any:

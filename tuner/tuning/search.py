@@ -37,13 +37,13 @@ import torch
 
 from tuner.harness.floors import Ceilings
 from tuner.runtime.config import Config
-from tuner.runtime.device import gpu_info
+from tuner.runtime.device import gpu_info, interpreting
 from tuner.runtime.dispatch import untuned_config
 
 from .finalize import finalize
 from .measure import Bench
 from .objective import StudyRunner
-from .precompile import CompilePool, current_target, interpreting
+from .precompile import CompilePool, current_target
 from .space import Limits, Space, space_for
 from .studies import Heartbeat, counted_trials, heartbeat_storage, open_study, study_name
 from .task import Settings, StudyResult, Task
