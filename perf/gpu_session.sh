@@ -18,6 +18,7 @@
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
 #   bench   `mla-tune bench` with the peers (needs .peers carried)
+#   host    perf/host_probe.py: eager per-call wall and host time of ours and the peers, cProfile of run() (ROWS)
 # Needs wheels the machine lacks (optuna and its needs) in .whl/ and PY (default python3).
 set -uo pipefail
 T0=$(date +%s)
@@ -76,6 +77,8 @@ for phase in "$@"; do
              --runs 10 --out "$OUT/cmp" 2>&1 | grep -v "trials:" | tee -a "$OUT/cmp.log" ;;
     tune2) MLA_TUNER_CACHE_DIR="$PWD/build/mla-cache-2gpu" /usr/bin/time -f "tune2 wall %e s" timeout "$(left)" \
                python3 -m tuner tune --workers 2 --out "$OUT/two" 2>&1 | tee "$OUT/tune2.log" | grep -v "trials:" ;;
+    host) (source .peers/activate.sh && timeout "$(left)" python3 perf/host_probe.py ${HOST_ROWS:-}) 2>&1 \
+              | tee "$OUT/host_probe.log" ;;
     bench) (source .peers/activate.sh && timeout "$(left)" python3 -m tuner bench --out "$OUT/results") 2>&1 \
                | tee "$OUT/bench.log" ;;
     *) echo "unknown phase $phase"; exit 2 ;;

@@ -19,9 +19,7 @@ import torch
 from helpers import make_case
 
 from tuner import DecodeConfig, MLADecode, MLAPrefill, PrefillConfig, mla_decode, mla_prefill
-from tuner.runtime import decode as decode_module
-from tuner.runtime import paths, validate
-from tuner.runtime import prefill as prefill_module
+from tuner.runtime import launch, paths, validate
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 Args = dict[str, Any]
@@ -44,8 +42,7 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise Launched("the kernel would have been launched")
 
-    monkeypatch.setattr(decode_module, "_launch", refuse)
-    monkeypatch.setattr(prefill_module, "_launch", refuse)
+    monkeypatch.setattr(launch.LaunchPlan, "run", refuse)
 
 
 def decode_args() -> Args:
@@ -519,6 +516,7 @@ def test_float32_on_a_gpu_is_refused(kind: str, monkeypatch: pytest.MonkeyPatch,
         fn(**fp32)
     plan = plan_for(kind, fp32)
     monkeypatch.setattr(validate, "float32_allowed", lambda device: False)  # as on a GPU
+    launch.forget_plans()  # which never accepted these tensors: forget the one-call plan made above
     gpu = r"expected dtype torch.bfloat16 or torch.float16 on a GPU \(torch.float32 is a test dtype"
     with pytest.raises(TypeError, match=rf"^q_nope: {gpu}.*found torch.float32"):
         fn(**fp32)

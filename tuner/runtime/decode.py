@@ -2,45 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from . import dispatch, validate
+from . import dispatch, launch, validate
 from .config import DecodeConfig
 from .device import gpu_info
-from .loader import load_module
 from .spec import MLASpec
 
 _HOST_ONLY = ("programs_per_sm", "split_tokens", "align")  # config fields the runtime turns into num_programs
+_ONE_CALL = launch.Plans()
+"""The one-call form's plans, by everything a plan depends on (see :func:`mla_decode`)."""
 
 
-class _Split:
-    """The split of one batch layout: the number of shares and their scratch (float32)."""
+class _Plan(launch.LaunchPlan):
+    """A decode launch: the config's launch arguments and its split (shares and scratch rows)."""
 
-    def __init__(self, spec: MLASpec, config: DecodeConfig, batch: int, max_tokens: int,
+    def __init__(self, spec: MLASpec, config: DecodeConfig, batch: int, max_tokens: int, sm_scale: float,
                  device: torch.device) -> None:
+        super().__init__(spec, batch, sm_scale, device,
+                         {k: v for k, v in config.to_dict().items() if k not in _HOST_ONLY})
         self.num_programs = config.num_programs(spec, gpu_info(device).num_sms, max_tokens, batch)
-        rows = load_module(spec).scratch_rows(batch, self.num_programs)
-        self.partial_out = torch.empty(rows * spec.head_dim_ckv, dtype=torch.float32, device=device)
-        self.partial_lse = torch.empty(rows, dtype=torch.float32, device=device)
+        self.scratch_rows = self.module.scratch_rows(batch, self.num_programs)
+
+    def scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partial_out, partial_lse): float32 split scratch."""
+        return (torch.empty(self.scratch_rows * self.spec.head_dim_ckv, dtype=torch.float32, device=self.device),
+                torch.empty(self.scratch_rows, dtype=torch.float32, device=self.device))
+
+    def launch(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        """The generated module's launch; ``tensors`` in :func:`_tensors`'s order."""
+        self.module.launch(*tensors[:7], self.sm_scale, *tensors[7:], self.num_programs, **self.kwargs)
 
 
-def _launch(spec: MLASpec, config: DecodeConfig, q_nope: torch.Tensor, q_pe: torch.Tensor,
-            ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, kv_indptr: torch.Tensor,
-            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None, sm_scale: float,
-            out: torch.Tensor | None, lse: torch.Tensor | None,
-            split: _Split) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = q_nope.shape[0]
-    if out is None:
-        out = torch.empty(batch, spec.num_heads, spec.head_dim_ckv, dtype=q_nope.dtype, device=q_nope.device)
-    if lse is None:
-        lse = torch.empty(batch, spec.num_heads, dtype=torch.float32, device=q_nope.device)
-    load_module(spec).launch(
-        q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
-        kv_last_page_len if spec.page_size > 1 else None, sm_scale, out, lse,
-        split.partial_out, split.partial_lse, split.num_programs,
-        **{k: v for k, v in config.to_dict().items() if k not in _HOST_ONLY},
-    )
-    return out, lse
+def _tensors(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+             kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
+             out: torch.Tensor, lse: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor],
+             page_size: int) -> tuple[torch.Tensor | None, ...]:
+    return (q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+            kv_last_page_len if page_size > 1 else None, out, lse, *scratch)
 
 
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
@@ -84,21 +85,44 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     The config is chosen from B and the average pages per request (``kv_indices.numel() / B``), both
     known on the host without a sync; the split is balanced on the device (see the generated module).
     """
+    metadata = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse)
+    key = None if metadata is None else (metadata, sm_scale, config)
+    try:
+        plan = _ONE_CALL.get(key)
+    except TypeError:  # an unhashable argument: validation names it
+        key, plan = None, None
+    if plan is None:
+        spec = _check_call(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
+                           sm_scale, out, lse)
+    if validate.data_validation(validate_data):
+        validate.check_host_data(spec if plan is None else plan.spec, ckv_cache.shape[0], kv_indptr, kv_indices,
+                                 kv_last_page_len)
+    if plan is None:
+        batch, device = q_nope.shape[0], q_nope.device
+        if config is None:
+            avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)
+            config = dispatch.decode_config(spec, batch, avg_kv, device)
+        config.check_spec(spec)
+        plan = _Plan(spec, config, batch, kv_indices.numel() * spec.page_size, float(sm_scale), device)
+        if key is not None:
+            _ONE_CALL.put(key, plan)
+    out, lse = plan.outputs(q_nope.dtype, out, lse)
+    plan.run((), _tensors(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse,
+                          plan.scratch(), plan.spec.page_size))
+    return out, lse
+
+
+def _check_call(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
+                sm_scale: float, out: torch.Tensor | None, lse: torch.Tensor | None) -> MLASpec:
+    """The one-call form's metadata checks (clear errors naming the argument); returns the spec."""
     spec = validate.spec_from_tensors("decode", q_nope, q_pe, ckv_cache, kpe_cache)
     batch, device = q_nope.shape[0], q_nope.device
     validate.check_inputs(spec, batch, q_nope, q_pe, ckv_cache, kpe_cache)
     validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device)
-    scale = validate.check_sm_scale(sm_scale)
+    validate.check_sm_scale(sm_scale)
     validate.check_outputs(batch, spec, q_nope.dtype, device, out, lse)
-    if validate.data_validation(validate_data):
-        validate.check_host_data(spec, ckv_cache.shape[0], kv_indptr, kv_indices, kv_last_page_len)
-    if config is None:
-        avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)
-        config = dispatch.decode_config(spec, batch, avg_kv, device)
-    config.check_spec(spec)
-    return _launch(spec, config, q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
-                   kv_last_page_len, scale, out, lse,
-                   _Split(spec, config, batch, kv_indices.numel() * spec.page_size, device))
+    return spec
 
 
 class MLADecode:
@@ -118,6 +142,7 @@ class MLADecode:
         self.spec: MLASpec | None = None
         self.config: DecodeConfig | None = None
         self.max_page_id: int | None = None
+        self._plan: _Plan | None = None
 
     def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
              kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
@@ -154,7 +179,8 @@ class MLADecode:
         self.max_page_id = None if host is None else host.max_page_id
         self.batch, self.device = batch, device
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = kv_indptr, kv_indices, kv_last_page_len
-        self.split = _Split(spec, config, batch, kv_indices.numel() * page_size, device)
+        self._plan = _Plan(spec, config, batch, kv_indices.numel() * page_size, sm_scale, device)
+        self.scratch = self._plan.scratch()
         return self
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
@@ -165,12 +191,17 @@ class MLADecode:
         Checks tensor metadata only, including the planned largest page id against
         ``ckv_cache.shape[0]`` (ValueError naming kv_indices).
         """
-        if self.spec is None or self.config is None:
+        plan = self._plan
+        if plan is None:
             raise RuntimeError("MLADecode.run: call plan() first")
-        validate.check_inputs(self.spec, self.batch, q_nope, q_pe, ckv_cache, kpe_cache)
-        if q_nope.device != self.device:
-            raise ValueError(f"q_nope: expected device {self.device} (the planned one), found {q_nope.device}")
-        validate.check_outputs(self.batch, self.spec, q_nope.dtype, self.device, out, lse)
-        validate.check_planned_pages(self.max_page_id, ckv_cache)
-        return _launch(self.spec, self.config, q_nope, q_pe, ckv_cache, kpe_cache, self.kv_indptr,
-                       self.kv_indices, self.kv_last_page_len, self.sm_scale, out, lse, self.split)
+        key = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
+        if plan.launches.get(key) is None:
+            validate.check_inputs(plan.spec, self.batch, q_nope, q_pe, ckv_cache, kpe_cache)
+            if q_nope.device != self.device:
+                raise ValueError(f"q_nope: expected device {self.device} (the planned one), found {q_nope.device}")
+            validate.check_outputs(self.batch, plan.spec, q_nope.dtype, self.device, out, lse)
+            validate.check_planned_pages(self.max_page_id, ckv_cache)
+        out, lse = plan.outputs(q_nope.dtype, out, lse)
+        plan.run(key, _tensors(q_nope, q_pe, ckv_cache, kpe_cache, self.kv_indptr, self.kv_indices,
+                               self.kv_last_page_len, out, lse, self.scratch, plan.spec.page_size))
+        return out, lse

@@ -68,6 +68,9 @@ def load_module(spec: MLASpec) -> ModuleType:
         raise ImportError(f"{path}: expected NAME = {spec.name()!r}, found {getattr(module, 'NAME', None)!r}")
     if getattr(module, "GLUON_ERROR", None):
         _warn_gluon(module.GLUON_ERROR)
+    from .launch import make_recordable  # launch imports this module
+
+    make_recordable(module)
     return module
 
 

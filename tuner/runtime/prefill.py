@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from . import dispatch, validate
+from . import dispatch, launch, validate
 from .config import PrefillConfig
-from .loader import load_module
 from .spec import MLASpec
 
 
@@ -16,21 +17,24 @@ def _variant(causal: bool) -> str:
     return "prefill_causal" if causal else "prefill"
 
 
-def _launch(spec: MLASpec, config: PrefillConfig, q_nope: torch.Tensor, q_pe: torch.Tensor,
-            ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, qo_indptr: torch.Tensor,
-            kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
-            sm_scale: float, out: torch.Tensor | None,
-            lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    total_q = q_nope.shape[0]
-    if out is None:
-        out = torch.empty(total_q, spec.num_heads, spec.head_dim_ckv, dtype=q_nope.dtype, device=q_nope.device)
-    if lse is None:
-        lse = torch.empty(total_q, spec.num_heads, dtype=torch.float32, device=q_nope.device)
-    load_module(spec).launch(
-        q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
-        kv_last_page_len if spec.page_size > 1 else None, sm_scale, out, lse, **config.to_dict(),
-    )
-    return out, lse
+_ONE_CALL = launch.Plans()
+"""The one-call form's plans, by everything a plan depends on (see :func:`mla_prefill`)."""
+
+
+class _Plan(launch.LaunchPlan):
+    """A prefill launch: the config's launch arguments."""
+
+    def launch(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        """The generated module's launch; ``tensors`` in :func:`_tensors`'s order."""
+        self.module.launch(*tensors[:8], self.sm_scale, *tensors[8:], **self.kwargs)
+
+
+def _tensors(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+             qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+             kv_last_page_len: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+             page_size: int) -> tuple[torch.Tensor | None, ...]:
+    return (q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+            kv_last_page_len if page_size > 1 else None, out, lse)
 
 
 def _check_all(spec: MLASpec, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
@@ -86,22 +90,37 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
     Bad index data makes the kernel read outside its tensors: garbage, NaN, an illegal memory access on
     a GPU, a segfault under the interpreter. ``MLAPrefill.plan()`` checks all of it once per layout.
     """
-    spec = validate.spec_from_tensors(_variant(causal), q_nope, q_pe, ckv_cache, kpe_cache)
-    batch = _check_all(spec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
-                       kv_last_page_len, out, lse)
-    scale = validate.check_sm_scale(sm_scale)
-    total_q = q_nope.shape[0]
+    metadata = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+                               kv_last_page_len, out, lse)
+    key = None if metadata is None else (metadata, sm_scale, causal, config)
+    try:
+        plan = _ONE_CALL.get(key)
+    except TypeError:  # an unhashable argument: validation names it
+        key, plan = None, None
+    total_q = q_nope.shape[0] if plan is not None else 0
+    if plan is None:
+        spec = validate.spec_from_tensors(_variant(causal), q_nope, q_pe, ckv_cache, kpe_cache)
+        batch = _check_all(spec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+                           kv_last_page_len, out, lse)
+        validate.check_sm_scale(sm_scale)
+        total_q = q_nope.shape[0]
     if validate.data_validation(validate_data):
-        validate.check_host_data(spec, ckv_cache.shape[0], kv_indptr, kv_indices, kv_last_page_len,
-                                 qo_indptr=qo_indptr, total_q=total_q)
+        validate.check_host_data(spec if plan is None else plan.spec, ckv_cache.shape[0], kv_indptr, kv_indices,
+                                 kv_last_page_len, qo_indptr=qo_indptr, total_q=total_q)
     else:
         validate.check_total_q_if_on_host(qo_indptr, total_q)
-    if config is None:
-        avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)
-        config = dispatch.prefill_config(spec, total_q, avg_kv, q_nope.device)
-    config.check_spec(spec)
-    return _launch(spec, config, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
-                   kv_last_page_len, scale, out, lse)
+    if plan is None:
+        if config is None:
+            avg_kv = kv_indices.numel() * spec.page_size / max(1, batch)
+            config = dispatch.prefill_config(spec, total_q, avg_kv, q_nope.device)
+        config.check_spec(spec)
+        plan = _Plan(spec, total_q, float(sm_scale), q_nope.device, config.to_dict())
+        if key is not None:
+            _ONE_CALL.put(key, plan)
+    out, lse = plan.outputs(q_nope.dtype, out, lse)
+    plan.run((), _tensors(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                          out, lse, plan.spec.page_size))
+    return out, lse
 
 
 class MLAPrefill:
@@ -114,6 +133,7 @@ class MLAPrefill:
         self.spec: MLASpec | None = None
         self.config: PrefillConfig | None = None
         self.max_page_id: int | None = None
+        self._plan: _Plan | None = None
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
              kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
@@ -147,7 +167,7 @@ class MLAPrefill:
         self.batch, self.device = batch, device
         self.qo_indptr, self.kv_indptr = qo_indptr, kv_indptr
         self.kv_indices, self.kv_last_page_len = kv_indices, kv_last_page_len
-        load_module(spec)
+        self._plan = _Plan(spec, total_q, sm_scale, device, config.to_dict())
         return self
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
@@ -159,13 +179,18 @@ class MLAPrefill:
         the planned largest page id against ``ckv_cache.shape[0]`` (ValueErrors naming q_nope and
         kv_indices).
         """
-        if self.spec is None or self.config is None:
+        plan = self._plan
+        if plan is None:
             raise RuntimeError("MLAPrefill.run: call plan() first")
-        _check_all(self.spec, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr,
-                   self.kv_indices, self.kv_last_page_len, out, lse)
-        if q_nope.shape[0] != self.total_q:
-            raise ValueError(f"q_nope: expected {self.total_q} rows (qo_indptr[-1] at plan()), "
-                             f"found {q_nope.shape[0]}")
-        validate.check_planned_pages(self.max_page_id, ckv_cache)
-        return _launch(self.spec, self.config, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr,
-                       self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.sm_scale, out, lse)
+        key = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
+        if plan.launches.get(key) is None:
+            _check_all(plan.spec, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr,
+                       self.kv_indices, self.kv_last_page_len, out, lse)
+            if q_nope.shape[0] != self.total_q:
+                raise ValueError(f"q_nope: expected {self.total_q} rows (qo_indptr[-1] at plan()), "
+                                 f"found {q_nope.shape[0]}")
+            validate.check_planned_pages(self.max_page_id, ckv_cache)
+        out, lse = plan.outputs(q_nope.dtype, out, lse)
+        plan.run(key, _tensors(q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr, self.kv_indices,
+                               self.kv_last_page_len, out, lse, plan.spec.page_size))
+        return out, lse
