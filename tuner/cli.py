@@ -1,10 +1,11 @@
 """mla-tune: generated, autotuned Triton kernels for MLA attention over a paged KV cache.
 
 Commands:
-  generate  render the kernel catalogue (or shapes you name) from the templates
-  tune      search the kernels' launch parameters on this GPU and write its dispatch table
-  show      show the dispatch table this machine uses and the config each shape bucket gets
-  bench     time the tuned kernels against FlashInfer, SGLang and PyTorch on the benchmark set
+  generate    render the kernel catalogue (or shapes you name) from the templates
+  tune        search the kernels' launch parameters on this GPU and write its dispatch table
+  show        show the dispatch table this machine uses and the config each shape bucket gets
+  bench       time the tuned kernels against FlashInfer, SGLang and PyTorch on the benchmark set
+  export-fib  write the tuned dispatch as FlashInfer-Bench solutions (and definitions, workloads)
 
 Examples:
   mla-tune tune                       # tune the default catalogue (16 heads, page sizes 1 and 64)
@@ -12,6 +13,7 @@ Examples:
   mla-tune show mla_paged_decode_h16_ckv512_kpe64_ps64
   mla-tune bench --rows d-b1-1k d-b32-4k
   mla-tune generate --check           # exit 1 when generated/ differs from the templates
+  mla-tune export-fib /tmp/fib --public
 
 `mla-tune COMMAND --help` describes each command and its options. Also: python -m tuner ...
 """
@@ -77,6 +79,8 @@ SUBCOMMANDS = {
     "tune": ("tuner.tuning.command", "search launch parameters on this GPU and write the dispatch table"),
     "show": ("tuner.tuning.show", "show the dispatch table this machine uses and each bucket's config"),
     "bench": ("tuner.bench.command", "time the tuned kernels against the peers on the benchmark set"),
+    "export-fib": ("tuner.export.command", "write FlashInfer-Bench solutions (and definitions, workloads) "
+                                           "for the tuned dispatch"),
 }
 """Each command's module has add_arguments(parser) and run(args); heavy imports happen inside run."""
 

@@ -7,6 +7,8 @@ statement of every module, at module level or inside a function), and the perf p
     harness  inputs, reference, check, timing, floors  imports: runtime
     tuning   the Optuna search (the only optuna user)  imports: runtime, codegen, harness
     bench    ``mla-tune bench`` and the peers          imports: runtime, harness
+    export   FlashInfer-Bench solutions, definitions,  imports: runtime, harness (its lognormal lengths)
+             workloads (``mla-tune export-fib``)
     tuner/__init__.py, cli.py, __main__.py: the package's face and the command line, which may import
     any layer (the command line only inside its commands).
 """
@@ -22,16 +24,18 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = REPO_ROOT / "tuner"
-LAYERS = ("runtime", "codegen", "harness", "tuning", "bench")
+LAYERS = ("runtime", "codegen", "harness", "tuning", "bench", "export")
 ALLOWED: dict[str, set[str]] = {
     "runtime": {"runtime", "codegen"},
     "codegen": {"codegen", "runtime"},
     "harness": {"harness", "runtime"},
     "tuning": {"tuning", "runtime", "codegen", "harness"},
     "bench": {"bench", "runtime", "harness"},
+    "export": {"export", "runtime", "harness"},
     "top": set(LAYERS) | {"top"},
 }
-THIRD_PARTY_OWNER = {"optuna": {"tuning"}, "jinja2": {"codegen"}, "matplotlib": {"bench"}}
+THIRD_PARTY_OWNER = {"optuna": {"tuning"}, "jinja2": {"codegen"}, "matplotlib": {"bench"},
+                     "flashinfer_bench": {"export"}, "safetensors": {"export"}}
 """Heavy packages and the only layers that may import them."""
 
 
