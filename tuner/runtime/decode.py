@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch, launch, validate
+from . import dispatch, launch, ops, validate
 from .config import DecodeConfig
 from .device import gpu_info
 from .spec import MLASpec
@@ -85,6 +85,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     The config is chosen from B and the average pages per request (``kv_indices.numel() / B``), both
     known on the host without a sync; the split is balanced on the device (see the generated module).
     """
+    if ops.routed(q_nope):
+        return _routed(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale, kv_last_page_len,
+                       out, lse, config, validate_data)
     metadata = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse)
     key = None if metadata is None else (metadata, sm_scale, config)
     try:
@@ -109,6 +112,22 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     out, lse = plan.outputs(q_nope.dtype, out, lse)
     plan.run((), _tensors(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse,
                           plan.scratch(), plan.spec.page_size))
+    return out, lse
+
+
+def _routed(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+            kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float,
+            kv_last_page_len: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
+            config: DecodeConfig | None, validate_data: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mla_decode` through the custom ops (torch.compile, fake tensors; tuner.runtime.ops)."""
+    sm_scale = validate.check_sm_scale(sm_scale)
+    text = ops.config_text(config)
+    if out is None and lse is None:
+        return torch.ops.mla_tuner.decode(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale,
+                                          kv_last_page_len, text, validate_data)
+    out, lse = ops.missing_outputs(q_nope, out, lse)
+    torch.ops.mla_tuner.decode_out(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale,
+                                   kv_last_page_len, out, lse, text, validate_data)
     return out, lse
 
 
@@ -143,6 +162,7 @@ class MLADecode:
         self.config: DecodeConfig | None = None
         self.max_page_id: int | None = None
         self._plan: _Plan | None = None
+        self.handle = ops.register(self)  # names this plan in torch.ops.mla_tuner.decode_run
 
     def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
              kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
@@ -183,6 +203,19 @@ class MLADecode:
         self.scratch = self._plan.scratch()
         return self
 
+    def check_run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                  out: torch.Tensor | None, lse: torch.Tensor | None) -> _Plan:
+        """run()'s checks of tensor metadata (clear errors naming the argument); returns the plan."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("MLADecode.run: call plan() first")
+        validate.check_inputs(plan.spec, self.batch, q_nope, q_pe, ckv_cache, kpe_cache)
+        if q_nope.device != self.device:
+            raise ValueError(f"q_nope: expected device {self.device} (the planned one), found {q_nope.device}")
+        validate.check_outputs(self.batch, plan.spec, q_nope.dtype, self.device, out, lse)
+        validate.check_planned_pages(self.max_page_id, ckv_cache)
+        return plan
+
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
             kpe_cache: torch.Tensor, *, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,16 +224,16 @@ class MLADecode:
         Checks tensor metadata only, including the planned largest page id against
         ``ckv_cache.shape[0]`` (ValueError naming kv_indices).
         """
-        plan = self._plan
-        if plan is None:
-            raise RuntimeError("MLADecode.run: call plan() first")
+        if ops.routed(q_nope):
+            if out is None and lse is None:
+                return torch.ops.mla_tuner.decode_run(self.handle, q_nope, q_pe, ckv_cache, kpe_cache)
+            out, lse = ops.missing_outputs(q_nope, out, lse)
+            torch.ops.mla_tuner.decode_run_out(self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
+            return out, lse
         key = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
-        if plan.launches.get(key) is None:
-            validate.check_inputs(plan.spec, self.batch, q_nope, q_pe, ckv_cache, kpe_cache)
-            if q_nope.device != self.device:
-                raise ValueError(f"q_nope: expected device {self.device} (the planned one), found {q_nope.device}")
-            validate.check_outputs(self.batch, plan.spec, q_nope.dtype, self.device, out, lse)
-            validate.check_planned_pages(self.max_page_id, ckv_cache)
+        plan = self._plan
+        if plan is None or plan.launches.get(key) is None:
+            plan = self.check_run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
         out, lse = plan.outputs(q_nope.dtype, out, lse)
         plan.run(key, _tensors(q_nope, q_pe, ckv_cache, kpe_cache, self.kv_indptr, self.kv_indices,
                                self.kv_last_page_len, out, lse, self.scratch, plan.spec.page_size))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch, launch, validate
+from . import dispatch, launch, ops, validate
 from .config import PrefillConfig
 from .spec import MLASpec
 
@@ -52,6 +52,17 @@ def _check_all(spec: MLASpec, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cach
     return batch
 
 
+def _check_call(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                kv_last_page_len: torch.Tensor | None, sm_scale: float, causal: bool, out: torch.Tensor | None,
+                lse: torch.Tensor | None) -> MLASpec:
+    """The one-call form's metadata checks (clear errors naming the argument); returns the spec."""
+    spec = validate.spec_from_tensors(_variant(causal), q_nope, q_pe, ckv_cache, kpe_cache)
+    _check_all(spec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse)
+    validate.check_sm_scale(sm_scale)
+    return spec
+
+
 def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
                 kpe_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
                 kv_indices: torch.Tensor, sm_scale: float,
@@ -90,6 +101,16 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
     Bad index data makes the kernel read outside its tensors: garbage, NaN, an illegal memory access on
     a GPU, a segfault under the interpreter. ``MLAPrefill.plan()`` checks all of it once per layout.
     """
+    if ops.routed(q_nope):
+        sm_scale = validate.check_sm_scale(sm_scale)
+        text = ops.config_text(config)
+        if out is None and lse is None:
+            return torch.ops.mla_tuner.prefill(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+                                               sm_scale, kv_last_page_len, causal, text, validate_data)
+        out, lse = ops.missing_outputs(q_nope, out, lse)
+        torch.ops.mla_tuner.prefill_out(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
+                                        sm_scale, kv_last_page_len, out, lse, causal, text, validate_data)
+        return out, lse
     metadata = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
                                kv_last_page_len, out, lse)
     key = None if metadata is None else (metadata, sm_scale, causal, config)
@@ -99,11 +120,9 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
         key, plan = None, None
     total_q = q_nope.shape[0] if plan is not None else 0
     if plan is None:
-        spec = validate.spec_from_tensors(_variant(causal), q_nope, q_pe, ckv_cache, kpe_cache)
-        batch = _check_all(spec, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
-                           kv_last_page_len, out, lse)
-        validate.check_sm_scale(sm_scale)
-        total_q = q_nope.shape[0]
+        spec = _check_call(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                           sm_scale, causal, out, lse)
+        batch, total_q = qo_indptr.numel() - 1, q_nope.shape[0]
     if validate.data_validation(validate_data):
         validate.check_host_data(spec if plan is None else plan.spec, ckv_cache.shape[0], kv_indptr, kv_indices,
                                  kv_last_page_len, qo_indptr=qo_indptr, total_q=total_q)
@@ -134,6 +153,7 @@ class MLAPrefill:
         self.config: PrefillConfig | None = None
         self.max_page_id: int | None = None
         self._plan: _Plan | None = None
+        self.handle = ops.register(self)  # names this plan in torch.ops.mla_tuner.prefill_run
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
              kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
@@ -170,6 +190,20 @@ class MLAPrefill:
         self._plan = _Plan(spec, total_q, sm_scale, device, config.to_dict())
         return self
 
+    def check_run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                  out: torch.Tensor | None, lse: torch.Tensor | None) -> _Plan:
+        """run()'s checks of tensor metadata (clear errors naming the argument); returns the plan."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("MLAPrefill.run: call plan() first")
+        _check_all(plan.spec, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr,
+                   self.kv_indices, self.kv_last_page_len, out, lse)
+        if q_nope.shape[0] != self.total_q:
+            raise ValueError(f"q_nope: expected {self.total_q} rows (qo_indptr[-1] at plan()), "
+                             f"found {q_nope.shape[0]}")
+        validate.check_planned_pages(self.max_page_id, ckv_cache)
+        return plan
+
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
             kpe_cache: torch.Tensor, *, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,17 +213,16 @@ class MLAPrefill:
         the planned largest page id against ``ckv_cache.shape[0]`` (ValueErrors naming q_nope and
         kv_indices).
         """
-        plan = self._plan
-        if plan is None:
-            raise RuntimeError("MLAPrefill.run: call plan() first")
+        if ops.routed(q_nope):
+            if out is None and lse is None:
+                return torch.ops.mla_tuner.prefill_run(self.handle, q_nope, q_pe, ckv_cache, kpe_cache)
+            out, lse = ops.missing_outputs(q_nope, out, lse)
+            torch.ops.mla_tuner.prefill_run_out(self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
+            return out, lse
         key = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
-        if plan.launches.get(key) is None:
-            _check_all(plan.spec, q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr,
-                       self.kv_indices, self.kv_last_page_len, out, lse)
-            if q_nope.shape[0] != self.total_q:
-                raise ValueError(f"q_nope: expected {self.total_q} rows (qo_indptr[-1] at plan()), "
-                                 f"found {q_nope.shape[0]}")
-            validate.check_planned_pages(self.max_page_id, ckv_cache)
+        plan = self._plan
+        if plan is None or plan.launches.get(key) is None:
+            plan = self.check_run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
         out, lse = plan.outputs(q_nope.dtype, out, lse)
         plan.run(key, _tensors(q_nope, q_pe, ckv_cache, kpe_cache, self.qo_indptr, self.kv_indptr, self.kv_indices,
                                self.kv_last_page_len, out, lse, plan.spec.page_size))
