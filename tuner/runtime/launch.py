@@ -150,9 +150,9 @@ def record(launch: Callable[[], None], tensors: Sequence[torch.Tensor | None]) -
             template[pos] = _without_base(arg) if is_desc else None
         if compiled is None:
             compiled = _Interpreted(kernel, {k: v for k, v in kwargs.items() if k not in signature.parameters})
-        grid = tuple(grid) if not callable(grid) else None
-        if grid is None:
+        if callable(grid):
             return None
+        grid = (*grid, 1, 1)[:3]  # (x, y, z), as the JIT hands it to a compiled kernel
         steps.append((compiled, grid, template, slots))
     return Replay(steps)
 
