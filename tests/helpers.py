@@ -265,3 +265,28 @@ def check_installed(site: str | Path) -> None:
     else:
         raise AssertionError("a shape outside the catalogue should need the templates")
     print(f"installed package OK: {package} with {len(shipped)} generated kernels")
+
+
+def own_generated_dir(tmp_path: Path, monkeypatch: Any) -> Path:
+    """Point the runtime at a generated/ folder of the test's own (``MLA_TUNER_GENERATED_DIR``): the committed
+    modules linked into it and an empty ``dispatch/`` for the test's tables; the dispatch caches forgotten."""
+    from tuner.runtime import dispatch, paths
+
+    root = tmp_path / "generated"
+    (root / "dispatch").mkdir(parents=True)
+    for module in (Path(__file__).resolve().parents[1] / "generated").glob("mla_paged_*.py"):
+        (root / module.name).symlink_to(module)
+    monkeypatch.setenv(paths.ENV_GENERATED_DIR, str(root))
+    dispatch.reload()
+    return root
+
+
+def tuned_entry(config: Any, of: Any, **fields: Any) -> Any:
+    """A dispatch entry for ``config`` tuned on ``of``'s module as it is now (``fields`` override)."""
+    from tuner.runtime import dispatch
+    from tuner.runtime.loader import module_hash
+
+    data = dict(config=config, time_us=10.0, default_time_us=12.0, kernel_hash=module_hash(of), trials=12,
+                versions={"torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"})
+    data.update(fields)
+    return dispatch.Entry(**data)

@@ -112,9 +112,11 @@ def test_exact_gpu_entry_is_used_for_its_bucket_only() -> None:
     dispatch.merge(H100, {(DECODE.name(), "b17-96_kv2k+"): entry(TUNED)})
     config, source, warned = lookup(DECODE, 32, 4096, H100)
     assert config == TUNED and source == f"tuned on {H100.key}" and not warned
-    config, source, warned = lookup(DECODE, 32, 1000, H100)  # another bucket: the default, with a warning
-    assert config == default_decode_config(DECODE, 32, 1000, H100.num_sms) and source == "default"
-    assert len(warned) == 1 and "no tuned dispatch entry" in warned[0]
+    config, source, warned = lookup(DECODE, 32, 1000, H100)  # another bucket: derived from it, with a warning
+    assert config == TUNED and source == f"derived from {DECODE.name()} (bucket b17-96_kv2k+)"
+    assert len(warned) == 1 and "no tuned dispatch entry" in warned[0] and source in warned[0]
+    config, source, _ = lookup(PREFILL, 100, 1000, H100)  # no prefill entry anywhere: the default
+    assert config == default_prefill_config(PREFILL) and source == "default"
 
 
 def test_same_capability_fallback_prefers_the_same_sm_count() -> None:

@@ -54,6 +54,10 @@ def test_dry_run_tunes_end_to_end_and_leaves_generated_alone(tmp_path: Path, mon
     assert "DRY RUN" in proc.stdout and "mean nothing" in proc.stdout
     for name in (TINY_DECODE.name(), TINY_PREFILL.name()):
         assert name in proc.stdout  # the summary table
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in progress] == ["[1/4", "[2/4", "[3/4", "[4/4"]  # a line per study
+    assert all(" us, " in line and "4 trials" in line for line in progress)
+    assert "left" in progress[0] and progress[-1].endswith("; done")
     table_path = tmp_path / "cache" / "dry-run" / "dispatch" / "cpu-interpreter.json"
     assert f"wrote 4 entries to {table_path}" in proc.stdout
     table = dispatch.load_table(table_path)

@@ -48,7 +48,7 @@ def ws_narrow(spec: MLASpec) -> bool:
     return spec.is_decode and spec.num_heads < 64
 
 
-def _ws_tiles(spec: MLASpec) -> tuple[int, int]:
+def ws_tiles(spec: MLASpec) -> tuple[int, int]:
     """(block_n, num_stages) of the warp-specialized kernel's default: 64-token tiles, 2 stages of them,
     or at pages of 16 or 32 tokens one page per tile, 4 stages (what fits in 227 KB beside the 64 query
     rows): bulk copies from one page where pages are at least 16 tokens, else gathered tiles."""
@@ -62,6 +62,17 @@ ALIGN_SLACK = 16
 
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def max_block_h(spec: MLASpec) -> int:
+    """The most heads one program (decode) or one tile (prefill) may hold for ``spec``: decode's tl.dot
+    needs at least 16 rows, so below 16 heads it is 16."""
+    return max(16, next_pow2(spec.num_heads)) if spec.is_decode else next_pow2(spec.num_heads)
+
+
+def max_merge_block_h(spec: MLASpec) -> int:
+    """The most heads of one stage-2 merge tile worth trying for ``spec`` (a larger tile only masks)."""
+    return max(4, next_pow2(spec.num_heads))
 
 
 class ConfigKeysError(ValueError):
@@ -210,8 +221,8 @@ class DecodeConfig(_Config):
         if self.merge_block_d > spec.head_dim_ckv:
             raise ValueError(f"DecodeConfig.merge_block_d: expected at most head_dim_ckv="
                              f"{spec.head_dim_ckv}, found {self.merge_block_d}")
-        if self.block_h > max(16, next_pow2(spec.num_heads)):
-            raise ValueError(f"DecodeConfig.block_h: expected at most {max(16, next_pow2(spec.num_heads))} "
+        if self.block_h > max_block_h(spec):
+            raise ValueError(f"DecodeConfig.block_h: expected at most {max_block_h(spec)} "
                              f"for {spec.num_heads} heads, found {self.block_h}")
 
 
@@ -251,8 +262,8 @@ class PrefillConfig(_Config):
             raise ValueError(f"PrefillConfig.ws: the warp-specialized kernel needs 64 rows of block_h="
                              f"{min(spec.num_heads, 64)} heads; found {spec.name()} with block_m={self.block_m}, "
                              f"block_h={self.block_h}")
-        if self.block_h > next_pow2(spec.num_heads):
-            raise ValueError(f"PrefillConfig.block_h: expected at most {next_pow2(spec.num_heads)} "
+        if self.block_h > max_block_h(spec):
+            raise ValueError(f"PrefillConfig.block_h: expected at most {max_block_h(spec)} "
                              f"for {spec.num_heads} heads, found {self.block_h}")
 
     @property
@@ -274,7 +285,7 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     block_n = 64 if block_h <= 32 else 32
     num_stages, ws = 3, 0
     if hopper and ws_capable(spec):
-        (block_n, num_stages), ws = _ws_tiles(spec), 1
+        (block_n, num_stages), ws = ws_tiles(spec), 1
     # The merge tile: 4 heads x 128 columns keeps a small batch's few merges spread over many programs; from
     # 64 heads up, 8 heads x the whole row (fewer, fuller merge programs).
     many_heads = spec.num_heads >= 64
@@ -299,7 +310,7 @@ def default_prefill_config(spec: MLASpec, hopper: bool = True) -> PrefillConfig:
     min(heads, 64))."""
     block_h, block_n = min(16, next_pow2(spec.num_heads)), 64
     if hopper and ws_capable(spec):
-        block_h, (block_n, num_stages) = ws_block_h(spec), _ws_tiles(spec)
+        block_h, (block_n, num_stages) = ws_block_h(spec), ws_tiles(spec)
         return PrefillConfig(block_m=64 // block_h, block_h=block_h, block_n=block_n, num_warps=8,
                              num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=1)
     return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=block_n,

@@ -25,16 +25,17 @@ JSON with sorted keys, written atomically::
 
 Lookup (``decode_config`` / ``prefill_config``, called by ``plan()`` and on every call of the
 functional forms): the bucket of the batch (:mod:`tuner.runtime.buckets`), then the entry of this exact GPU,
-else the entry of a GPU with the same compute capability (same multiprocessor count first), else the
+else the entry of a GPU with the same compute capability (same multiprocessor count first), else a config
+derived from the entry of the nearest tuned shape in those tables (:mod:`tuner.runtime.derive`), else the
 default config. An entry whose kernel hash no longer matches its generated module is stale and
-ignored. Each fallback warns once per (kernel, reason) with :class:`DispatchWarning`; the Triton
-interpreter (no GPU) falls back to the default silently. A table that cannot be read (bad JSON,
-unknown or missing keys, another schema version, invalid config values) is a
+ignored (as an exact entry and as a neighbour). Each fallback warns once per (kernel, reason) with
+:class:`DispatchWarning`; the Triton interpreter (no GPU) falls back silently. A table that cannot be
+read (bad JSON, unknown or missing keys, another schema version, invalid config values) is a
 :class:`DispatchTableError` naming the file for the tools that read or write tables; at run time it
 is skipped with a warning that names the file and says the default configs are used instead.
 
 Tables are read once per process (:func:`reload` forgets them); a lookup is a bucket scan and a
-cached dictionary hit.
+cached dictionary hit (the derivation runs once per kernel, bucket and GPU).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from .config import (
     default_decode_config,
     default_prefill_config,
 )
+from .derive import derive, fresh, tune_command
 from .device import GPUInfo, gpu_info
 from .loader import module_hash
 from .resources import fit_shared_memory
@@ -346,7 +348,8 @@ def _candidates(gpu: GPUInfo, tables: Mapping[str, Table]) -> list[Table]:
 def _resolve(spec: MLASpec, bucket: str, gpu: GPUInfo, token: str | None) -> tuple[Config | None, str]:
     kernel = spec.name()
     current_hash: str | None = None
-    for table in _candidates(gpu, _tables(token)):
+    tables = _candidates(gpu, _tables(token))
+    for table in tables:
         entry = table.entry(kernel, bucket)
         if entry is None:
             continue
@@ -367,11 +370,19 @@ def _resolve(spec: MLASpec, bucket: str, gpu: GPUInfo, token: str | None) -> tup
         _warn_once(kernel, "capability", f"{kernel}: no entry for {gpu.key}; using the one tuned on "
                                          f"{table.gpu.key} (same compute capability {gpu.capability})")
         return entry.config, f"tuned on {table.gpu.key} (same capability)"
+    derived = derive(spec, by_name("decode" if spec.is_decode else "prefill", bucket), tables, gpu, fresh)
+    config, source = derived if derived is not None else (None, "default")
     if gpu.capability != INTERPRETER_CAPABILITY:
-        _warn_once(kernel, "default", f"{kernel}: no tuned dispatch entry for {gpu.key} (bucket {bucket}) "
-                                      f"in {paths.dispatch_dir()}; using the default config "
-                                      "(run `mla-tune tune` on this GPU)")
-    return None, "default"
+        what = f"a config {source}" if config is not None else "the default config"
+        _warn_once(kernel, "untuned", f"{kernel}: no tuned dispatch entry for {gpu.key} (bucket {bucket}) in "
+                                      f"{paths.dispatch_dir()}; using {what} (to tune it on this GPU: "
+                                      f"`{tune_command(spec)}`)")
+    return config, source
+
+
+def tables_for(gpu: GPUInfo) -> list[Table]:
+    """The tables a lookup on ``gpu`` reads, in the order it reads them (this GPU's, then the same capability's)."""
+    return _candidates(gpu, _tables(_token()))
 
 
 def _token() -> str | None:

@@ -76,3 +76,31 @@ def acc_registers(spec: MLASpec, config: Config) -> float:
         return 64 * spec.head_dim_ckv / 2 / 128
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     return rows * spec.head_dim_ckv / (config.num_warps * 32)
+
+
+def merge_registers(config: DecodeConfig) -> float:
+    """fp32 registers per thread of the stage-2 merge tile (a partial output and its rescaled copy)."""
+    return 2 * config.merge_block_h * config.merge_block_d / (config.merge_num_warps * 32)
+
+
+def infeasible(spec: MLASpec, config: Config, shared_bytes: int, itemsize: int = 2) -> str | None:
+    """Why ``config`` cannot run well on ``spec`` with ``shared_bytes`` of shared memory per block, or None:
+    the spec's own rules (``check_spec``), then the resource model (shared memory, accumulator and merge
+    registers) and the split rule of the warp-specialized stage 1. The tuner prunes candidates with it;
+    the runtime checks the configs it derives from other shapes' entries with it."""
+    try:
+        config.check_spec(spec)
+    except ValueError as err:
+        return str(err)
+    smem = shared_bytes_estimate(spec, config, itemsize)
+    if smem > shared_bytes:
+        return f"shared memory: needs at least {smem} bytes, the GPU allows {shared_bytes}"
+    regs = acc_registers(spec, config)
+    if regs > MAX_ACC_REGS:
+        return f"registers: the fp32 accumulator needs {regs:.0f} per thread (> {MAX_ACC_REGS}: spills)"
+    if isinstance(config, DecodeConfig):
+        if config.ws and config.programs_per_sm > 1:  # (DecodeConfig.num_programs takes it as 1: a duplicate)
+            return "programs_per_sm: the warp-specialized stage 1 runs one program per multiprocessor"
+        if merge_registers(config) > MAX_ACC_REGS:
+            return f"registers: the merge tile needs {merge_registers(config):.0f} per thread (> {MAX_ACC_REGS})"
+    return None

@@ -9,8 +9,15 @@ Without a GPU (or with --dry-run) the same pipeline runs under the Triton interp
 built-in problem: its timings are CPU wall time and mean nothing, and its table goes to a scratch
 folder (or --out), never to generated/; `mla-tune show` shows it.
 
+A new study measures the default config, then the winners of the nearest tuned shapes (seeds, from
+the table it writes and the tables the runtime reads), then TPE's proposals, and stops once --patience
+candidates in a row gained no more than 1% on its best. One line per finished study says how far the
+run is and about how long it has left.
+
 Examples:
-  mla-tune tune                                            # the default catalogue, 48 trials per bucket
+  mla-tune tune                                            # the default catalogue, up to 48 trials per bucket
+  mla-tune tune --heads 64 --page-size 16                  # one shape of your own (seeded from the table)
+  mla-tune tune --catalogue --minutes 15                   # every decode and causal-prefill module, 15 minutes
   mla-tune tune --model deepseek-v3-tp1 --variant decode   # 128 heads, decode only
   mla-tune tune --page-size 16 --buckets b1-16_kv1-2k --trials 24
   mla-tune tune --minutes 20                               # a time budget for the whole run
@@ -52,6 +59,10 @@ TINY_PAGE_SIZES = (1, 4)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tuner.runtime.spec import VARIANTS
 
+    from .task import Settings
+
+    d = Settings()
+
     shape = p.add_argument_group("what to tune (default: the catalogue of --model)")
     shape.add_argument("--model", choices=sorted(MODELS), help=f"shape preset (default: {DEFAULT_MODEL})")
     shape.add_argument("--heads", type=int, nargs="+", help="query heads (overrides --model)")
@@ -61,13 +72,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--variant", choices=VARIANTS, nargs="+", help="default: decode prefill_causal")
     shape.add_argument("--buckets", nargs="+", metavar="NAME",
                        help="only these buckets (see `mla-tune show`; e.g. b1-16_kv1-2k q2k+_kv2k+)")
+    shape.add_argument("--catalogue", action="store_true",
+                       help="every decode and causal-prefill module of the built-in catalogue (220 studies; "
+                            "--heads, --page-size, --ckv, --kpe and --variant narrow it)")
     budget = p.add_argument_group("budget")
     budget.add_argument("--trials", type=int, help="candidates measured per bucket (default 48; dry run 4)")
     budget.add_argument("--minutes", type=float,
-                        help="search time for the whole run, split evenly between the studies (setup and the "
-                             "final re-timing come on top); with --trials, whichever ends first")
+                        help="time for the whole run: each study searches for an equal share of the time left "
+                             "(studies that stop early leave more to the rest); with --trials, whichever ends first")
     budget.add_argument("--exhaustive", action="store_true",
                         help="sweep every feasible config of one bucket (to compare with TPE)")
+    budget.add_argument("--patience", type=int, help=f"stop a study once this many candidates in a row gained no "
+                                                     f"more than {d.min_gain * 100:.0f}%% on its best (default "
+                                                     f"{d.patience}; 0: never)")
+    budget.add_argument("--min-trials", type=int, help=f"candidates a study measures before it may stop early "
+                                                       f"(default {d.min_trials})")
+    budget.add_argument("--seeds", type=int, help=f"configs of the nearest tuned shapes a new study measures after "
+                                                  f"the default (default {d.seeds}; 0: none)")
     budget.add_argument("--runs", type=int, help="timed runs per candidate while searching (default 20)")
     budget.add_argument("--final-runs", type=int, help="timed runs when re-timing the finalists (default 100)")
     run = p.add_argument_group("where and how")
@@ -85,8 +106,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _specs(args: argparse.Namespace, dry: bool) -> list:  # -> list[MLASpec]
-    from tuner.runtime.spec import MLASpec
+    from tuner.runtime.spec import MLASpec, catalogue
 
+    if args.catalogue:
+        variants = args.variant or list(DEFAULT_VARIANTS)
+        return [s for s in catalogue() if s.variant in variants and (not args.heads or s.num_heads in args.heads)
+                and (not args.page_size or s.page_size in args.page_size)
+                and args.ckv in (None, s.head_dim_ckv) and args.kpe in (None, s.head_dim_kpe)]
     custom = any(x is not None for x in (args.model, args.heads, args.ckv, args.kpe))
     if dry and not custom:
         heads, ckv, kpe = [TINY_SHAPE[0]], TINY_SHAPE[1], TINY_SHAPE[2]
@@ -103,6 +129,7 @@ def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[Task]
     from tuner.runtime.buckets import DECODE_BUCKETS, PREFILL_BUCKETS, buckets_for
 
     from .task import Task
+    from .transfer import order_tasks
 
     known = {b.name for b in DECODE_BUCKETS + PREFILL_BUCKETS}
     unknown = sorted(set(args.buckets or ()) - known)
@@ -115,6 +142,7 @@ def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[Task]
         tasks += [Task(spec, b, tiny=dry) for b in chosen]
     if not tasks:
         raise SystemExit("nothing to tune: no kernel variant has the buckets asked for")
+    tasks = order_tasks(tasks)
     if args.exhaustive and len(tasks) != 1:
         raise SystemExit(f"--exhaustive sweeps one bucket of one kernel; the arguments select {len(tasks)} "
                          "(narrow them with --variant, --page-size, --heads and --buckets)")
@@ -136,13 +164,15 @@ def build_settings(args: argparse.Namespace, dry: bool, n_tasks: int):  # -> tas
     elif args.minutes is not None:
         s.trials = 10**6  # the time budget decides
     if args.minutes is not None:
-        s.seconds = args.minutes * 60 / n_tasks
-    for name, value in (("runs", args.runs), ("final_runs", args.final_runs),
-                        ("compile_workers", args.compile_workers)):
+        s.seconds = args.minutes * 60 / n_tasks  # a study's share (search.run_tasks shares out what is left)
+    for name, value in (("runs", args.runs), ("final_runs", args.final_runs), ("compile_workers", args.compile_workers),
+                        ("patience", args.patience), ("min_trials", args.min_trials), ("seeds", args.seeds)):
         if value is not None:
             setattr(s, name, value)
     if min(s.trials, s.runs, s.final_runs, s.compile_workers, args.workers) < 1:
         raise SystemExit("--trials, --runs, --final-runs, --workers and --compile-workers must be at least 1")
+    if min(s.patience, s.min_trials, s.seeds) < 0:
+        raise SystemExit("--patience, --min-trials and --seeds must be at least 0")
     return s
 
 
@@ -161,14 +191,15 @@ def _worker_argv(args: argparse.Namespace, index: int, storage: str, compile_wor
             "--seed", str(args.seed), "--heartbeat", str(args.heartbeat), "--compile-workers", str(compile_workers)]
     for flag, value in (("--workers", args.workers), ("--model", args.model), ("--ckv", args.ckv), ("--kpe", args.kpe),
                         ("--trials", args.trials), ("--minutes", args.minutes), ("--runs", args.runs),
-                        ("--final-runs", args.final_runs)):
+                        ("--final-runs", args.final_runs), ("--patience", args.patience),
+                        ("--min-trials", args.min_trials), ("--seeds", args.seeds), ("--out", args.out)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, values in (("--heads", args.heads), ("--page-size", args.page_size),
                          ("--variant", args.variant), ("--buckets", args.buckets)):
         if values:
             argv += [flag, *map(str, values)]
-    argv += ["--dry-run"] * args.dry_run + ["--exhaustive"] * args.exhaustive
+    argv += ["--dry-run"] * args.dry_run + ["--exhaustive"] * args.exhaustive + ["--catalogue"] * args.catalogue
     return argv
 
 
@@ -230,18 +261,15 @@ def print_summary(results: list, dry: bool) -> None:  # results: list[task.Study
               "about GPU speed.")
 
 
-def _exporter(gpu: Any, out: Path | None, write: Any) -> Any:
+def _exporter(gpu: Any, out: Path | None, progress: Any) -> Any:
     """A callback that merges each finished study's entry into the table at once (so that a run cut
-    short keeps what it finished) and reports it."""
+    short keeps what it finished, and later studies take it as a seed) and reports it (``progress``)."""
     from tuner.runtime.dispatch import merge
 
     def export(result: Any) -> None:
-        if result.entry is None:
-            write(f"{result.task.label}: no entry ({'; '.join(result.notes)})")
-            return
-        merge(gpu, {(result.task.spec.name(), result.task.bucket.name): result.entry}, out)
-        speedup = "" if result.default_us is None else f", {result.default_us / result.best_us:.2f}x the default"
-        write(f"{result.task.label}: {result.best_us:.1f} us{speedup}")
+        if result.entry is not None:
+            merge(gpu, {(result.task.spec.name(), result.task.bucket.name): result.entry}, out)
+        progress(result)
 
     return export
 
@@ -303,10 +331,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             storage_url = f"journal:{studies.default_journal()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(args.out) if args.out else (paths.dry_run_dispatch_dir() if dry else None)
+    deadline = None if args.minutes is None else time.monotonic() + args.minutes * 60
     ctx = search.Context(device=device, gpu_key=gpu.key, storage=studies.make_storage(storage_url, args.heartbeat),
                          settings=settings, limits=device_limits(device), worker_index=args.worker_index or 0,
-                         workers=args.workers,
-                         dtype=torch.float16 if dry else torch.bfloat16)
+                         workers=args.workers, dtype=torch.float16 if dry else torch.bfloat16, out=out,
+                         deadline=deadline)
     if args.worker_index is not None:  # one of several workers: trials only; the parent finalizes
         search.run_tasks(tasks, ctx, finalize_each=False)
         return 0
@@ -321,12 +351,17 @@ def run(args: argparse.Namespace) -> int:
               f"{floors.matmul_flops_per_s / 1e12:.0f} TFLOP/s")
     from tqdm.auto import tqdm
 
-    total = None if settings.seconds is not None and args.trials is None else settings.trials * len(tasks)
-    if args.exhaustive:
-        total = None
+    from .progress import Progress
+
+    # With early stopping or a time budget the number of trials is not known in advance: no total.
+    total = None if settings.patience or settings.seconds is not None and args.trials is None or args.exhaustive \
+        else settings.trials * len(tasks)
+    print(f"up to {settings.trials} candidates per study; " + (
+        f"a study stops once {settings.patience} in a row gain no more than {settings.min_gain:.0%} on its best "
+        f"(after at least {settings.min_trials})" if settings.patience else "no early stop") +
+        f"; up to {settings.seeds} seeds from the nearest tuned shapes" * bool(settings.seeds))
     bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
-    out = Path(args.out) if args.out else (paths.dry_run_dispatch_dir() if dry else None)
-    export = _exporter(gpu, out, bar.write)
+    export = _exporter(gpu, out, Progress(len(tasks), bar.write))
     started = time.monotonic()
     try:
         if args.workers > 1:

@@ -36,7 +36,9 @@ def finalize(task: Task, study: optuna.Study, space: Space, bench: Bench, settin
     outcomes = Counter(outcome(t) or t.state.name.lower() for t in trials)
     counted = counted_trials(trials) if not settings.exhaustive else sum(
         1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
-    result = StudyResult(task, study.study_name, outcomes, counted, floor_us=bench.floor_us(floors))
+    attrs = study.user_attrs
+    result = StudyResult(task, study.study_name, outcomes, counted, floor_us=bench.floor_us(floors),
+                         stopped_early="stopped_early" in attrs, seeds=list(attrs.get("seeds", [])))
     ok = sorted((t for t in trials if t.state == TrialState.COMPLETE and outcome(t) == "ok"),
                 key=lambda t: t.value if t.value is not None else math.inf)
     finalists: dict[str, tuple[Config, int]] = {}

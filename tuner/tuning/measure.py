@@ -56,10 +56,12 @@ class Bench:
         spec: the kernel; workload: its batch (heads and head dims must match the spec).
         device: where to run; dtype: bf16 on a GPU (fp16 under the interpreter, which has no bf16 dot).
         seed: the timing inputs' seed (the gate uses seed + 1).
+        gate: build the gate's inputs and float32 reference (False: a bench that only times, like the
+            finalists' check batches: it saves a reference and a second set of inputs per study).
     """
 
     def __init__(self, spec: MLASpec, workload: Workload, device: torch.device,
-                 dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
+                 dtype: torch.dtype = torch.bfloat16, seed: int = 0, gate: bool = True) -> None:
         if workload.spec(spec.page_size) != spec:
             raise ValueError(f"workload: expected one of {spec.name()}, found {workload.spec(spec.page_size).name()}")
         self.spec, self.workload, self.device = spec, workload, device
@@ -67,8 +69,13 @@ class Bench:
         self.num_sms = info.num_sms
         self.ws_runs = info.hopper  # a ws=1 config runs the Gluon kernel here, else falls back
         self.inputs = make_inputs(workload, spec.page_size, dtype, device, seed)
-        self.gate_inputs = make_inputs(workload, spec.page_size, dtype, device, seed + 1)
-        g = self.gate_inputs
+        rows, heads = self.inputs.q_nope.shape[:2]
+        self.out = torch.empty(rows, heads, spec.head_dim_ckv, dtype=dtype, device=device)
+        self.lse = torch.empty(rows, heads, dtype=torch.float32, device=device)
+        self.gate_inputs: Inputs | None = None
+        if not gate:
+            return
+        self.gate_inputs = g = make_inputs(workload, spec.page_size, dtype, device, seed + 1)
         if spec.is_decode:
             self.ref = mla_decode_ref(g.q_nope, g.q_pe, g.ckv_cache, g.kpe_cache, g.kv_indptr, g.kv_indices,
                                       g.sm_scale, g.kv_last_page_len)
@@ -76,9 +83,6 @@ class Bench:
             assert g.qo_indptr is not None
             self.ref = mla_prefill_ref(g.q_nope, g.q_pe, g.ckv_cache, g.kpe_cache, g.qo_indptr, g.kv_indptr,
                                        g.kv_indices, g.sm_scale, g.kv_last_page_len, causal=spec.causal)
-        rows, heads = self.inputs.q_nope.shape[:2]
-        self.out = torch.empty(rows, heads, spec.head_dim_ckv, dtype=dtype, device=device)
-        self.lse = torch.empty(rows, heads, dtype=torch.float32, device=device)
 
     def default_config(self) -> Config:
         """The runtime's default for this workload (what an untuned GPU runs)."""
@@ -116,6 +120,8 @@ class Bench:
 
     def check(self, config: Config) -> str | None:
         """Run ``config`` on the fresh inputs into NaN-filled outputs; None when it matches the reference."""
+        if self.gate_inputs is None:
+            raise RuntimeError(f"{self.workload.name}: a bench made with gate=False only times")
         out = torch.full_like(self.out, float("nan"))
         lse = torch.full_like(self.lse, float("nan"))
         self._call(config, self.gate_inputs, out, lse)

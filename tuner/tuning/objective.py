@@ -22,6 +22,7 @@ from .precompile import CompilePool, CompileResult, capture
 from .space import Limits, Space, check_values, feasible_grid
 from .studies import WORKER_ID, Heartbeat, counted_trials, outcome, params_key, recover_lost_trials
 from .task import ASKS_PER_TRIAL, COUNTED, Settings, Task
+from .transfer import EarlyStop
 
 
 @dataclass
@@ -62,6 +63,8 @@ class StudyRunner:
         self.depth = pool.workers + 2
         self.budget = settings.trials
         self.grid: list[dict[str, int]] | None = feasible_grid(space, limits) if settings.exhaustive else None
+        self.stopper = EarlyStop.of(settings)
+        self.ahead = max(2, self.depth // 4)  # proposals beyond the early stop's horizon: compiles in flight
         if self.grid is not None:
             self.budget = len(self.grid)
         # Exhaustive bookkeeping, kept incrementally (a sweep has thousands of trials): the points of
@@ -258,9 +261,14 @@ class StudyRunner:
             while True:
                 recover_lost_trials(self.study)
                 counted, running, waiting, trials = self._census()
+                if self.stopper is not None and not waiting and self.stopper(self.study):
+                    self._drop_in_flight()  # queued trials (the default, the seeds) are measured first
+                    return
                 over = (deadline is not None and time.monotonic() > deadline) or asks_left <= 0
-                # Queued trials (the default, retries) are always taken; new ones only within the budget.
-                while not over and (waiting or counted + running < self.budget) and len(self.in_flight) < self.depth:
+                # Queued trials (the default, retries) are always taken; new ones only within the budget (and
+                # not far beyond where the study stops early unless a candidate gains).
+                while not over and (waiting or counted + running < self._limit(trials)) and \
+                        len(self.in_flight) < self.depth:
                     self._propose(trials)
                     asks_left -= 1
                     counted, running, waiting, trials = self._census()
@@ -283,6 +291,22 @@ class StudyRunner:
                 time.sleep(min(2.0, self.settings.heartbeat_s / 2))
         finally:
             self._abandon()
+
+    def _limit(self, trials: list[FrozenTrial]) -> int:
+        if self.stopper is None:
+            return self.budget
+        return min(self.budget, self.stopper.stop_at(trials) + self.ahead)
+
+    def _drop_in_flight(self) -> None:
+        """The study stopped early: what is still compiling is not measured (nor queued again)."""
+        for pending in self.in_flight:
+            pending.future.cancel()
+            for trial in (pending.trial, *pending.followers):
+                try:
+                    self._finish(trial, "stopped", reason="the study stopped early")
+                except (RuntimeError, ValueError):
+                    self.heartbeat.discard(trial._trial_id)
+        self.in_flight.clear()
 
     def _abandon(self) -> None:
         """On the way out (done, Ctrl-C, crash): fail and re-queue whatever is still in flight."""

@@ -29,8 +29,11 @@ the study still ends with the full count.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import torch
@@ -40,6 +43,7 @@ from tuner.runtime.config import Config
 from tuner.runtime.device import gpu_info, interpreting
 from tuner.runtime.dispatch import untuned_config
 
+from . import transfer
 from .finalize import finalize
 from .measure import Bench
 from .objective import StudyRunner
@@ -61,6 +65,11 @@ class Context:
     worker_index: int = 0
     workers: int = 1
     dtype: torch.dtype = torch.bfloat16
+    out: Path | None = None
+    """The folder of the table this run writes (None: the dispatch folder): seeds are read from it."""
+    deadline: float | None = None
+    """``time.monotonic()`` by which the whole run should be done (``--minutes``): each study searches for
+    an equal share of the time left."""
 
 
 @dataclass
@@ -85,7 +94,8 @@ def prepare(task: Task, ctx: Context) -> Prepared:
         return holder[0]
 
     def checks() -> list[Bench]:
-        return [Bench(task.spec, w, ctx.device, ctx.dtype, seed=ctx.settings.seed) for w in task.check_workloads()]
+        return [Bench(task.spec, w, ctx.device, ctx.dtype, seed=ctx.settings.seed, gate=False)
+                for w in task.check_workloads()]
 
     default = untuned_config(task.spec, workload.total_q, workload.avg_kv_len, gpu_info(ctx.device))
     space = space_for(task.spec, default)
@@ -108,13 +118,16 @@ def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, f
         start = 0 if finalize_each else ctx.worker_index * len(tasks) // max(1, ctx.workers)
         order = tasks[start:] + tasks[:start]
         passes = [(t, False) for t in order] if finalize_each else [(t, p) for p in (True, False) for t in order]
-        for task, leave in passes:
+        for i, (task, leave) in enumerate(passes):
+            started = time.monotonic()
             prep = prepare(task, ctx)
-            study = open_study(prep.name, ctx.storage, ctx.settings, prep.space, prep.default, ctx.worker_index)
-            StudyRunner(task, study, prep.space, prep.bench, pool, ctx.limits, ctx.settings, heartbeat,
-                        on_counted, leave_to_others=leave).run()
+            study = open_study(prep.name, ctx.storage, ctx.settings, prep.space, prep.default, ctx.worker_index,
+                               seeds=seeds_of(task, prep, ctx))
+            StudyRunner(task, study, prep.space, prep.bench, pool, ctx.limits, _share(ctx, len(passes) - i),
+                        heartbeat, on_counted, leave_to_others=leave).run()
             if finalize_each:
                 result = finalize(task, study, prep.space, prep.bench(), ctx.settings, floors, prep.checks())
+                result.seconds = time.monotonic() - started
                 results.append(result)
                 on_result(result)
             del prep
@@ -123,6 +136,22 @@ def run_tasks(tasks: list[Task], ctx: Context, floors: Ceilings | None = None, f
         heartbeat.close()
         pool.close()
     return results
+
+
+def _share(ctx: Context, left: int) -> Settings:
+    """The settings of the next study: with a deadline, its search time is an equal share of the time left."""
+    if ctx.deadline is None:
+        return ctx.settings
+    return dataclasses.replace(ctx.settings, seconds=max(1.0, (ctx.deadline - time.monotonic()) / max(1, left)))
+
+
+def seeds_of(task: Task, prep: Prepared, ctx: Context) -> list[tuple[Config, str]]:
+    """The configs of the nearest tuned shapes a new study measures after its default (:mod:`.transfer`)."""
+    if ctx.settings.exhaustive or ctx.settings.seeds <= 0:
+        return []
+    gpu = gpu_info(ctx.device)
+    return transfer.seed_configs(task, prep.space, prep.default, gpu, ctx.limits,
+                                 transfer.seed_tables(gpu, ctx.out), ctx.settings.seeds)
 
 
 def _release(device: torch.device) -> None:

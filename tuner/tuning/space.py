@@ -16,9 +16,9 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from tuner.runtime.config import Config, DecodeConfig, PrefillConfig, next_pow2, ws_capable
+from tuner.runtime.config import Config, DecodeConfig, PrefillConfig, max_block_h, max_merge_block_h, ws_capable
 from tuner.runtime.device import H100_SHARED_BYTES
-from tuner.runtime.resources import MAX_ACC_REGS, acc_registers, shared_bytes_estimate
+from tuner.runtime.resources import infeasible
 from tuner.runtime.spec import MLASpec
 
 DECODE_CHOICES: dict[str, tuple[int, ...]] = {
@@ -145,8 +145,8 @@ def decode_space(spec: MLASpec, default: DecodeConfig) -> Space:
     """The decode search space of ``spec`` around its default config ``default``."""
     if not spec.is_decode:
         raise ValueError(f"spec: expected a decode spec, found {spec.name()}")
-    caps = {"block_h": max(16, next_pow2(spec.num_heads)), "merge_block_d": spec.head_dim_ckv,
-            "merge_block_h": max(4, next_pow2(spec.num_heads)),
+    caps = {"block_h": max_block_h(spec), "merge_block_d": spec.head_dim_ckv,
+            "merge_block_h": max_merge_block_h(spec),
             "tma": int(spec.page_size > 1), "ws": int(ws_capable(spec))}
     params = _choices(DECODE_CHOICES, default.to_dict(), caps)
     searched = {p.name for p in params}
@@ -159,7 +159,7 @@ def prefill_space(spec: MLASpec, default: PrefillConfig) -> Space:
     if spec.is_decode:
         raise ValueError(f"spec: expected a prefill spec, found {spec.name()}")
     values = dict(default.to_dict(), rows=default.block_m * default.block_h)
-    params = _choices(PREFILL_CHOICES, values, {"block_h": next_pow2(spec.num_heads),
+    params = _choices(PREFILL_CHOICES, values, {"block_h": max_block_h(spec),
                                                 "tma": int(spec.page_size > 1), "ws": int(ws_capable(spec))})
     return Space(spec, params, ())
 
@@ -175,24 +175,9 @@ def space_for(spec: MLASpec, default: Config) -> Space:
 
 
 def check(spec: MLASpec, config: Config, limits: Limits = Limits()) -> str | None:
-    """Why ``config`` cannot run well on ``spec`` under ``limits``, or None when it is feasible."""
-    try:
-        config.check_spec(spec)
-    except ValueError as err:
-        return str(err)
-    smem = shared_bytes_estimate(spec, config, limits.itemsize)
-    if smem > limits.shared_bytes:
-        return f"shared memory: needs at least {smem} bytes, the GPU allows {limits.shared_bytes}"
-    regs = acc_registers(spec, config)
-    if regs > MAX_ACC_REGS:
-        return f"registers: the fp32 accumulator needs {regs:.0f} per thread (> {MAX_ACC_REGS}: spills)"
-    if isinstance(config, DecodeConfig):
-        if config.ws and config.programs_per_sm > 1:  # (DecodeConfig.num_programs takes it as 1: a duplicate)
-            return "programs_per_sm: the warp-specialized stage 1 runs one program per multiprocessor"
-        merge_regs = 2 * config.merge_block_h * config.merge_block_d / (config.merge_num_warps * 32)
-        if merge_regs > MAX_ACC_REGS:
-            return f"registers: the merge tile needs {merge_regs:.0f} per thread (> {MAX_ACC_REGS})"
-    return None
+    """Why ``config`` cannot run well on ``spec`` under ``limits``, or None when it is feasible (the
+    runtime's rule, :func:`tuner.runtime.resources.infeasible`, which the derived configs obey too)."""
+    return infeasible(spec, config, limits.shared_bytes, limits.itemsize)
 
 
 def check_values(space: Space, values: Mapping[str, int], limits: Limits = Limits()

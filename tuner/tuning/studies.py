@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +163,27 @@ def _sampler(settings: Settings, worker_index: int) -> optuna.samplers.BaseSampl
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, settings: Settings, space: Space,
-               default: Config, worker_index: int = 0) -> optuna.Study:
-    """Create or load the study; a new study gets the default config as its first trial."""
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
-                                sampler=_sampler(settings, worker_index), load_if_exists=True)
-    if not settings.exhaustive and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(space.values_of(default), user_attrs={"default": True}, skip_if_exists=True)
+               default: Config, worker_index: int = 0, seeds: Sequence[tuple[Config, str]] = ()) -> optuna.Study:
+    """Create or load the study. A new study gets the default config as its first trial, then ``seeds``
+    ((config, where it came from), :func:`tuner.tuning.transfer.seed_configs`). Only the worker that
+    creates the study queues them (the storage lets one creation succeed, journal and RDB alike), so
+    workers joining a study never queue them twice, not even at the same moment (a worker that finds the
+    study empty may be looking between its creation and the queueing). A creator that dies in between
+    leaves a study without them: TPE alone, and the default still re-timed by finalize."""
+    sampler = _sampler(settings, worker_index)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        created = False
+    if settings.exhaustive or not created:
+        return study
+    study.enqueue_trial(space.values_of(default), user_attrs={"default": True}, skip_if_exists=True)
+    for config, source in seeds:
+        study.enqueue_trial(space.values_of(config), user_attrs={"seed": source}, skip_if_exists=True)
+    if seeds:
+        study.set_user_attr("seeds", [source for _, source in seeds])
     return study
 
 

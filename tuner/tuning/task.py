@@ -57,6 +57,11 @@ class Settings:
     representative batch never displaces the default on the real ones. exhaustive: sweep every feasible
     point instead of sampling. compile_workers: compile processes. heartbeat_s: Optuna heartbeat
     interval for RDB storages (a dead worker's trials are retried after 3 intervals).
+
+    Transfer (:mod:`tuner.tuning.transfer`): seeds: how many configs of the nearest tuned shapes and
+    buckets a new study measures right after the default (0: none); patience, min_trials, min_gain: a
+    study stops once it has measured at least ``min_trials`` candidates and its best has not improved
+    by more than ``min_gain`` (a fraction) over the last ``patience`` of them (patience 0: never).
     """
 
     trials: int = 48
@@ -72,6 +77,10 @@ class Settings:
     heartbeat_s: int = 10
     startup_trials: int = 8
     margin: float = 0.02
+    seeds: int = 3
+    patience: int = 6
+    min_trials: int = 10
+    min_gain: float = 0.01
 
 
 @dataclass
@@ -90,3 +99,8 @@ class StudyResult:
     entry: Entry | None = None
     best_trial: int | None = None
     notes: list[str] = field(default_factory=list)
+    stopped_early: bool = False
+    seeds: list[str] = field(default_factory=list)
+    """Where the seeds measured after the default came from."""
+    seconds: float = math.nan
+    """Wall time of the study, search and finalize (nan: not timed here)."""
