@@ -1,10 +1,12 @@
 """Time the tuned kernels against the peers on the benchmark set (docs/benchmark_set.md).
 
-Every row runs at page sizes 1 and 64 with our kernels (no explicit config: the dispatch table
-decides) beside every peer that imports: FlashInfer's MLA wrapper (fa3, fa2), SGLang's Triton decode
-kernel (decode rows) and a plain PyTorch implementation. Each output is checked against the float32
-reference before it is timed. Prints a table and writes bench.json, bench.csv and bench.png into
-OUT/<gpu-key>/ (default OUT: the checkout's results/).
+Every row runs at page sizes 1 and 64 (an off-table row only at its own page size) with our kernels
+(no explicit config: the dispatch table decides) beside every peer that imports: FlashInfer's MLA
+wrapper (fa3, fa2), FlashMLA (page size 64: decode and speculative-decoding rows), SGLang's Triton
+decode kernel (decode rows) and a plain PyTorch implementation. Each output is checked against the
+float32 reference before it is timed: CUDA-graph replay of one call, and on CUDA also the eager
+per-call time of back-to-back calls without a graph (a second table). Prints the tables and writes
+bench.json, bench.csv and bench.png into OUT/<gpu-key>/ (default OUT: the checkout's results/).
 
 Without CUDA, or with --dry-run, the same pipeline runs under the Triton interpreter on tiny shapes
 (fp16) with the PyTorch peer only, writing into a temporary folder unless --out: its timings mean
@@ -13,7 +15,8 @@ do not import are listed as skipped.
 
 Examples:
   mla-tune bench                                   # every row, page sizes 1 and 64, all peers present
-  mla-tune bench --rows d-b1-1k p-1x4k --page-size 64
+  mla-tune bench --set public                      # the 13 rows of the README's table only
+  mla-tune bench --rows d-b1-1k p-1x4k mtp2-h16-b64-4k --page-size 64
   mla-tune bench --heads 16 --batch 64 --kv-len 8192           # a shape of your own (decode)
   mla-tune bench --compare results/nvidia-h200/bench.json      # exit 1 if our times moved > 5%
 """
@@ -25,19 +28,31 @@ import os
 import sys
 from pathlib import Path
 
-PEERS = ("fa3", "fa2", "sglang", "torch")  # tuner.bench.peers.PEER_KEYS (kept literal: nothing heavy at import)
+PEERS = ("fa3", "fa2", "flashmla", "sglang", "torch")  # tuner.bench.peers.PEER_KEYS (literal: nothing heavy at import)
+SETS = ("public", "mtp", "off", "all")  # tuner.bench.rows.SETS
+LAYOUTS = ("auto", "split", "fused")  # tuner.bench.run.CACHE_LAYOUTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to run")
+    what.add_argument("--set", choices=SETS, default="all", dest="row_set",
+                      help="which rows of docs/benchmark_set.md: public (the 13 decode and prefill rows of "
+                           "the README's table: 2 minutes on an H200 on 2026-12-03 with fa3, fa2, SGLang and "
+                           "PyTorch, 52 s of it FlashInfer's first-use JIT, before FlashMLA and the eager "
+                           "timing, which we estimate at half a minute more), mtp (the 3 speculative-"
+                           "decoding rows), off (the 7 off-table rows, each at its own page size), all "
+                           "(default). How long mtp and off take is unknown: not run yet (our kernels compile "
+                           "for each new heads / page size / variant, FlashInfer may JIT again)")
     what.add_argument("--rows", nargs="+", metavar="ID",
-                      help="benchmark-set rows by id, e.g. d-b1-1k p-1x4k (default: all 13)")
+                      help="rows by id among those of --set, e.g. d-b1-1k p-1x4k mtp2-h16-b64-4k "
+                           "(default: all of the set)")
     what.add_argument("--heads", type=int, help="a shape of your own: query heads (with --batch, --kv-len)")
     what.add_argument("--batch", type=int, help="a shape of your own: sequences")
     what.add_argument("--kv-len", type=int, help="a shape of your own: KV tokens per sequence")
     what.add_argument("--q-len", type=int, help="a shape of your own: causal prefill of Q queries per "
                                                 "sequence (default: decode)")
-    what.add_argument("--page-size", type=int, nargs="+", metavar="PS", help="page sizes (default: 1 64)")
+    what.add_argument("--page-size", type=int, nargs="+", metavar="PS",
+                      help="page sizes (default: 1 64); an off-table row runs at its own page size only")
     what.add_argument("--peers", nargs="+", choices=PEERS, metavar="PEER",
                       help=f"peers to run, of {' '.join(PEERS)} (default: all that import; dry run: torch)")
     how = p.add_argument_group("how")
@@ -48,6 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="check the first N sequences of each row against the reference "
                           "(0: all; default 32)")
     how.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
+    how.add_argument("--cache-layout", choices=LAYOUTS,
+                     help="auto (default): at page size 64 one [pages, 64, 576] cache that every "
+                          "implementation reads (ours and FlashInfer through its two column views), two "
+                          "tensors elsewhere; split: two tensors everywhere (FlashMLA and SGLang read a "
+                          "concatenated copy; what results written before this option used); fused: one "
+                          "cache everywhere. --compare: that file's layout")
+    how.add_argument("--no-eager", action="store_true",
+                     help="skip the eager per-call timing (N back-to-back calls, no graph; CUDA only)")
     how.add_argument("--dry-run", action="store_true",
                      help="Triton interpreter on the CPU, tiny shapes, PyTorch peer only "
                           "(timings mean nothing)")
@@ -55,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--out", metavar="DIR", help="write into DIR/<gpu-key>/ (default: the checkout's "
                                                   "results/; dry run and --compare: a temporary folder)")
     out.add_argument("--no-figure", action="store_true", help="do not draw bench.png")
-    out.add_argument("--compare", metavar="FILE", help="rerun the rows of a committed bench.json and report "
-                                                       "each one's deviation from it")
+    out.add_argument("--compare", metavar="FILE", help="rerun the rows of a committed bench.json (those of "
+                                                       "--set, or --rows) and report each one's deviation "
+                                                       "from it")
     out.add_argument("--tolerance", type=float, default=0.05,
                      help="--compare: allowed relative deviation of our times (default: 0.05)")
 
@@ -100,8 +124,12 @@ def run(args: argparse.Namespace) -> int:
             rows = [bench_rows.custom_workload(*shape)]
         elif old is not None and not args.rows:
             rows = bench_rows.rows_of(old)
+            if args.row_set != "all":  # the file's rows of that set only
+                in_set = bench_rows.known_rows(dry_run, args.row_set)
+                rows = [w for w in rows if w.name in in_set]
         else:
-            rows = bench_rows.select_rows(args.rows, dry_run)
+            rows = bench_rows.select_rows(args.rows, dry_run, args.row_set)
+        layout = args.cache_layout or (bench_report.cache_layout(old) if old else "auto")
         page_sizes = args.page_size or (old["settings"]["page_sizes"] if old else [1, 64])
         for ps in page_sizes:
             if ps < 1 or ps & (ps - 1):
@@ -120,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     settings = bench_run.Settings(
         device=torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device()),
         dtype=torch.float16 if dry_run else torch.bfloat16, runs=runs, warmup=args.warmup,
-        check_seqs=args.check_seqs, seed=args.seed, dry_run=dry_run)
+        check_seqs=args.check_seqs, seed=args.seed, dry_run=dry_run,
+        eager=not dry_run and not args.no_eager, cache_layout=layout)
     doc = bench_run.run_bench(rows, page_sizes, peers, settings, skip=skip,
                           log=lambda line: print(line, flush=True))
 

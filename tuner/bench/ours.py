@@ -26,6 +26,7 @@ class OursPlanRun(Impl):
         if default:
             self.key = "ours_default"
             self.label = "mla-tuner MLADecode / MLAPrefill plan + run (default config, untuned)"
+            self.eager = False  # the same host path as ``ours``: its eager time would say nothing new
 
     def _config(self, w: Workload, inp: Inputs, page_size: int) -> DecodeConfig | PrefillConfig | None:
         if not self.default:

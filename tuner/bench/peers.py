@@ -8,13 +8,17 @@ output [total_q, H, ckv] in the input dtype and lse [total_q, H] float32 in base
 The peers, called the way their own engines call them (``docs/peers.md``):
 
 - ``fa3`` / ``fa2``: FlashInfer's ``BatchMLAPagedAttentionWrapper`` with that backend, planned once.
+- ``flashmla``: FlashMLA's dense decode kernel (``flash_mla_with_kvcache``, its "legacy" SM90 side), page
+  size 64, decode and speculative-decoding rows; one [pages, 64, 1, ckv + kpe] cache and a block table
+  (:mod:`tuner.bench.flashmla`).
 - ``sglang``: SGLang's Triton MLA decode kernel ``decode_attention_fwd`` (decode rows only); it reads a
   combined [slots, 1, ckv + kpe] cache by token slot and returns no lse.
 - ``torch``: a plain PyTorch implementation (gather, batched matmuls, float32 softmax): the floor of
   effort, and the only peer that runs without CUDA.
 
-The project never depends on the peers: FlashInfer and SGLang are imported inside the adapters only,
-and an adapter that cannot import its library says why (:meth:`Impl.unavailable`) instead of failing.
+The project never depends on the peers: FlashInfer, FlashMLA and SGLang are imported inside the adapters
+only, and an adapter that cannot import its library says why (:meth:`Impl.unavailable`) instead of
+failing.
 """
 
 from __future__ import annotations
@@ -38,17 +42,28 @@ LOG2E = 1.0 / math.log(2.0)
 FLASHINFER_WORKSPACE_BYTES = 256 << 20  # what FlashInfer's own examples and SGLang allocate
 SGLANG_MODULE = "decode_attention"  # SGLang's triton_ops/decode_attention.py, staged as docs/peers.md says
 SGLANG_MAX_KV_SPLITS = 8  # SGLang's default (--triton-attention-num-kv-splits)
-PEER_KEYS = ("fa3", "fa2", "sglang", "torch")
+PEER_KEYS = ("fa3", "fa2", "flashmla", "sglang", "torch")
 
 Call = Callable[[], "tuple[torch.Tensor, torch.Tensor | None]"]
+Convert = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 @dataclass
 class Prepared:
-    """A planned call and what is worth recording about the plan (chosen config, splits, ...)."""
+    """A planned call and what is worth recording about the plan (chosen config, splits, ...).
+
+    ``convert``: for a peer whose call returns its own layout, what turns the call's result into
+    (output [total_q, H, ckv], lse [total_q, H] base 2 or None) for the check; never timed.
+    """
 
     call: Call
     info: dict[str, object] = field(default_factory=dict)
+    convert: Convert | None = None
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One call, its result in the bench's layout (for the check)."""
+        out, lse = self.call()
+        return self.convert(out, lse) if self.convert is not None else (out, lse)
 
 
 class Impl:
@@ -59,6 +74,7 @@ class Impl:
     label: str = ""
     returns_lse: bool = True
     library: str | None = None  # the package whose version the results record
+    eager: bool = True  # also time it eagerly (tuner.harness.timing.time_eager) where the bench does
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this implementation cannot run here at all (None: it can)."""
@@ -75,7 +91,7 @@ class Impl:
         raise NotImplementedError
 
 
-def _import_error(module: str) -> str | None:
+def import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except Exception as err:  # noqa: BLE001 - any failure to import means "not available", with the reason
@@ -109,13 +125,25 @@ def token_slots(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_lens: torc
     return slot_indptr.to(torch.int32), page * page_size + pos % page_size
 
 
-def _kv_lens(inp: Inputs, page_size: int) -> torch.Tensor:
+def kv_lens_of(inp: Inputs, page_size: int) -> torch.Tensor:
     return kv_lengths(inp.kv_indptr, page_size, inp.kv_last_page_len)
 
 
 def _flat(cache: torch.Tensor) -> torch.Tensor:
     """[num_pages, page_size, D] -> [num_pages * page_size, D] (a view when the cache is contiguous)."""
     return cache.reshape(-1, cache.shape[-1])
+
+
+def fused_cache(inp: Inputs) -> torch.Tensor:
+    """The one [num_pages, page_size, ckv + kpe] cache: the inputs' own in the fused layout (the memory
+    that every implementation reads), otherwise a copy concatenated from the two caches (setup only)."""
+    if inp.kv_cache is not None:
+        return inp.kv_cache
+    return torch.cat([inp.ckv_cache, inp.kpe_cache], dim=-1)
+
+
+def cache_note(inp: Inputs) -> str:
+    return "the inputs' fused cache" if inp.kv_cache is not None else "own copy of the two caches, concatenated"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +172,7 @@ class FlashInferPeer(Impl):
             return "needs CUDA"
         if dtype not in (torch.bfloat16, torch.float16):
             return f"needs bf16 or fp16 inputs, not {dtype}"
-        return _import_error("flashinfer.mla")
+        return import_error("flashinfer.mla")
 
     def version(self) -> str | None:
         try:
@@ -162,7 +190,7 @@ class FlashInferPeer(Impl):
         qo_indptr = inp.qo_indptr
         if qo_indptr is None:
             qo_indptr = torch.arange(total_q + 1, dtype=torch.int32, device=device)
-        kv_len = _kv_lens(inp, page_size).to(torch.int32)
+        kv_len = kv_lens_of(inp, page_size).to(torch.int32)
         causal = inp.qo_indptr is not None and w.causal
         wrapper = BatchMLAPagedAttentionWrapper(self._workspace, backend=self.backend)
         shape = dict(num_heads=heads, head_dim_ckv=ckv, head_dim_kpe=inp.q_pe.shape[2], page_size=page_size,
@@ -224,9 +252,10 @@ def sglang_kv_splits(kv_lens: list[int], num_heads: int, num_sms: int,
 class SGLangPeer(Impl):
     """SGLang's Triton MLA decode kernel (``decode_attention_fwd``), decode rows only.
 
-    Its engine keeps one [slots, 1, ckv + kpe] buffer and token-slot indices; :meth:`prepare` builds
-    that buffer from our split caches once (slot = page * page_size + offset, so both page sizes run),
-    the query as cat(q_nope, q_pe) [B, H, ckv + kpe], and the stage-1 scratch. It returns no lse.
+    Its engine keeps one [slots, 1, ckv + kpe] buffer and token-slot indices; :meth:`prepare` views the
+    inputs' fused cache as that buffer, or builds it from split caches once (slot = page * page_size +
+    offset, so every page size runs), the query as cat(q_nope, q_pe) [B, H, ckv + kpe], and the stage-1
+    scratch. It returns no lse.
     """
 
     key = "sglang"
@@ -240,7 +269,7 @@ class SGLangPeer(Impl):
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return "needs CUDA (or the Triton interpreter)"
-        return _import_error(SGLANG_MODULE)
+        return import_error(SGLANG_MODULE)
 
     def not_applicable(self, w: Workload, page_size: int) -> str | None:
         return None if w.is_decode else "decode kernel only"
@@ -262,12 +291,12 @@ class SGLangPeer(Impl):
         fwd = importlib.import_module(SGLANG_MODULE).decode_attention_fwd
         batch, heads, ckv = inp.q_nope.shape
         device = inp.q_nope.device
-        kv_lens = _kv_lens(inp, page_size)
+        kv_lens = kv_lens_of(inp, page_size)
         slot_indptr, slots = token_slots(inp.kv_indptr, inp.kv_indices, kv_lens, page_size)
         splits = sglang_kv_splits(kv_lens.tolist(), heads, gpu_info(device).num_sms, self.max_kv_splits)
         num_kv_splits = torch.tensor(splits, dtype=torch.int32, device=device)
         q = torch.cat([inp.q_nope, inp.q_pe], dim=-1).contiguous()
-        k_buffer = torch.cat([inp.ckv_cache, inp.kpe_cache], dim=-1).reshape(-1, 1, q.shape[-1])
+        k_buffer = fused_cache(inp).reshape(-1, 1, q.shape[-1])
         v_buffer = k_buffer[..., :ckv]
         attn_logits = torch.empty(batch, heads, self.max_kv_splits, ckv, dtype=torch.float32, device=device)
         attn_lse = torch.empty(batch, heads, self.max_kv_splits, dtype=torch.float32, device=device)
@@ -280,7 +309,8 @@ class SGLangPeer(Impl):
             return out, None
 
         splits_range = [min(splits, default=0), max(splits, default=0)]
-        return Prepared(call, {"max_kv_splits": max_splits, "num_kv_splits": splits_range})
+        return Prepared(call, {"max_kv_splits": max_splits, "num_kv_splits": splits_range,
+                               "cache": cache_note(inp)})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,7 +342,7 @@ class TorchPeer(Impl):
     label = "PyTorch (gather, batched matmuls, fp32 softmax)"
 
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
-        kv_lens = _kv_lens(inp, page_size)
+        kv_lens = kv_lens_of(inp, page_size)
         slot_indptr, slots = token_slots(inp.kv_indptr, inp.kv_indices, kv_lens, page_size)
         caches = _flat(inp.ckv_cache), _flat(inp.kpe_cache)
         if inp.qo_indptr is None:
@@ -395,5 +425,8 @@ def _torch_prefill(inp: Inputs, caches: tuple[torch.Tensor, torch.Tensor], slot_
 
 def all_peers(max_kv_splits: int = SGLANG_MAX_KV_SPLITS) -> dict[str, Impl]:
     """Every peer adapter, by key, in table order."""
-    peers: list[Impl] = [FlashInferPeer("fa3"), FlashInferPeer("fa2"), SGLangPeer(max_kv_splits), TorchPeer()]
+    from .flashmla import FlashMLAPeer  # its module builds on this one
+
+    peers: list[Impl] = [FlashInferPeer("fa3"), FlashInferPeer("fa2"), FlashMLAPeer(), SGLangPeer(max_kv_splits),
+                         TorchPeer()]
     return {p.key: p for p in peers}

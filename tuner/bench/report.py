@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuner.harness.floors import ratio
 from tuner.runtime.fileio import write_atomic
 
 SCHEMA_VERSION = 1
@@ -25,12 +26,17 @@ def _us(us: float) -> str:
 _SHORT = {"ours_fn": "fn", "ours_default": "untuned"}
 
 
+def _width(key: str) -> int:
+    """A peer's column: its time (at least 10 characters, or its heading's)."""
+    return max(10, len(_SHORT.get(key, key)) + 3)
+
+
 def table_header(columns: list[str], name_width: int = 16) -> str:
     head = f"{'row':<{name_width}} {'ps':>3} {'ours µs':>9} {'GB/s':>7} {'TFLOP/s':>7} {'floor':>5}"
     for key in columns:
         if key == "ours":
             continue
-        head += f" | {_SHORT.get(key, key) + ' µs':>10}"
+        head += f" | {_SHORT.get(key, key) + ' µs':>{_width(key)}}"
         head += "" if key == "ours_fn" else f" {'x':>5}"
     return head
 
@@ -58,10 +64,32 @@ def table_line(row: dict[str, Any], columns: list[str], name_width: int = 16) ->
         if key == "ours":
             continue
         e = row["impls"].get(key, {"status": "skipped"})
-        line += f" | {_cell(e, 10)}"
+        line += f" | {_cell(e, _width(key))}"
         if key != "ours_fn":
             line += f" {_ratio(e.get('ours_over'))}"
     return line + f"  [{row['seconds']:.1f}s]"
+
+
+EAGER_TITLE = ("eager per-call wall time, no graph (µs): back-to-back calls without a sync or L2 flush "
+               "between them, median of batches; e/g = ours eager / ours graph time")
+
+
+def eager_table(rows: list[dict[str, Any]], columns: list[str], name_width: int = 16) -> list[str]:
+    """The second table: per (row, page size) each implementation's ``eager_us`` and ours' eager / graph
+    ratio (above 1: the host's launch work, not the GPU, sets the pace of back-to-back calls)."""
+    lines = ["", EAGER_TITLE,
+             f"{'row':<{name_width}} {'ps':>3}" + "".join(f" {_SHORT.get(k, k):>9}" for k in columns)
+             + f" | {'ours e/g':>8}"]
+    for row in rows:
+        line = f"{row['row']:<{name_width}} {row['page_size']:>3}"
+        for key in columns:
+            e = row["impls"].get(key, {"status": "skipped"})
+            us = e.get("eager_us")
+            line += f" {_us(us):>9}" if us is not None else f" {_STATUS_CELL.get(e.get('status', ''), '-'):>9}"
+        ours = row["impls"].get("ours", {})
+        r = ratio(ours.get("eager_us"), ours.get("median_us"))
+        lines.append(line + f" | {'' if r is None else f'{r:.2f}':>8}")
+    return lines
 
 
 def summary(doc: dict[str, Any]) -> list[str]:
@@ -104,10 +132,11 @@ def ours_ok(doc: dict[str, Any]) -> bool:
 
 
 
-CSV_ENV = ("gpu", "gpu_key", "date", "torch", "triton", "cuda", "flashinfer", "sglang")
-CSV_ROW = ("row", "kind", "heads", "batch", "total_q", "kv_tokens", "page_size", "floor_us", "checked_seqs")
+CSV_ENV = ("gpu", "gpu_key", "date", "torch", "triton", "cuda", "flashinfer", "flash_mla", "sglang")
+CSV_ROW = ("row", "kind", "heads", "batch", "total_q", "kv_tokens", "page_size", "cache", "floor_us",
+           "checked_seqs")
 CSV_IMPL = ("impl", "status", "median_us", "p10_us", "p90_us", "runs", "method", "gbps", "tflops",
-            "floor_frac", "ours_over", "rel_err", "lse_err", "note")
+            "floor_frac", "ours_over", "rel_err", "lse_err", "eager_us", "eager_calls", "note")
 CSV_COLUMNS = CSV_ENV + CSV_ROW + CSV_IMPL
 
 
@@ -118,7 +147,7 @@ def to_csv(doc: dict[str, Any]) -> str:
     writer.writeheader()
     env = {k: doc["env"].get(k) for k in CSV_ENV}
     for row in doc["rows"]:
-        base = {**env, **{k: row[k] for k in CSV_ROW}}
+        base = {**env, **{k: row.get(k) for k in CSV_ROW}}
         for key, e in row["impls"].items():
             writer.writerow({**base, "impl": key, **{k: e.get(k) for k in CSV_IMPL if k != "impl"}})
     return buf.getvalue()
@@ -216,6 +245,11 @@ def load_results(path: Path) -> dict[str, Any]:
     return doc
 
 
+def cache_layout(doc: dict[str, Any]) -> str:
+    """The cache layout a results file was run with (files written before the setting: ``split``)."""
+    return str(doc.get("settings", {}).get("cache_layout") or "split")
+
+
 def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> tuple[list[str], bool]:
     """Per (row, page size, implementation) present in both: committed and fresh median, deviation.
 
@@ -228,6 +262,9 @@ def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> tuple
     lines = [f"compare with {old['env']['gpu']} results of {old['env']['date']} (tolerance {tolerance:.0%}):"]
     if old["env"]["gpu_key"] != new["env"]["gpu_key"]:
         lines.append(f"warning: different GPU ({old['env']['gpu_key']} then, {new['env']['gpu_key']} now)")
+    layouts = [cache_layout(d) for d in (old, new)]
+    if layouts[0] != layouts[1]:
+        lines.append(f"warning: different cache layout ({layouts[0]} then, {layouts[1]} now)")
     within = True
     width = max([len(k[0]) for k in after] + [4])
     lines.append(f"{'row':<{width}} {'ps':>3} {'impl':<8} {'then µs':>9} {'now µs':>9} {'change':>7}")

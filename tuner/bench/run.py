@@ -5,9 +5,16 @@ the float32 reference on the first sequences, then for every implementation: pre
 conversion: untimed), run once and check against the reference by the one correctness rule
 (:mod:`tuner.harness.check`; the lse too where it returns one), and only if it passes, time it with
 :func:`tuner.harness.timing.time_call` (CUDA-graph replay of one call, L2 flushed before each call,
-median; a call that cannot be captured is timed with events without a graph, and the table marks it).
-The floor of a row is max(bytes / copy bandwidth, FLOPs / matmul rate), both ceilings measured in the
-same run.
+median; a call that cannot be captured is timed with events without a graph, and the table marks it),
+and on CUDA also eagerly with :func:`tuner.harness.timing.time_eager` (wall time per call of back-to-back
+calls, no graph: ``eager_us``). The floor of a row is max(bytes / copy bandwidth, FLOPs / matmul rate),
+both ceilings measured in the same run.
+
+A row runs at the bench's page sizes, or only at its own (``Workload.page_size``: the off-table rows).
+Cache layout (``Settings.cache_layout``): ``auto`` builds the caches at page size 64 as the two column
+views of one [pages, 64, ckv + kpe] tensor, so that ours, FlashInfer, FlashMLA and SGLang all read the
+same memory there, and as two tensors at other page sizes; ``split`` and ``fused`` use one layout
+everywhere.
 
 Results: a table on stdout (streamed row by row), and ``bench.json`` / ``bench.csv`` / ``bench.png``
 (``results/README.md`` describes them). :func:`compare` checks a fresh run against a committed one.
@@ -31,19 +38,21 @@ from tuner.harness.check import check, tolerance_for
 from tuner.harness.floors import Ceilings, achieved, floor_fraction, floor_us, measure_ceilings, ratio
 from tuner.harness.inputs import Inputs, Workload, make_inputs
 from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
-from tuner.harness.timing import Timing, time_call
+from tuner.harness.timing import EAGER_BATCHES, EAGER_CALLS, EAGER_MIN_CALLS, Timing, time_call, time_eager
 from tuner.runtime import paths
 from tuner.runtime.device import gpu_info
 
 from .ours import implementations
 from .peers import Impl
-from .report import DRY_RUN_NOTE, OURS, SCHEMA_VERSION, table_header, table_line
-from .rows import _workload_dict, known_rows
+from .report import DRY_RUN_NOTE, OURS, SCHEMA_VERSION, eager_table, table_header, table_line
+from .rows import _workload_dict, known_rows, page_sizes_of
 
 DEFAULT_RUNS = 40
 DEFAULT_WARMUP = 5
 DEFAULT_CHECK_SEQS = 32
 DRY_RUN_RUNS = 2
+CACHE_LAYOUTS = ("auto", "split", "fused")
+FUSED_PAGE_SIZE = 64  # "auto": the page size where FlashMLA runs
 
 Log = Callable[[str], None]
 
@@ -82,6 +91,15 @@ class Settings:
     check_seqs: int
     seed: int
     dry_run: bool
+    eager: bool = False  # also time_eager every implementation (the bench does on CUDA)
+    cache_layout: str = "auto"  # CACHE_LAYOUTS
+
+
+def fused_at(layout: str, page_size: int) -> bool:
+    """Whether the caches are column views of one tensor at this page size under ``layout``."""
+    if layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache layout: expected one of {list(CACHE_LAYOUTS)}, found {layout!r}")
+    return layout == "fused" or (layout == "auto" and page_size == FUSED_PAGE_SIZE)
 
 
 def _time(fn: Callable[[], object], s: Settings) -> tuple[Timing, str, str]:
@@ -115,7 +133,7 @@ def run_impl(impl: Impl, w: Workload, inp: Inputs, page_size: int, ref: tuple[to
     entry: dict[str, Any] = {"status": "ok", "note": ""}
     prepared = impl.prepare(w, inp, page_size)
     entry["info"] = prepared.info
-    out, lse = prepared.call()
+    out, lse = prepared.outputs()
     _sync(s.device)
     passed, rel, lse_err, problem = check_output(out, lse if impl.returns_lse else None, *ref)
     entry.update(rel_err=_sig(rel, 3), lse_err=_sig(lse_err, 3))
@@ -125,6 +143,9 @@ def run_impl(impl: Impl, w: Workload, inp: Inputs, page_size: int, ref: tuple[to
     timing, method, note = _time(prepared.call, s)
     entry.update(median_us=_sig(timing.median_us, 5), p10_us=_sig(timing.p10_us, 5),
                  p90_us=_sig(timing.p90_us, 5), runs=timing.runs, method=method, note=note)
+    if s.eager and impl.eager:
+        eager = time_eager(prepared.call, device=s.device, warmup=s.warmup)
+        entry.update(eager_us=_sig(eager.median_us, 5), eager_calls=eager.calls)
     return entry
 
 
@@ -153,12 +174,14 @@ def bench_row(w: Workload, page_size: int, impls: dict[str, Impl], reasons: dict
     install or JIT would otherwise cost its load time on every row); ``worked`` holds those that ran.
     """
     t0 = time.perf_counter()
-    inp = make_inputs(w, page_size, s.dtype, s.device, s.seed)
+    fused = fused_at(s.cache_layout, page_size)
+    inp = make_inputs(w, page_size, s.dtype, s.device, s.seed, fused=fused)
     ref_out, ref_lse, checked = reference_prefix(w, inp, s.check_seqs)
     bytes_moved, flops = w.bytes_moved(torch.empty(0, dtype=s.dtype).element_size()), w.flops()
     row: dict[str, Any] = {
         "row": w.name, "kind": _kind(w), "heads": w.heads, "batch": w.batch, "total_q": w.total_q,
-        "kv_tokens": sum(w.kv_lens), "page_size": page_size, "bytes": bytes_moved, "flops": flops,
+        "kv_tokens": sum(w.kv_lens), "page_size": page_size, "cache": "fused" if fused else "split",
+        "bytes": bytes_moved, "flops": flops,
         "floor_us": _sig(floor_us(bytes_moved, flops, ceilings.copy_bytes_per_s,
                                   ceilings.matmul_flops_per_s)),
         "checked_seqs": checked, "impls": {},
@@ -229,6 +252,15 @@ def environment(device: torch.device, impls: dict[str, Impl], reasons: dict[str,
     return env
 
 
+def _layout_words(layout: str) -> str:
+    if layout == "auto":
+        return (f"at page size {FUSED_PAGE_SIZE} one [pages, {FUSED_PAGE_SIZE}, ckv + kpe] tensor that every "
+                "implementation reads (ours and FlashInfer through its two column views), two tensors elsewhere")
+    if layout == "fused":
+        return "one [pages, page size, ckv + kpe] tensor (ours and FlashInfer read its two column views)"
+    return "two tensors, ckv and kpe (FlashMLA and SGLang read a concatenated copy)"
+
+
 def _git_commit() -> str | None:
     try:
         proc = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=paths.REPO_ROOT,
@@ -256,7 +288,7 @@ def run_bench(rows: list[Workload], page_sizes: list[int], peer_keys: list[str],
     if s.dry_run:
         log(DRY_RUN_NOTE)
     log(f"mla-tune bench on {env['gpu']} ({env['gpu_key']}): torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda']}" + "".join(f", {lib} {env[lib]}" for lib in ("flashinfer", "sglang")
+        f"CUDA {env['cuda']}" + "".join(f", {lib} {env[lib]}" for lib in ("flashinfer", "flash_mla", "sglang")
                                          if env.get(lib)))
     if reasons:  # the reasons come once, in the summary after the table
         log(f"skipped: {', '.join(reasons)}")
@@ -266,16 +298,23 @@ def run_bench(rows: list[Workload], page_sizes: list[int], peer_keys: list[str],
     how = ("CUDA-graph replay of one call, L2 flushed before each call" if s.device.type == "cuda"
            else "wall clock of one call")
     log(f"timing: {how}, median of {s.runs} runs; x = ours time / peer time (below 1: ours is faster)")
+    log(f"caches: {_layout_words(s.cache_layout)}")
     columns = [k for k in impls]
     name_width = max([len(w.name) for w in rows] + [4])
     log(table_header(columns, name_width))
     results = []
     worked: set[str] = set()
     for w in rows:
-        for ps in page_sizes:
+        for ps in page_sizes_of(w, page_sizes):
             row = bench_row(w, ps, impls, reasons, worked, ceilings, s, log)
             results.append(row)
             log(table_line(row, columns, name_width))
+    if s.eager:
+        for line in eager_table(results, [k for k in columns if impls[k].eager], name_width):
+            log(line)
+    else:
+        log("eager per-call time: not measured (" + ("CUDA only: a dry run times single calls by wall clock"
+                                                     if s.device.type != "cuda" else "--no-eager") + ")")
     doc: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "tool": "mla-tune bench", "dry_run": s.dry_run,
         "note": DRY_RUN_NOTE if s.dry_run else "", "env": env,
@@ -284,7 +323,10 @@ def run_bench(rows: list[Workload], page_sizes: list[int], peer_keys: list[str],
                      "copy_bytes": ceilings.copy_bytes, "matmul_n": ceilings.matmul_n},
         "settings": {"dtype": str(s.dtype).removeprefix("torch."), "runs": s.runs, "warmup": s.warmup,
                      "seed": s.seed, "check_seqs": s.check_seqs, "page_sizes": page_sizes,
-                     "tolerance": asdict(tolerance_for(s.dtype)), "l2_flush": True},
+                     "tolerance": asdict(tolerance_for(s.dtype)), "l2_flush": True,
+                     "cache_layout": s.cache_layout,
+                     "eager": {"calls": EAGER_CALLS, "min_calls": EAGER_MIN_CALLS, "batches": EAGER_BATCHES,
+                               "warmup": s.warmup} if s.eager else None},
         "impls": {k: {"label": impl.label, "available": k not in reasons, "reason": reasons.get(k),
                       "returns_lse": impl.returns_lse} for k, impl in impls.items()},
         "rows": results,

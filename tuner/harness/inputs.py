@@ -14,11 +14,16 @@ import torch
 from tuner.runtime.spec import MLASpec
 
 SM_SCALE = 1.0 / math.sqrt(128 + 64)  # DeepSeek: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
+MAX_SPECULATIVE_QUERIES = 8  # draft tokens per request that still count as speculative decoding
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One batch: per-sequence KV lengths and, for prefill, query lengths (None for decode)."""
+    """One batch: per-sequence KV lengths and, for prefill, query lengths (None for decode).
+
+    ``page_size``: the one page size the row is defined at (None: it runs at whatever page sizes the
+    caller chooses, ``mla-tune bench``'s 1 and 64 by default).
+    """
 
     name: str
     heads: int
@@ -27,10 +32,25 @@ class Workload:
     causal: bool = True
     head_dim_ckv: int = 512
     head_dim_kpe: int = 64
+    page_size: int | None = None
 
     @property
     def is_decode(self) -> bool:
         return self.q_lens is None
+
+    @property
+    def queries_per_request(self) -> int | None:
+        """1 for decode, s_q when every sequence has the same s_q queries, otherwise None."""
+        if self.q_lens is None:
+            return 1
+        return self.q_lens[0] if self.q_lens and len(set(self.q_lens)) == 1 else None
+
+    @property
+    def is_speculative(self) -> bool:
+        """A speculative-decoding step: every request verifies the same few (2..MAX_SPECULATIVE_QUERIES)
+        draft tokens, causal among them, as a causal prefill of those queries."""
+        s_q = self.queries_per_request
+        return self.causal and s_q is not None and 1 < s_q <= MAX_SPECULATIVE_QUERIES
 
     @property
     def batch(self) -> int:
@@ -94,8 +114,8 @@ def _p28_fresh() -> Workload:
     return Workload("p-28-fresh", 16, tuple(a + b for a, b in zip(q, prefix, strict=True)), q)
 
 
-def benchmark_set() -> list[Workload]:
-    """The rows of ``docs/benchmark_set.md`` (each decode row runs at page sizes 1 and 64)."""
+def public_rows() -> list[Workload]:
+    """Decode and prefill rows of ``docs/benchmark_set.md`` (each runs at the caller's page sizes)."""
     return [
         Workload("d-b1-1k", 16, (1024,)),
         Workload("d-b32-4k", 16, (4096,) * 32),
@@ -113,9 +133,56 @@ def benchmark_set() -> list[Workload]:
     ]
 
 
+def _speculative(name: str, heads: int, batch: int, s_q: int, kv_len: int) -> Workload:
+    """``batch`` requests of ``kv_len`` tokens whose last ``s_q`` are the queries (query j at position
+    kv_len - s_q + j sees tokens 0 .. kv_len - s_q + j): a causal prefill of s_q queries per request."""
+    return Workload(name, heads, (kv_len,) * batch, (s_q,) * batch)
+
+
+def speculative_rows() -> list[Workload]:
+    """Speculative decoding (multi-token prediction) rows of ``docs/benchmark_set.md``."""
+    return [
+        _speculative("mtp2-h16-b64-4k", 16, 64, 2, 4096),
+        _speculative("mtp2-h128-b64-4k", 128, 64, 2, 4096),
+        _speculative("mtp4-h128-b32-8k", 128, 32, 4, 8192),
+    ]
+
+
+def off_table_rows() -> list[Workload]:
+    """Off-table rows of ``docs/benchmark_set.md``: shapes the tuned table does not target, each at its
+    own page size."""
+    short = (3, 9, 17, 31, 48, 64, 80, 100, 130, 200, 260, 400)
+    return [
+        Workload("o-h16-ps16-b12-short", 16, short, page_size=16),
+        Workload("o-h64-ps64-b32-4k", 64, (4096,) * 32, page_size=64),
+        Workload("o-h32-ps32-b64-2k", 32, (2048,) * 64, page_size=32),
+        Workload("o-h8-ps1-b128-1k", 8, (1024,) * 128, page_size=1),
+        Workload("o-h128-ps16-b16-8k", 128, (8192,) * 16, page_size=16),
+        Workload("o-p-h64-ps16-8x1k", 64, (1536,) * 8, (1024,) * 8, page_size=16),
+        Workload("o-p-h32-ps32-4x2k", 32, (2048,) * 4, (2048,) * 4, page_size=32),
+    ]
+
+
+ROW_SETS = {"public": public_rows, "mtp": speculative_rows, "off": off_table_rows}
+
+
+def benchmark_set(sets: tuple[str, ...] | list[str] | None = None) -> list[Workload]:
+    """The rows of ``docs/benchmark_set.md``: the sets named (keys of ``ROW_SETS``; None: all, in the
+    order public, mtp, off)."""
+    names = list(ROW_SETS) if sets is None else list(sets)
+    unknown = [n for n in names if n not in ROW_SETS]
+    if unknown:
+        raise ValueError(f"sets: unknown {unknown}; expected some of {list(ROW_SETS)}")
+    return [w for n in names for w in ROW_SETS[n]()]
+
+
 @dataclass
 class Inputs:
-    """Tensors for one workload at one page size (arguments of mla_decode / mla_prefill)."""
+    """Tensors for one workload at one page size (arguments of mla_decode / mla_prefill).
+
+    In the fused layout (``make_inputs(..., fused=True)``) ``ckv_cache`` and ``kpe_cache`` are the column
+    views ``kv_cache[..., :ckv]`` and ``kv_cache[..., ckv:]`` of one cache, as FlashMLA and SGLang keep it.
+    """
 
     q_nope: torch.Tensor
     q_pe: torch.Tensor
@@ -127,13 +194,17 @@ class Inputs:
     qo_indptr: torch.Tensor | None
     sm_scale: float = SM_SCALE
     extra: dict[str, object] = field(default_factory=dict)
+    kv_cache: torch.Tensor | None = None  # fused layout: [num_pages, page_size, ckv + kpe], the two caches' base
 
 
 def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16,
                 device: torch.device | str = "cpu", seed: int = 0, spare_pages: int = 0,
-                poison_unused: bool = True) -> Inputs:
+                poison_unused: bool = True, fused: bool = False) -> Inputs:
     """Random inputs for ``w``: page ids a random permutation of the cache's pages, unused slots of
-    partial last pages filled with NaN (``poison_unused``) so that a leak shows."""
+    partial last pages filled with NaN (``poison_unused``) so that a leak shows.
+
+    ``fused``: one [num_pages, page_size, ckv + kpe] cache (``Inputs.kv_cache``) of which the two caches
+    are column views; the values are the same as without it."""
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     pages = [-(-n // page_size) for n in w.kv_lens]
@@ -160,5 +231,9 @@ def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16
         qo[1:] = torch.cumsum(torch.tensor(w.q_lens, dtype=torch.int64), 0).to(torch.int32)
     q_nope = randn(w.total_q, w.heads, w.head_dim_ckv)
     q_pe = randn(w.total_q, w.heads, w.head_dim_kpe)
+    kv = None
+    if fused:
+        kv = torch.cat([ckv, kpe], dim=-1).to(device)
+        ckv, kpe = kv[..., : w.head_dim_ckv], kv[..., w.head_dim_ckv:]
     return Inputs(q_nope.to(device), q_pe.to(device), ckv.to(device), kpe.to(device), indptr.to(device),
-                  perm.to(device), last.to(device), None if qo is None else qo.to(device))
+                  perm.to(device), last.to(device), None if qo is None else qo.to(device), kv_cache=kv)
