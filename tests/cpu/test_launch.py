@@ -149,7 +149,7 @@ def test_record_and_refusal() -> None:
 
     replay = launch.record(lambda: ours((src, dst)), (src, dst))
     assert replay is not None and torch.equal(dst, src * 2)
-    assert [step[1] for step in replay.steps] == [(4, 1, 1)], "a compiled kernel takes the grid as (x, y, z)"
+    assert [step.grid for step in replay.steps] == [(4, 1, 1)], "a compiled kernel takes the grid as (x, y, z)"
     src2, dst2 = torch.randn(100), torch.zeros(100)
     replay((src2, dst2))
     assert torch.equal(dst2, src2 * 2), "the replay launches with the new tensors"

@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from triton import knobs
 
 from . import paths
 from .loader import load_module
@@ -41,8 +42,8 @@ _WRAPPED = "_mla_tuner_recordable"
 def call_key(*tensors: torch.Tensor | None) -> tuple | None:
     """The metadata key of a call's tensors (None stays None; None when an argument is not a tensor)."""
     try:
-        return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-                     for t in tensors)
+        return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, not t.data_ptr() & 15)
+                      for t in tensors])
     except AttributeError:
         return None
 
@@ -97,23 +98,79 @@ def _without_base(desc: Any) -> Any:
     return desc
 
 
+def _with_base(template: Any, base: torch.Tensor) -> Any:
+    """A copy of a recorded tensor descriptor over ``base`` (no validation: the metadata is the recorded one)."""
+    desc = object.__new__(type(template))
+    if hasattr(template, "__dict__"):
+        desc.__dict__.update(template.__dict__)
+    else:
+        desc = copy.copy(template)
+    object.__setattr__(desc, "base", base)
+    return desc
+
+
+class _Step:
+    """One recorded launch: the compiled kernel, its (x, y, z) grid, the argument list with this call's
+    tensors left out, and where they go (tensors directly, tensor descriptors over them)."""
+
+    __slots__ = ("compiled", "grid", "template", "tensors", "descriptors", "launcher", "function", "metadata")
+
+    def __init__(self, compiled: Any, grid: tuple[int, int, int], template: list[Any],
+                 slots: list[tuple[int, int, bool]]) -> None:
+        self.compiled, self.grid, self.template = compiled, grid, template
+        self.tensors = [(pos, index) for pos, index, is_desc in slots if not is_desc]
+        self.descriptors = [(pos, index) for pos, index, is_desc in slots if is_desc]
+        # A compiled kernel's own launcher (what its [grid] runner calls), where Triton made one.
+        self.launcher = getattr(compiled, "run", None)
+        self.function = getattr(compiled, "function", None)
+        self.metadata = getattr(compiled, "packed_metadata", None)
+
+    def arguments(self, tensors: Sequence[torch.Tensor | None]) -> list[Any]:
+        args = self.template.copy()
+        for pos, index in self.tensors:
+            args[pos] = tensors[index]
+        for pos, index in self.descriptors:
+            args[pos] = _with_base(args[pos], tensors[index])
+        return args
+
+
 class Replay:
-    """Recorded launches; ``replay(tensors)`` launches them with these tensors in the recorded places."""
+    """Recorded launches; ``replay(tensors)`` launches them with these tensors in the recorded places.
 
-    def __init__(self, steps: list[tuple[Any, tuple[int, ...], list[Any], list[tuple[int, int, bool]]]]) -> None:
-        self.steps = steps
+    On a GPU the compiled kernels' launchers are called directly, on the current stream of the device
+    the launches were recorded on (as a compiled kernel's ``[grid]`` runner does); where a launch hook is
+    set (a profiler) through that runner. A call returns False, launching nothing, when the current device
+    is not the recorded one (its kernels are loaded on the recorded device only).
+    """
 
-    def __call__(self, tensors: Sequence[torch.Tensor | None]) -> None:
-        for compiled, grid, template, slots in self.steps:
-            args = template.copy()
-            for pos, index, is_desc in slots:
-                if is_desc:
-                    desc = copy.copy(args[pos])
-                    object.__setattr__(desc, "base", tensors[index])
-                    args[pos] = desc
-                else:
-                    args[pos] = tensors[index]
-            compiled[grid](*args)
+    def __init__(self, steps: list[_Step], device: int | None) -> None:
+        self.steps, self.device = steps, device
+        self._driver = None
+        if device is not None:
+            from triton.runtime import driver
+
+            self._driver = driver.active
+            self._current_device = self._driver.get_current_device
+            self._current_stream = self._driver.get_current_stream
+
+    def __call__(self, tensors: Sequence[torch.Tensor | None]) -> bool:
+        if self._driver is None:  # the interpreter's stand-ins
+            for step in self.steps:
+                step.compiled[step.grid](*step.arguments(tensors))
+            return True
+        device = self._current_device()
+        if device != self.device:
+            return False
+        hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        if hooks != (None, None):
+            for step in self.steps:
+                step.compiled[step.grid](*step.arguments(tensors))
+            return True
+        stream = self._current_stream(device)
+        for step in self.steps:
+            x, y, z = step.grid
+            step.launcher(x, y, z, stream, step.function, step.metadata, None, None, None, *step.arguments(tensors))
+        return True
 
 
 def record(launch: Callable[[], None], tensors: Sequence[torch.Tensor | None]) -> Replay | None:
@@ -148,13 +205,18 @@ def record(launch: Callable[[], None], tensors: Sequence[torch.Tensor | None]) -
             slots.append((pos, places[id(base)], is_desc))
             # hold no reference to this call's tensors
             template[pos] = _without_base(arg) if is_desc else None
-        if compiled is None:
+        interpreted = compiled is None
+        if interpreted:
             compiled = _Interpreted(kernel, {k: v for k, v in kwargs.items() if k not in signature.parameters})
         if callable(grid):
             return None
         grid = (*grid, 1, 1)[:3]  # (x, y, z), as the JIT hands it to a compiled kernel
-        steps.append((compiled, grid, template, slots))
-    return Replay(steps)
+        steps.append(_Step(compiled, grid, template, slots))
+    if not steps or interpreted:
+        return Replay(steps, None)
+    from triton.runtime import driver
+
+    return Replay(steps, driver.active.get_current_device())
 
 
 Launch = Callable[[Sequence[torch.Tensor | None]], None]
@@ -244,8 +306,8 @@ class LaunchPlan:
         replay = self.launches.get(key)
         if replay is None:
             self.launches.first(key, self.launch, tensors)
-        else:
-            replay(tensors)
+        elif replay(tensors) is False:  # another current device than the recorded one
+            self.launch(tensors)
 
     def launch(self, tensors: Sequence[torch.Tensor | None]) -> None:
         """The generated module's launch of these tensors."""
