@@ -159,3 +159,16 @@ def test_record_and_refusal() -> None:
         _scale_copy[(4,)](src, torch.empty(100), 100, 2.0, BLOCK=32)
 
     assert launch.record(own_scratch, (src, dst)) is None, "a tensor made inside launch() is never replayed"
+
+
+def test_one_call_keys_tell_equal_values_of_other_types_apart() -> None:
+    """True == 1 == 1.0: a cached plan for causal=True or sm_scale=1.0 must not let causal=1 or sm_scale=True
+    skip validation."""
+    dec = make_case(16, [3, 20], page_size=16, dtype=DTYPE, seed=8)
+    pre = make_case(16, [40, 20], [7, 20], page_size=16, dtype=DTYPE, seed=9)
+    dec.replace(sm_scale=1.0).decode()
+    pre.prefill(causal=True)
+    with pytest.raises(TypeError, match="sm_scale"):
+        dec.replace(sm_scale=True).decode()
+    with pytest.raises(TypeError, match="causal"):
+        pre.prefill(causal=1)

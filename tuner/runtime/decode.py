@@ -89,7 +89,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
         return _routed(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale, kv_last_page_len,
                        out, lse, config, validate_data)
     metadata = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse)
-    key = None if metadata is None else (metadata, sm_scale, config)
+    # with the types: True == 1 == 1.0 as keys, but only some of them pass validation
+    key = None if metadata is None else (metadata, sm_scale, type(sm_scale), config)
     try:
         plan = _ONE_CALL.get(key)
     except TypeError:  # an unhashable argument: validation names it

@@ -113,7 +113,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
         return out, lse
     metadata = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
                                kv_last_page_len, out, lse)
-    key = None if metadata is None else (metadata, sm_scale, causal, config)
+    key = None if metadata is None else (metadata, sm_scale, type(sm_scale), causal, type(causal), config)
     try:
         plan = _ONE_CALL.get(key)
     except TypeError:  # an unhashable argument: validation names it
