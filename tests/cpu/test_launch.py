@@ -126,8 +126,8 @@ def test_one_call_plans_follow_the_dispatch(monkeypatch) -> None:
     case.decode()
     key = next(iter(decode._ONE_CALL._by_key))
     assert decode._ONE_CALL.get(key) is not None
-    launch.forget_plans()
-    assert decode._ONE_CALL.get(key) is None, "forget_plans() empties the one-call caches"
+    dispatch.reload()
+    assert decode._ONE_CALL.get(key) is None, "reloading the dispatch tables empties the one-call caches"
     case.decode()
     monkeypatch.setenv("MLA_TUNER_GPU_KEY", "another-gpu")
     assert decode._ONE_CALL.get(key) is None, "so does a change of the environment that selects the tables"

@@ -65,6 +65,7 @@ from .config import (
 )
 from .derive import derive, fresh, tune_command
 from .device import GPUInfo, gpu_info
+from .launch import forget_plans
 from .loader import module_hash
 from .resources import fit_shared_memory
 from .spec import MLASpec
@@ -422,7 +423,9 @@ def prefill_config(spec: MLASpec, total_q: int, avg_kv_len: float, device: torch
 
 
 def reload() -> None:
-    """Forget the tables read and the warnings given (after writing a table; in tests)."""
+    """Forget the tables read, the warnings given and the one-call forms' plans, whose configs came from the
+    tables (after writing a table; in tests)."""
     _tables.cache_clear()
     _resolve.cache_clear()
     _warned.clear()
+    forget_plans()
