@@ -138,8 +138,8 @@ class Replay:
     """Recorded launches; ``replay(tensors)`` launches them with these tensors in the recorded places.
 
     On a GPU the compiled kernels' launchers are called directly, on the current stream of the device
-    the launches were recorded on (as a compiled kernel's ``[grid]`` runner does); where a launch hook is
-    set (a profiler) through that runner. A call returns False, launching nothing, when the current device
+    the launches were recorded on, with the launch hooks and their data (a profiler's) as a compiled
+    kernel's ``[grid]`` runner passes them. A call returns False, launching nothing, when the current device
     is not the recorded one (its kernels are loaded on the recorded device only).
     """
 
@@ -161,15 +161,14 @@ class Replay:
         device = self._current_device()
         if device != self.device:
             return False
-        hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        if hooks != (None, None):
-            for step in self.steps:
-                step.compiled[step.grid](*step.arguments(tensors))
-            return True
+        # What a compiled kernel's [grid] runner does, its device and stream lookups once per call, not per launch.
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         stream = self._current_stream(device)
         for step in self.steps:
+            args = step.arguments(tensors)
             x, y, z = step.grid
-            step.launcher(x, y, z, stream, step.function, step.metadata, None, None, None, *step.arguments(tensors))
+            hook_data = step.compiled.launch_metadata(step.grid, stream, *args)
+            step.launcher(x, y, z, stream, step.function, step.metadata, hook_data, enter, leave, *args)
         return True
 
 
