@@ -29,7 +29,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from triton import knobs
 
 from . import paths
 from .loader import load_module
@@ -113,17 +112,13 @@ class _Step:
     """One recorded launch: the compiled kernel, its (x, y, z) grid, the argument list with this call's
     tensors left out, and where they go (tensors directly, tensor descriptors over them)."""
 
-    __slots__ = ("compiled", "grid", "template", "tensors", "descriptors", "launcher", "function", "metadata")
+    __slots__ = ("compiled", "grid", "template", "tensors", "descriptors")
 
     def __init__(self, compiled: Any, grid: tuple[int, int, int], template: list[Any],
                  slots: list[tuple[int, int, bool]]) -> None:
         self.compiled, self.grid, self.template = compiled, grid, template
         self.tensors = [(pos, index) for pos, index, is_desc in slots if not is_desc]
         self.descriptors = [(pos, index) for pos, index, is_desc in slots if is_desc]
-        # A compiled kernel's own launcher (what its [grid] runner calls), where Triton made one.
-        self.launcher = getattr(compiled, "run", None)
-        self.function = getattr(compiled, "function", None)
-        self.metadata = getattr(compiled, "packed_metadata", None)
 
     def arguments(self, tensors: Sequence[torch.Tensor | None]) -> list[Any]:
         args = self.template.copy()
@@ -137,10 +132,9 @@ class _Step:
 class Replay:
     """Recorded launches; ``replay(tensors)`` launches them with these tensors in the recorded places.
 
-    On a GPU the compiled kernels' launchers are called directly, on the current stream of the device
-    the launches were recorded on, with the launch hooks and their data (a profiler's) as a compiled
-    kernel's ``[grid]`` runner passes them. A call returns False, launching nothing, when the current device
-    is not the recorded one (its kernels are loaded on the recorded device only).
+    On a GPU each compiled kernel is launched through its ``[grid]`` runner (the current stream, the launch
+    hooks), as Triton's JIT launches it once the kernel is resolved. A call returns False, launching
+    nothing, when the current device is not the recorded one (its kernels are loaded there only).
     """
 
     def __init__(self, steps: list[_Step], device: int | None) -> None:
@@ -151,24 +145,12 @@ class Replay:
 
             self._driver = driver.active
             self._current_device = self._driver.get_current_device
-            self._current_stream = self._driver.get_current_stream
 
     def __call__(self, tensors: Sequence[torch.Tensor | None]) -> bool:
-        if self._driver is None:  # the interpreter's stand-ins
-            for step in self.steps:
-                step.compiled[step.grid](*step.arguments(tensors))
-            return True
-        device = self._current_device()
-        if device != self.device:
+        if self._driver is not None and self._current_device() != self.device:
             return False
-        # What a compiled kernel's [grid] runner does, its device and stream lookups once per call, not per launch.
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        stream = self._current_stream(device)
         for step in self.steps:
-            args = step.arguments(tensors)
-            x, y, z = step.grid
-            hook_data = step.compiled.launch_metadata(step.grid, stream, *args)
-            step.launcher(x, y, z, stream, step.function, step.metadata, hook_data, enter, leave, *args)
+            step.compiled[step.grid](*step.arguments(tensors))
         return True
 
 
