@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -191,6 +192,43 @@ def poisoned_outputs(rows: int, heads: int, ckv: int, dtype: torch.dtype,
     out = torch.full((rows, heads, ckv), float("nan"), dtype=dtype, device=device)
     lse = torch.full((rows, heads), float("nan"), dtype=torch.float32, device=device)
     return out, lse
+
+
+def fresh(case: Case, seed: int) -> Case:
+    """The same layout with new queries and new cache values (new tensors, same metadata; NaN stays NaN)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        new = torch.randn(t.shape, generator=g).to(t.dtype)
+        return new.masked_fill(t.isnan(), float("nan"))
+
+    return case.with_query(seed).replace(ckv_cache=like(case.ckv_cache), kpe_cache=like(case.kpe_cache))
+
+
+def forbid(monkeypatch: Any, *targets: tuple[Any, str]) -> None:
+    """Make each (object, attribute) raise when called: a replayed call must not reach it."""
+    for obj, name in targets:
+        def boom(*args: Any, _name: str = name, **kwargs: Any) -> Any:
+            raise AssertionError(f"a replayed call reached {_name}")
+        monkeypatch.setattr(obj, name, boom)
+
+
+def count_runtime_allocations(monkeypatch: Any) -> list[str]:
+    """torch.empty calls made from tuner/runtime (their callers' function names), from now on."""
+    from tuner.runtime import loader
+
+    runtime = str(loader.__file__).rsplit("/", 1)[0]
+    calls: list[str] = []
+    real = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        frame = sys._getframe(1)
+        if frame.f_code.co_filename.startswith(runtime):
+            calls.append(frame.f_code.co_name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return calls
 
 
 def skewed_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:

@@ -12,47 +12,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import assert_matches, make_case, poisoned_outputs
+from helpers import assert_matches, count_runtime_allocations, forbid, fresh, make_case, poisoned_outputs
 
 import tuner
 from tuner.runtime import decode, dispatch, launch, loader, validate
 
 DTYPE = torch.float16
-RUNTIME = str(loader.__file__).rsplit("/", 1)[0]
-
-
-def fresh(case, seed: int):
-    """The same layout with new queries and new cache values (new tensors, same metadata)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def like(t: torch.Tensor) -> torch.Tensor:
-        new = torch.randn(t.shape, generator=g).to(t.dtype)
-        return new.masked_fill(t.isnan(), float("nan"))
-
-    return case.with_query(seed).replace(ckv_cache=like(case.ckv_cache), kpe_cache=like(case.kpe_cache))
-
-
-def forbid(monkeypatch, *targets) -> None:
-    """Make each (object, attribute) raise when called: the replay must not reach it."""
-    for obj, name in targets:
-        def boom(*args, _name=name, **kwargs):
-            raise AssertionError(f"a replayed call reached {_name}")
-        monkeypatch.setattr(obj, name, boom)
-
-
-def count_runtime_allocations(monkeypatch) -> list[str]:
-    """torch.empty calls made from tuner/runtime (their callers' function names)."""
-    calls: list[str] = []
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        frame = sys._getframe(1)
-        if frame.f_code.co_filename.startswith(RUNTIME):
-            calls.append(frame.f_code.co_name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "empty", empty)
-    return calls
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -100,3 +100,61 @@ def test_ops_directly() -> None:
                           (dec.q_nope, dec.q_pe, dec.ckv_cache, dec.kpe_cache, dec.kv_indptr, dec.kv_indices,
                            dec.sm_scale, dec.kv_last_page_len),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# --- decode with several queries per request (queries [B, s_q, H, *]) ---
+
+def speculative_case():
+    return make_case(16, [2, 40, 17], [2, 2, 2], page_size=16, dtype=DTYPE, seed=13)
+
+
+def four_d(case, q_nope=None, q_pe=None):
+    """(q_nope, q_pe) of a case of 2 queries per request as [B, 2, H, *]."""
+    q_nope, q_pe = case.q_nope if q_nope is None else q_nope, case.q_pe if q_pe is None else q_pe
+    return q_nope.unflatten(0, (-1, 2)), q_pe.unflatten(0, (-1, 2))
+
+
+def test_speculative_decode_traces_under_fake_tensors() -> None:
+    case = speculative_case()
+    plan = case.plan_decode(q_len=2)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = fake_copy(mode, case)
+        q_nope, q_pe = four_d(fake)
+        args = (fake.ckv_cache, fake.kpe_cache, fake.kv_indptr, fake.kv_indices, fake.sm_scale, fake.kv_last_page_len)
+        out, lse = tuner.mla_decode(q_nope, q_pe, *args)
+        assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((3, 2, 16, 512), DTYPE, (3, 2, 16), torch.float32)
+        given = (q_nope.new_empty(3, 2, 16, 512), q_nope.new_empty(3, 2, 16, dtype=torch.float32))
+        out, lse = tuner.mla_decode(q_nope, q_pe, *args, out=given[0], lse=given[1])
+        assert out is given[0] and lse is given[1]
+        out, lse = plan.run(q_nope, q_pe, fake.ckv_cache, fake.kpe_cache)
+        assert (out.shape, lse.shape) == ((3, 2, 16, 512), (3, 2, 16))
+        with pytest.raises(ValueError, match=r"^q_nope: expected 4 dimensions \[B, s_q, H, ckv\] \(the plan's q_len"):
+            plan.run(fake.q_nope, fake.q_pe, fake.ckv_cache, fake.kpe_cache)
+        with pytest.raises(ValueError, match=r"^q_pe: expected shape \(3, 2, 16, \*\)"):
+            tuner.mla_decode(q_nope, q_pe[:2], *args)
+    torch.library.opcheck(torch.ops.mla_tuner.decode.default,
+                          (*four_d(case), case.ckv_cache, case.kpe_cache, case.kv_indptr, case.kv_indices,
+                           case.sm_scale, case.kv_last_page_len), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_speculative_decode_compiles_without_graph_breaks() -> None:
+    case = speculative_case()
+    plan = case.plan_decode(q_len=2)
+
+    def model(q_nope, q_pe, ckv, kpe):
+        q_nope, q_pe = four_d(case, q_nope, q_pe)
+        o1, l1 = tuner.mla_decode(q_nope, q_pe, ckv, kpe, case.kv_indptr, case.kv_indices, case.sm_scale,
+                                  case.kv_last_page_len)
+        o2, l2 = plan.run(q_nope, q_pe, ckv, kpe)
+        return o1.flatten(0, 1) * 2, l1.flatten(0, 1), o2.flatten(0, 1), l2.flatten(0, 1)
+
+    args = case.queries()
+    explained = torch._dynamo.explain(model)(*args)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    o1, l1, o2, l2 = compiled(*args)
+    ref_out, ref_lse = case.prefill_ref()
+    assert_matches(o1 / 2, l1, ref_out, ref_lse)
+    assert_matches(o2, l2, ref_out, ref_lse)

@@ -11,6 +11,9 @@ dtypes without touching data.
 tensor subclasses (fake tensors): a model calls the same API in eager mode, under ``FakeTensorMode`` and
 under ``torch.compile(fullgraph=True)``, with no graph break. In eager mode they do not go through the
 dispatcher (that would add host time); the ops' real implementations call the eager API.
+
+The decode ops take the 4-D queries [B, s_q, H, *] of speculative decoding too (``tuner.runtime.mtp``): their
+fakes give out [B, s_q, H, ckv] and lse [B, s_q, H], and ``decode_run`` serves plans of any q_len.
 """
 
 from __future__ import annotations
@@ -79,9 +82,10 @@ def missing_outputs(q_nope: torch.Tensor, out: torch.Tensor | None,
     return out, lse
 
 
-def _empty_outputs(rows: int, spec: Any, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (q_nope.new_empty(rows, spec.num_heads, spec.head_dim_ckv),
-            q_nope.new_empty(rows, spec.num_heads, dtype=torch.float32))
+def _empty_outputs(rows: tuple[int, ...], spec: Any, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [*rows, H, ckv] and lse [*rows, H]: ``rows`` (B,) or (total_q,), or (B, s_q) for 4-D queries."""
+    return (q_nope.new_empty(*rows, spec.num_heads, spec.head_dim_ckv),
+            q_nope.new_empty(*rows, spec.num_heads, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def _(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale, kv_la
 
     spec = _check_call(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                        None, None)
-    return _empty_outputs(q_nope.shape[0], spec, q_nope)
+    return _empty_outputs(q_nope.shape[:-2], spec, q_nope)  # (B,) or, for queries [B, s_q, H, ckv], (B, s_q)
 
 
 @torch.library.custom_op("mla_tuner::decode_out", mutates_args=("out", "lse"))
@@ -139,7 +143,7 @@ def decode_run(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache:
 def _(handle, q_nope, q_pe, ckv_cache, kpe_cache):
     plan = planned(handle)
     plan.check_run(q_nope, q_pe, ckv_cache, kpe_cache, None, None)
-    return _empty_outputs(plan.batch, plan.spec, q_nope)
+    return _empty_outputs(q_nope.shape[:-2], plan.spec, q_nope)
 
 
 @torch.library.custom_op("mla_tuner::decode_run_out", mutates_args=("out", "lse"))
@@ -175,7 +179,7 @@ def _(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, sm_s
 
     spec = _check_call(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                        sm_scale, causal, None, None)
-    return _empty_outputs(q_nope.shape[0], spec, q_nope)
+    return _empty_outputs(q_nope.shape[:1], spec, q_nope)
 
 
 @torch.library.custom_op("mla_tuner::prefill_out", mutates_args=("out", "lse"))
@@ -209,7 +213,7 @@ def prefill_run(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache
 def _(handle, q_nope, q_pe, ckv_cache, kpe_cache):
     plan = planned(handle)
     plan.check_run(q_nope, q_pe, ckv_cache, kpe_cache, None, None)
-    return _empty_outputs(plan.total_q, plan.spec, q_nope)
+    return _empty_outputs((plan.total_q,), plan.spec, q_nope)
 
 
 @torch.library.custom_op("mla_tuner::prefill_run_out", mutates_args=("out", "lse"))

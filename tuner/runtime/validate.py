@@ -151,12 +151,15 @@ def check_indices(batch: int, kv_indptr: object, kv_indices: object, kv_last_pag
         check_tensor("qo_indptr", qo_indptr, (batch + 1,), (INDEX_DTYPE,), device)
 
 
-def check_outputs(rows: int, spec: MLASpec, dtype: torch.dtype, device: torch.device,
+def check_outputs(rows: int | tuple[int, ...], spec: MLASpec, dtype: torch.dtype, device: torch.device,
                   out: object, lse: object) -> None:
+    """out [*rows, H, ckv] in ``dtype`` and lse [*rows, H] float32 (``rows``: an int, or the leading
+    dimensions, e.g. (B, s_q) for queries [B, s_q, H, *])."""
+    lead = tuple(rows) if isinstance(rows, tuple) else (rows,)  # an int or a SymInt (tracing), or a tuple
     if out is not None:
-        check_tensor("out", out, (rows, spec.num_heads, spec.head_dim_ckv), (dtype,), device)
+        check_tensor("out", out, (*lead, spec.num_heads, spec.head_dim_ckv), (dtype,), device)
     if lse is not None:
-        check_tensor("lse", lse, (rows, spec.num_heads), (torch.float32,), device)
+        check_tensor("lse", lse, (*lead, spec.num_heads), (torch.float32,), device)
 
 
 def check_total_q(qo_last: int, rows: int) -> None:
@@ -209,13 +212,15 @@ def _to_host(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None
 
 def check_host_data(spec: MLASpec, num_pages: int | None, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                     kv_last_page_len: torch.Tensor | None, qo_indptr: torch.Tensor | None = None,
-                    total_q: int | None = None) -> HostIndexData:
+                    total_q: int | None = None, s_q: int = 1) -> HostIndexData:
     """The checks that need the index data on the host (copies it: one device sync).
 
     kv_indptr and qo_indptr start at 0 and never decrease, kv_indptr[-1] <= len(kv_indices), page ids
     >= 0 and, where ``num_pages`` is known, < num_pages; kv_last_page_len in [1, page_size] for
     sequences with pages; with qo_indptr, kv_len >= q_len and, where ``total_q`` (the rows of q_nope)
-    is known, qo_indptr[-1] == total_q. Returns what ``plan()`` keeps (:class:`HostIndexData`).
+    is known, qo_indptr[-1] == total_q; with ``s_q`` > 1 (decode of s_q queries per request, whose
+    queries are its last s_q tokens), kv_len >= s_q for every request. Returns what ``plan()`` keeps
+    (:class:`HostIndexData`).
     """
     indptr, ids_all, last, qo = _to_host([kv_indptr, kv_indices, kv_last_page_len, qo_indptr])
     assert indptr is not None and ids_all is not None
@@ -237,6 +242,13 @@ def check_host_data(spec: MLASpec, num_pages: int | None, kv_indptr: torch.Tenso
             raise ValueError(f"kv_last_page_len: expected values in [1, {spec.page_size}] for sequences with "
                              f"pages, found {int(last[b])} at sequence {b}")
     kv_len = kv_lengths(indptr, spec.page_size, last)
+    if s_q > 1:
+        bad = kv_len < s_q
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise ValueError(f"kv_indptr: expected kv_len >= s_q = {s_q} for every sequence (its {s_q} queries are "
+                             f"its last {s_q} tokens), found kv_len {int(kv_len[b])} at sequence {b} (kv_len from "
+                             "kv_indptr and kv_last_page_len)")
     qo_last = None
     if qo is not None:
         _check_indptr("qo_indptr", qo, None)
