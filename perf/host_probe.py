@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tuner.bench.flashmla import FlashMLAPeer
 from tuner.bench.ours import OursFunctional, OursPlanRun
 from tuner.bench.peers import FlashInferPeer
 from tuner.harness.inputs import benchmark_set, make_inputs
@@ -42,28 +43,6 @@ def per_call_us(fn, calls: int = CALLS) -> tuple[float, float]:
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     return (t2 - t0) / calls * 1e6, (t1 - t0) / calls * 1e6
-
-
-def flash_mla_call(w, inp):
-    """FlashMLA's legacy Hopper decode on its own 576-wide cache built from ours (page size 64 only)."""
-    import flash_mla
-
-    kv = torch.cat([inp.ckv_cache, inp.kpe_cache], dim=-1).unsqueeze(2).contiguous()
-    q = torch.cat([inp.q_nope, inp.q_pe], dim=-1).unsqueeze(1).contiguous()
-    batch = w.batch
-    pages = [(n + 63) // 64 for n in w.kv_lens]
-    table = torch.zeros(batch, max(pages), dtype=torch.int32, device=q.device)
-    indptr = inp.kv_indptr.cpu().tolist()
-    for b in range(batch):
-        table[b, : pages[b]] = inp.kv_indices[indptr[b]:indptr[b + 1]]
-    seqlens = torch.tensor(w.kv_lens, dtype=torch.int32, device=q.device)
-    meta = flash_mla.get_mla_metadata()[0]
-
-    def call():
-        return flash_mla.flash_mla_with_kvcache(q, kv, table, seqlens, 512, meta, softmax_scale=inp.sm_scale,
-                                                causal=False, use_legacy=True)
-
-    return call
 
 
 def profile(fn, path: Path, calls: int = 200) -> str:
@@ -89,7 +68,7 @@ def main(argv: list[str]) -> None:
     rows = {w.name: w for w in benchmark_set()}
     names = argv or ROWS
     device = torch.device("cuda")
-    fa3 = FlashInferPeer("fa3")
+    fa3, flashmla = FlashInferPeer("fa3"), FlashMLAPeer()
     have_fa3 = fa3.unavailable(device, torch.bfloat16) is None
     table = []
     for i, name in enumerate(names):
@@ -105,12 +84,11 @@ def main(argv: list[str]) -> None:
             call = fa3.prepare(w, inp, 64).call
             line["fa3"] = per_call_us(call)[0]
             line["fa3_graph"] = time_call(call, device=device).median_us
-        if w.q_lens is None:
-            try:
-                call = flash_mla_call(w, inp)
-                line["flashmla"] = per_call_us(call)[0]
-            except Exception as err:  # noqa: BLE001
-                print(f"{name}: FlashMLA unavailable ({type(err).__name__}: {err})")
+        why = flashmla.unavailable(device, torch.bfloat16) or flashmla.not_applicable(w, 64)
+        if why:
+            print(f"{name}: no FlashMLA ({why})")
+        else:
+            line["flashmla"] = per_call_us(flashmla.prepare(w, inp, 64).call)[0]
         table.append(line)
         if i < 2 or name.startswith("p-1"):
             profile(run, out / f"host_profile_{name}_run.txt")

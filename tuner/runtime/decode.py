@@ -315,11 +315,7 @@ class MLADecode:
         ``ckv_cache.shape[0]`` (ValueError naming kv_indices).
         """
         if ops.routed(q_nope):
-            if out is None and lse is None:
-                return torch.ops.mla_tuner.decode_run(self.handle, q_nope, q_pe, ckv_cache, kpe_cache)
-            out, lse = ops.missing_outputs(q_nope, out, lse)
-            torch.ops.mla_tuner.decode_run_out(self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
-            return out, lse
+            return ops.run_planned("decode", self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
         key = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
         plan = self._plan
         if plan is None or plan.launches.get(key) is None:

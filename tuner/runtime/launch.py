@@ -91,14 +91,9 @@ class _Interpreted:
         return lambda *args: self.kernel[grid](**dict(zip(names, args, strict=True)), **self.options)
 
 
-def _without_base(desc: Any) -> Any:
-    desc = copy.copy(desc)
-    object.__setattr__(desc, "base", None)
-    return desc
-
-
-def _with_base(template: Any, base: torch.Tensor) -> Any:
-    """A copy of a recorded tensor descriptor over ``base`` (no validation: the metadata is the recorded one)."""
+def _with_base(template: Any, base: torch.Tensor | None) -> Any:
+    """A copy of a recorded tensor descriptor over ``base`` (no validation: the metadata is the recorded one;
+    None: a template that holds no reference to the recorded call's tensor)."""
     desc = object.__new__(type(template))
     if hasattr(template, "__dict__"):
         desc.__dict__.update(template.__dict__)
@@ -185,7 +180,7 @@ def record(launch: Callable[[], None], tensors: Sequence[torch.Tensor | None]) -
                 return None  # a tensor of launch()'s own: a replay would pass it stale
             slots.append((pos, places[id(base)], is_desc))
             # hold no reference to this call's tensors
-            template[pos] = _without_base(arg) if is_desc else None
+            template[pos] = _with_base(arg, None) if is_desc else None
         interpreted = compiled is None
         if interpreted:
             compiled = _Interpreted(kernel, {k: v for k, v in kwargs.items() if k not in signature.parameters})

@@ -132,31 +132,6 @@ def _(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale, kv_la
     _check_call(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale, out, lse)
 
 
-@torch.library.custom_op("mla_tuner::decode_run", mutates_args=())
-def decode_run(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
-               kpe_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = planned(handle).run(q_nope, q_pe, ckv_cache, kpe_cache)
-    return out, lse
-
-
-@decode_run.register_fake
-def _(handle, q_nope, q_pe, ckv_cache, kpe_cache):
-    plan = planned(handle)
-    plan.check_run(q_nope, q_pe, ckv_cache, kpe_cache, None, None)
-    return _empty_outputs(q_nope.shape[:-2], plan.spec, q_nope)
-
-
-@torch.library.custom_op("mla_tuner::decode_run_out", mutates_args=("out", "lse"))
-def decode_run_out(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
-                   kpe_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    planned(handle).run(q_nope, q_pe, ckv_cache, kpe_cache, out=out, lse=lse)
-
-
-@decode_run_out.register_fake
-def _(handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse):
-    planned(handle).check_run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Prefill
 
@@ -202,30 +177,57 @@ def _(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, sm_s
                 causal, out, lse)
 
 
-@torch.library.custom_op("mla_tuner::prefill_run", mutates_args=())
-def prefill_run(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
-                kpe_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = planned(handle).run(q_nope, q_pe, ckv_cache, kpe_cache)
+# ---------------------------------------------------------------------------------------------------
+# Plan/run: the same pair of ops for MLADecode and MLAPrefill, each plan named by its handle
+
+
+def _register_run_ops(kind: str) -> tuple[Any, Any]:
+    """``mla_tuner::{kind}_run`` (new outputs) and ``{kind}_run_out`` (given out and lse) for a planned
+    MLADecode (``kind`` "decode") or MLAPrefill ("prefill")."""
+
+    @torch.library.custom_op(f"mla_tuner::{kind}_run", mutates_args=())
+    def run(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+            kpe_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = planned(handle).run(q_nope, q_pe, ckv_cache, kpe_cache)
+        return out, lse
+
+    @run.register_fake
+    def _(handle, q_nope, q_pe, ckv_cache, kpe_cache):
+        plan = planned(handle)
+        plan.check_run(q_nope, q_pe, ckv_cache, kpe_cache, None, None)
+        # checked: the query rows (decode [B] or [B, s_q], prefill [total_q]) are the outputs' rows
+        return _empty_outputs(q_nope.shape[:-2], plan.spec, q_nope)
+
+    @torch.library.custom_op(f"mla_tuner::{kind}_run_out", mutates_args=("out", "lse"))
+    def run_out(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                kpe_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+        planned(handle).run(q_nope, q_pe, ckv_cache, kpe_cache, out=out, lse=lse)
+
+    @run_out.register_fake
+    def _(handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse):
+        planned(handle).check_run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
+
+    return run, run_out
+
+
+decode_run, decode_run_out = _register_run_ops("decode")
+prefill_run, prefill_run_out = _register_run_ops("prefill")
+_RUN_OPS = {"decode": (torch.ops.mla_tuner.decode_run, torch.ops.mla_tuner.decode_run_out),
+            "prefill": (torch.ops.mla_tuner.prefill_run, torch.ops.mla_tuner.prefill_run_out)}
+
+
+def run_planned(kind: str, handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                kpe_cache: torch.Tensor, out: torch.Tensor | None,
+                lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A planned run() through the ops (``kind`` "decode" or "prefill"): new outputs, or out and lse (the
+    one not given allocated like the other)."""
+    run, run_out = _RUN_OPS[kind]
+    if out is None and lse is None:
+        return run(handle, q_nope, q_pe, ckv_cache, kpe_cache)
+    out, lse = missing_outputs(q_nope, out, lse)
+    run_out(handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
     return out, lse
 
 
-@prefill_run.register_fake
-def _(handle, q_nope, q_pe, ckv_cache, kpe_cache):
-    plan = planned(handle)
-    plan.check_run(q_nope, q_pe, ckv_cache, kpe_cache, None, None)
-    return _empty_outputs((plan.total_q,), plan.spec, q_nope)
-
-
-@torch.library.custom_op("mla_tuner::prefill_run_out", mutates_args=("out", "lse"))
-def prefill_run_out(handle: int, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
-                    kpe_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    planned(handle).run(q_nope, q_pe, ckv_cache, kpe_cache, out=out, lse=lse)
-
-
-@prefill_run_out.register_fake
-def _(handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse):
-    planned(handle).check_run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
-
-
 __all__ = ["config_text", "decode", "decode_out", "decode_run", "decode_run_out", "missing_outputs", "planned",
-           "prefill", "prefill_out", "prefill_run", "prefill_run_out", "register", "routed"]
+           "prefill", "prefill_out", "prefill_run", "prefill_run_out", "register", "routed", "run_planned"]

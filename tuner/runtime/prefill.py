@@ -214,11 +214,7 @@ class MLAPrefill:
         kv_indices).
         """
         if ops.routed(q_nope):
-            if out is None and lse is None:
-                return torch.ops.mla_tuner.prefill_run(self.handle, q_nope, q_pe, ckv_cache, kpe_cache)
-            out, lse = ops.missing_outputs(q_nope, out, lse)
-            torch.ops.mla_tuner.prefill_run_out(self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
-            return out, lse
+            return ops.run_planned("prefill", self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
         key = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
         plan = self._plan
         if plan is None or plan.launches.get(key) is None:
