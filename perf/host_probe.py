@@ -25,6 +25,7 @@ from tuner.bench.ours import OursFunctional, OursPlanRun
 from tuner.bench.peers import FlashInferPeer
 from tuner.harness.inputs import benchmark_set, make_inputs
 from tuner.harness.timing import time_call
+from tuner.runtime.launch import Replay
 
 ROWS = ["d-b1-1k", "d-b32-4k", "d-b128-2k", "d-h128-b32-4k", "p-1x4k", "p-28-fresh"]
 CALLS = 300
@@ -80,6 +81,10 @@ def main(argv: list[str]) -> None:
         line = {"row": name, "graph": graph}
         line["run"], line["run_host"] = per_call_us(run)
         line["one"], line["one_host"] = per_call_us(one)
+        Replay.direct = False  # A/B: each compiled kernel's [grid] runner instead of its launcher
+        line["run_runner"], line["run_runner_host"] = per_call_us(run)
+        line["one_runner"], line["one_runner_host"] = per_call_us(one)
+        Replay.direct = True
         if have_fa3:
             call = fa3.prepare(w, inp, 64).call
             line["fa3"] = per_call_us(call)[0]
@@ -94,7 +99,8 @@ def main(argv: list[str]) -> None:
             profile(run, out / f"host_profile_{name}_run.txt")
             profile(one, out / f"host_profile_{name}_one.txt")
         print(line, flush=True)
-    cols = ["graph", "run", "run_host", "one", "one_host", "fa3", "fa3_graph", "flashmla"]
+    cols = ["graph", "run", "run_host", "run_runner", "run_runner_host", "one", "one_host", "one_runner",
+            "one_runner_host", "fa3", "fa3_graph", "flashmla"]
     print("\n| row | " + " | ".join(cols) + " |")
     for line in table:
         cells = [f"{line[c]:.1f}" if c in line else "-" for c in cols]

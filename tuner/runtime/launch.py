@@ -107,13 +107,17 @@ class _Step:
     """One recorded launch: the compiled kernel, its (x, y, z) grid, the argument list with this call's
     tensors left out, and where they go (tensors directly, tensor descriptors over them)."""
 
-    __slots__ = ("compiled", "grid", "template", "tensors", "descriptors")
+    __slots__ = ("compiled", "grid", "template", "tensors", "descriptors", "launcher", "function", "metadata")
 
     def __init__(self, compiled: Any, grid: tuple[int, int, int], template: list[Any],
                  slots: list[tuple[int, int, bool]]) -> None:
         self.compiled, self.grid, self.template = compiled, grid, template
         self.tensors = [(pos, index) for pos, index, is_desc in slots if not is_desc]
         self.descriptors = [(pos, index) for pos, index, is_desc in slots if is_desc]
+        # A compiled kernel's own launcher (what its [grid] runner calls), where Triton made one.
+        self.launcher = getattr(compiled, "run", None)
+        self.function = getattr(compiled, "function", None)
+        self.metadata = getattr(compiled, "packed_metadata", None)
 
     def arguments(self, tensors: Sequence[torch.Tensor | None]) -> list[Any]:
         args = self.template.copy()
@@ -132,6 +136,11 @@ class Replay:
     nothing, when the current device is not the recorded one (its kernels are loaded there only).
     """
 
+    direct = True
+    """Call the compiled kernels' launchers directly (one device and stream lookup per call, not per launch;
+    the launch hooks and their data passed as the ``[grid]`` runner passes them) instead of the runners.
+    False: the runners (``perf/host_probe.py`` times both)."""
+
     def __init__(self, steps: list[_Step], device: int | None) -> None:
         self.steps, self.device = steps, device
         self._driver = None
@@ -140,12 +149,29 @@ class Replay:
 
             self._driver = driver.active
             self._current_device = self._driver.get_current_device
+            self._current_stream = self._driver.get_current_stream
 
     def __call__(self, tensors: Sequence[torch.Tensor | None]) -> bool:
-        if self._driver is not None and self._current_device() != self.device:
+        if self._driver is None:  # the interpreter's stand-ins
+            for step in self.steps:
+                step.compiled[step.grid](*step.arguments(tensors))
+            return True
+        device = self._current_device()
+        if device != self.device:
             return False
+        if not self.direct or self.steps[0].launcher is None:
+            for step in self.steps:
+                step.compiled[step.grid](*step.arguments(tensors))
+            return True
+        from triton import knobs
+
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        stream = self._current_stream(device)
         for step in self.steps:
-            step.compiled[step.grid](*step.arguments(tensors))
+            args = step.arguments(tensors)
+            x, y, z = step.grid
+            hook_data = step.compiled.launch_metadata(step.grid, stream, *args)
+            step.launcher(x, y, z, stream, step.function, step.metadata, hook_data, enter, leave, *args)
         return True
 
 
