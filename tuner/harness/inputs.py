@@ -15,6 +15,8 @@ from tuner.runtime.spec import MLASpec
 
 SM_SCALE = 1.0 / math.sqrt(128 + 64)  # DeepSeek: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
 MAX_SPECULATIVE_QUERIES = 8  # draft tokens per request that still count as speculative decoding
+FP8 = torch.float8_e4m3fn  # the quantized cache's dtype
+FP8_MAX = float(torch.finfo(FP8).max)  # 448: a per-tensor scale of amax / 448 uses the whole fp8 range
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,10 @@ class Workload:
             return sum(q * kv for q, kv in zip(self.q_lens, self.kv_lens, strict=True))
         return sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(self.q_lens, self.kv_lens, strict=True))
 
-    def bytes_moved(self, itemsize: int = 2) -> int:
-        """Each KV token read once, plus q, output (input dtype) and lse (float32)."""
-        kv = sum(self.kv_lens) * (self.head_dim_ckv + self.head_dim_kpe) * itemsize
+    def bytes_moved(self, itemsize: int = 2, kv_itemsize: int | None = None) -> int:
+        """Each KV token read once (``kv_itemsize`` bytes an element: 1 for an fp8 cache; default
+        ``itemsize``), plus q, output (``itemsize``: the input dtype) and lse (float32)."""
+        kv = sum(self.kv_lens) * (self.head_dim_ckv + self.head_dim_kpe) * (kv_itemsize or itemsize)
         q = self.total_q * self.heads * (self.head_dim_ckv + self.head_dim_kpe) * itemsize
         o = self.total_q * self.heads * (self.head_dim_ckv * itemsize + 4)
         return kv + q + o
@@ -182,6 +185,8 @@ class Inputs:
 
     In the fused layout (``make_inputs(..., fused=True)``) ``ckv_cache`` and ``kpe_cache`` are the column
     views ``kv_cache[..., :ckv]`` and ``kv_cache[..., ckv:]`` of one cache, as FlashMLA and SGLang keep it.
+    An fp8 cache (``make_inputs(..., kv_dtype=FP8)``) comes with its per-tensor scales ``ckv_scale`` and
+    ``kpe_scale`` (Python floats: a cached value is ``fp8 * scale``; None for a 16-bit cache).
     """
 
     q_nope: torch.Tensor
@@ -195,16 +200,45 @@ class Inputs:
     sm_scale: float = SM_SCALE
     extra: dict[str, object] = field(default_factory=dict)
     kv_cache: torch.Tensor | None = None  # fused layout: [num_pages, page_size, ckv + kpe], the two caches' base
+    ckv_scale: float | None = None  # fp8 cache: the per-tensor scales (equal in the fused layout)
+    kpe_scale: float | None = None
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """``{"ckv_scale": .., "kpe_scale": ..}`` for an fp8 cache, ``{}`` for a 16-bit one: the keyword
+        arguments that the runtime and the reference take."""
+        if self.ckv_scale is None or self.kpe_scale is None:
+            return {}
+        return {"ckv_scale": self.ckv_scale, "kpe_scale": self.kpe_scale}
+
+
+def fp8_scale(*tensors: torch.Tensor) -> float:
+    """The per-tensor scale that maps the largest magnitude of ``tensors`` onto fp8's largest value
+    (amax / 448), as a float32 value; 1.0 when they are empty or all zero."""
+    amax = max((t.float().abs().amax() for t in tensors if t.numel()), default=torch.tensor(0.0))
+    return float(amax / FP8_MAX) if float(amax) > 0 else 1.0
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x / scale`` in float8_e4m3fn (clamped to its range): dequantized, ``fp8 * scale`` is ``x`` rounded."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16,
                 device: torch.device | str = "cpu", seed: int = 0, spare_pages: int = 0,
-                poison_unused: bool = True, fused: bool = False) -> Inputs:
+                poison_unused: bool = True, fused: bool = False, kv_dtype: torch.dtype | None = None) -> Inputs:
     """Random inputs for ``w``: page ids a random permutation of the cache's pages, unused slots of
     partial last pages filled with NaN (``poison_unused``) so that a leak shows.
 
     ``fused``: one [num_pages, page_size, ckv + kpe] cache (``Inputs.kv_cache``) of which the two caches
-    are column views; the values are the same as without it."""
+    are column views; the values are the same as without it.
+
+    ``kv_dtype``: None (the caches in ``dtype``) or float8_e4m3fn: the same ``dtype`` values (the same
+    random draws) quantized with per-tensor scales of amax / 448 (``Inputs.ckv_scale``, ``kpe_scale``),
+    one per cache, or one for both in the fused layout (one fp8 tensor has one scale: FlashMLA's single
+    ``descale_k``); the queries stay in ``dtype``."""
+    if kv_dtype not in (None, dtype, FP8):
+        raise ValueError(f"kv_dtype: expected None or {FP8}, found {kv_dtype}")
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     pages = [-(-n // page_size) for n in w.kv_lens]
@@ -219,6 +253,11 @@ def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16
 
     ckv = randn(num_pages, page_size, w.head_dim_ckv)
     kpe = randn(num_pages, page_size, w.head_dim_kpe)
+    scales: dict[str, float] = {}
+    if kv_dtype == FP8:  # scales from the values before the NaN poisoning (which fp8 e4m3fn can hold)
+        ckv_scale, kpe_scale = (fp8_scale(ckv, kpe),) * 2 if fused else (fp8_scale(ckv), fp8_scale(kpe))
+        ckv, kpe = quantize_fp8(ckv, ckv_scale), quantize_fp8(kpe, kpe_scale)
+        scales = {"ckv_scale": ckv_scale, "kpe_scale": kpe_scale}
     if poison_unused and page_size > 1:
         for b, n in enumerate(w.kv_lens):
             if n % page_size:
@@ -236,4 +275,5 @@ def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16
         kv = torch.cat([ckv, kpe], dim=-1).to(device)
         ckv, kpe = kv[..., : w.head_dim_ckv], kv[..., w.head_dim_ckv:]
     return Inputs(q_nope.to(device), q_pe.to(device), ckv.to(device), kpe.to(device), indptr.to(device),
-                  perm.to(device), last.to(device), None if qo is None else qo.to(device), kv_cache=kv)
+                  perm.to(device), last.to(device), None if qo is None else qo.to(device), kv_cache=kv,
+                  **scales)
