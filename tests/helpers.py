@@ -19,7 +19,7 @@ import torch
 
 import tuner
 from tuner.harness.check import TOLERANCES, Tolerance, check  # noqa: F401  (TOLERANCES: for the tests)
-from tuner.harness.inputs import Inputs
+from tuner.harness.inputs import FP8_MAX, Inputs, quantize_fp8
 from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
 
 Outputs = tuple[torch.Tensor, torch.Tensor]
@@ -71,38 +71,65 @@ class Case(Inputs):
         return replace(self, q_nope=_randn(self.q_nope.shape, self.q_nope.dtype, g, self.q_nope.device),
                        q_pe=_randn(self.q_pe.shape, self.q_pe.dtype, g, self.q_pe.device))
 
+    @property
+    def kv_dtype(self) -> dict[str, torch.dtype]:
+        """``{"kv_dtype": float8_e4m3fn}`` for an fp8 cache (plan()'s keyword), ``{}`` for a 16-bit one."""
+        return {"kv_dtype": self.ckv_cache.dtype} if self.ckv_cache.dtype == torch.float8_e4m3fn else {}
+
     def decode(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return tuner.mla_decode(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.kv_indptr,
-                                self.kv_indices, self.sm_scale, self.kv_last_page_len, **kwargs)
+                                self.kv_indices, self.sm_scale, self.kv_last_page_len, **{**self.scales, **kwargs})
 
     def prefill(self, causal: bool = True, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.qo_indptr is not None, "a decode case has no qo_indptr"
         return tuner.mla_prefill(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.qo_indptr,
                                  self.kv_indptr, self.kv_indices, self.sm_scale, self.kv_last_page_len,
-                                 causal=causal, **kwargs)
+                                 causal=causal, **{**self.scales, **kwargs})
 
     def decode_ref(self) -> tuple[torch.Tensor, torch.Tensor]:
         return mla_decode_ref(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.kv_indptr,
-                              self.kv_indices, self.sm_scale, self.kv_last_page_len)
+                              self.kv_indices, self.sm_scale, self.kv_last_page_len, **self.scales)
 
     def prefill_ref(self, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.qo_indptr is not None, "a decode case has no qo_indptr"
         return mla_prefill_ref(self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.qo_indptr,
                                self.kv_indptr, self.kv_indices, self.sm_scale, self.kv_last_page_len,
-                               causal=causal)
+                               causal=causal, **self.scales)
 
     def plan_decode(self, **kwargs: Any) -> tuner.MLADecode:
         return tuner.MLADecode().plan(
             self.kv_indptr, self.kv_indices, self.kv_last_page_len, num_heads=self.num_heads,
             page_size=self.page_size, sm_scale=self.sm_scale, num_pages=self.ckv_cache.shape[0],
-            **self.head_dims, **kwargs)
+            **self.head_dims, **{**self.kv_dtype, **kwargs})
 
     def plan_prefill(self, causal: bool = True, **kwargs: Any) -> tuner.MLAPrefill:
         assert self.qo_indptr is not None, "a decode case has no qo_indptr"
         return tuner.MLAPrefill().plan(
             self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len,
             num_heads=self.num_heads, page_size=self.page_size, sm_scale=self.sm_scale, causal=causal,
-            num_pages=self.ckv_cache.shape[0], **self.head_dims, **kwargs)
+            num_pages=self.ckv_cache.shape[0], **self.head_dims, **{**self.kv_dtype, **kwargs})
+
+    def quantized(self, ckv_scale: float | None = None, kpe_scale: float | None = None) -> Case:
+        """The same batch over an fp8 (float8_e4m3fn) cache: each cache divided by its per-tensor scale
+        (default: its largest finite magnitude / 448) and rounded to fp8; NaN slots stay NaN. The
+        reference then reads the dequantized cache, ``fp8 * scale``. A fused cache (two column views of one
+        tensor) stays fused: one fp8 tensor, one scale for both."""
+        def scale_of(*caches: torch.Tensor) -> float:
+            amax = max(float(torch.nan_to_num(c.float(), nan=0.0).abs().max()) for c in caches)
+            return amax / FP8_MAX if amax > 0 else 1.0
+
+        ckv, kpe = self.ckv_cache, self.kpe_cache
+        if ckv.untyped_storage().data_ptr() == kpe.untyped_storage().data_ptr():  # fused views
+            base = ckv.as_strided((ckv.shape[0], ckv.shape[1], ckv.stride(1)), ckv.stride(), ckv.storage_offset())
+            scale = ckv_scale or scale_of(ckv, kpe)
+            base8 = quantize_fp8(base, scale)
+            width = ckv.shape[2]
+            return replace(self, ckv_cache=base8[..., :width], kpe_cache=base8[..., width:], ckv_scale=scale,
+                           kpe_scale=scale)
+        ckv_scale = ckv_scale or scale_of(ckv)
+        kpe_scale = kpe_scale or scale_of(kpe)
+        return replace(self, ckv_cache=quantize_fp8(ckv, ckv_scale), kpe_cache=quantize_fp8(kpe, kpe_scale),
+                       ckv_scale=ckv_scale, kpe_scale=kpe_scale)
 
     def queries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q_nope, q_pe, ckv_cache, kpe_cache): the arguments of a planned ``run()``."""

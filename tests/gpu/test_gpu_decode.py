@@ -27,8 +27,9 @@ SPECS = [s for s in catalogue() if s.is_decode]
 def realistic_case(spec: MLASpec, batch: int, seed: int, dtype: torch.dtype | None = None) -> Case:
     kv = skewed_lengths(batch - len(EDGE_LENGTHS), *KV_RANGE, seed=seed) + EDGE_LENGTHS
     kv = [kv[i] for i in torch.randperm(len(kv), generator=torch.Generator().manual_seed(seed)).tolist()]
-    return make_case(spec.num_heads, kv, page_size=spec.page_size, ckv=spec.head_dim_ckv,
+    case = make_case(spec.num_heads, kv, page_size=spec.page_size, ckv=spec.head_dim_ckv,
                      kpe=spec.head_dim_kpe, dtype=dtype or DTYPE, device=DEVICE, seed=seed, spare_pages=64)
+    return case.quantized() if spec.fp8 else case  # an fp8 spec: the same values over an fp8 cache
 
 
 def run_and_check(case: Case, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

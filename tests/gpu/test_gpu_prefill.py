@@ -39,8 +39,9 @@ def batch_lengths(total_q: int, seed: int) -> tuple[list[int], list[int]]:
 
 def realistic_case(spec: MLASpec, total_q: int, seed: int, dtype: torch.dtype | None = None) -> Case:
     kv, q = batch_lengths(total_q, seed)
-    return make_case(spec.num_heads, kv, q, page_size=spec.page_size, ckv=spec.head_dim_ckv,
+    case = make_case(spec.num_heads, kv, q, page_size=spec.page_size, ckv=spec.head_dim_ckv,
                      kpe=spec.head_dim_kpe, dtype=dtype or DTYPE, device=DEVICE, seed=seed, spare_pages=64)
+    return case.quantized() if spec.fp8 else case  # an fp8 spec: the same values over an fp8 cache
 
 
 def run_and_check(case: Case, causal: bool, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,10 @@ def ws_capable(spec: MLASpec) -> bool:
     tiles (decode: heads in groups of 64, or 8 to 32 heads as wgmma's N with the KV tile's tokens as
     its M; prefill: 64 // heads tokens x all heads, or one token x 64 heads) and head dims a wgmma can
     take. Any page size: a KV tile inside one page arrives by bulk copies, one that spans pages is
-    gathered row by row."""
+    gathered row by row. Not over an fp8 cache (its tiles are converted in registers by the Triton kernels)."""
     heads = 64 % spec.num_heads == 0 or spec.num_heads % 64 == 0
+    if spec.fp8:  # its fp8 cache path is the Triton kernels' (the Gluon kernels take 16-bit tiles)
+        return False
     if spec.is_decode and spec.num_heads < 8:  # below 64 heads the heads are wgmma's N: at least 8
         return False
     return heads and 32 <= spec.head_dim_ckv <= 512 and spec.head_dim_kpe <= 256

@@ -34,15 +34,18 @@ class _Plan(launch.LaunchPlan):
 
     def launch(self, tensors: Sequence[torch.Tensor | None]) -> None:
         """The generated module's launch; ``tensors`` in :func:`_tensors`'s order."""
-        self.module.launch(*tensors[:7], self.sm_scale, *tensors[7:], self.num_programs, **self.kwargs)
+        self.module.launch(*tensors[:7], self.sm_scale, *tensors[7:11], self.num_programs, **self.kwargs,
+                           **self.scales(tensors[11:]))
 
 
 def _tensors(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
              kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
              out: torch.Tensor, lse: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor],
-             page_size: int) -> tuple[torch.Tensor | None, ...]:
+             page_size: int, scales: tuple = ()) -> tuple:
+    """A call's tensors as the plan launches them, then an fp8 cache's two scales (floats or tensors)."""
     return (q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
-            kv_last_page_len if page_size > 1 else None, out, lse, *scratch)
+            kv_last_page_len if page_size > 1 else None, out, lse, *scratch, *scales)
+
 
 
 def _make_plan(spec: MLASpec, config: DecodeConfig | PrefillConfig | None, batch: int, s_q: int, kv_tokens: int,
@@ -63,7 +66,7 @@ def _make_plan(spec: MLASpec, config: DecodeConfig | PrefillConfig | None, batch
 def _run_queries(plan: launch.LaunchPlan, key: object, q_nope: torch.Tensor, q_pe: torch.Tensor,
                  ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                  kv_last_page_len: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
-                 scratch: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 scratch: tuple[torch.Tensor, torch.Tensor] | None, scales: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch a validated call of queries [B, s_q, H, *] on their views [B * s_q, H, *] (tuner.runtime.mtp):
     the causal prefill of s_q queries per request, or at s_q = 1 the decode. Returns [B, s_q, H, ckv] and
     [B, s_q, H] (``out`` and ``lse`` themselves where given)."""
@@ -73,11 +76,12 @@ def _run_queries(plan: launch.LaunchPlan, key: object, q_nope: torch.Tensor, q_p
     ps = plan.spec.page_size
     if isinstance(plan, mtp.CausalPlan):
         tensors = prefill._tensors(mtp.rows(q_nope), mtp.rows(q_pe), ckv_cache, kpe_cache, plan.qo_indptr(),
-                                   kv_indptr, kv_indices, kv_last_page_len, out_rows, lse_rows, ps)
+                                   kv_indptr, kv_indices, kv_last_page_len, out_rows, lse_rows, ps, scales)
     else:
         assert isinstance(plan, _Plan)
         tensors = _tensors(mtp.rows(q_nope), mtp.rows(q_pe), ckv_cache, kpe_cache, kv_indptr, kv_indices,
-                           kv_last_page_len, out_rows, lse_rows, plan.scratch() if scratch is None else scratch, ps)
+                           kv_last_page_len, out_rows, lse_rows, plan.scratch() if scratch is None else scratch, ps,
+                           scales)
     plan.run(key, tensors)
     return mtp.outputs(out, lse, batch, s_q, plan.spec, out_rows, lse_rows)
 
@@ -87,7 +91,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
                sm_scale: float, kv_last_page_len: torch.Tensor | None = None, *,
                out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                config: DecodeConfig | PrefillConfig | None = None,
-               validate_data: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               validate_data: bool = False, ckv_scale: validate.Scale | None = None,
+               kpe_scale: validate.Scale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode over a paged cache (``docs/contract.md``); positional order as FlashInfer-Bench.
 
     Args:
@@ -101,7 +106,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
             dimensions must be viewable as one (stride(0) == s_q * stride(1)), else a ValueError names the
             tensor; nothing is copied.
         ckv_cache: [num_pages, page_size, ckv]; kpe_cache: [num_pages, page_size, kpe], one dtype (they
-            define it). Strided views are fine as long as the last dimension is contiguous.
+            define it), or both float8_e4m3fn (an fp8 cache: the queries stay 16-bit, the output is in their
+            dtype; needs ``ckv_scale`` and ``kpe_scale``, and a GPU of compute capability 8.9 or newer).
+            Strided views are fine as long as the last dimension is contiguous.
         kv_indptr: int32 [B + 1]; kv_indices: int32, the pages of sequence b are
             kv_indices[kv_indptr[b]:kv_indptr[b + 1]].
         sm_scale: softmax scale (a Python float).
@@ -113,6 +120,10 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
             PrefillConfig for 4-D queries with s_q > 1 (the causal prefill kernel runs them).
         validate_data: also check the index data on the host (a device sync) before the launch. The
             environment variable ``MLA_TUNER_VALIDATE=1`` turns it on for every call.
+        ckv_scale, kpe_scale: an fp8 cache's per-tensor scales (a cached value is fp8 * scale): each a
+            finite positive float, or a one-element float32 tensor on the cache's device (read by the
+            kernel, so a captured graph follows a changing value; not checked on the host). Given with a
+            16-bit cache, or missing with an fp8 one: a ValueError naming it.
 
     Returns:
         (output [B, H, ckv] in the input dtype, lse [B, H] float32, base 2); with 4-D queries
@@ -140,9 +151,10 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     """
     if ops.routed(q_nope):
         return _routed(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale, kv_last_page_len,
-                       out, lse, config, validate_data)
+                       out, lse, config, validate_data, ckv_scale, kpe_scale)
     four_d = mtp.is_4d(q_nope)
-    metadata = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse)
+    metadata = launch.scaled_key(launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+                                                 kv_last_page_len, out, lse), ckv_scale, kpe_scale)
     # with the types: True == 1 == 1.0 as keys, but only some of them pass validation
     key = None if metadata is None else (metadata, sm_scale, type(sm_scale), config)
     try:
@@ -151,7 +163,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
         key, plan = None, None
     if plan is None:
         spec = _check_call(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
-                           sm_scale, out, lse)
+                           sm_scale, out, lse, ckv_scale, kpe_scale)
     s_q = q_nope.shape[1] if four_d else 1
     if validate.data_validation(validate_data):
         validate.check_host_data(spec if plan is None else plan.spec, ckv_cache.shape[0], kv_indptr, kv_indices,
@@ -162,34 +174,38 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
                           q_nope.device)[1]
         if key is not None:
             _ONE_CALL.put(key, plan)
+    scales = plan.scale_values(ckv_scale, kpe_scale)
     if four_d:
         return _run_queries(plan, (), q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
-                            out, lse, None)
+                            out, lse, None, scales)
     out, lse = plan.outputs(q_nope.dtype, out, lse)
     plan.run((), _tensors(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse,
-                          plan.scratch(), plan.spec.page_size))
+                          plan.scratch(), plan.spec.page_size, scales))
     return out, lse
 
 
 def _routed(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
             kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float,
             kv_last_page_len: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
-            config: DecodeConfig | PrefillConfig | None, validate_data: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            config: DecodeConfig | PrefillConfig | None, validate_data: bool, ckv_scale: validate.Scale | None,
+            kpe_scale: validate.Scale | None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mla_decode` through the custom ops (torch.compile, fake tensors; tuner.runtime.ops)."""
     sm_scale = validate.check_sm_scale(sm_scale)
     text = ops.config_text(config)
+    scales = ops.scale_args(ckv_scale, kpe_scale)
     if out is None and lse is None:
         return torch.ops.mla_tuner.decode(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale,
-                                          kv_last_page_len, text, validate_data)
+                                          kv_last_page_len, text, validate_data, *scales)
     out, lse = ops.missing_outputs(q_nope, out, lse)
     torch.ops.mla_tuner.decode_out(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale,
-                                   kv_last_page_len, out, lse, text, validate_data)
+                                   kv_last_page_len, out, lse, text, validate_data, *scales)
     return out, lse
 
 
 def _check_call(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
                 kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
-                sm_scale: float, out: torch.Tensor | None, lse: torch.Tensor | None) -> MLASpec:
+                sm_scale: float, out: torch.Tensor | None, lse: torch.Tensor | None,
+                ckv_scale: object = None, kpe_scale: object = None) -> MLASpec:
     """The one-call form's metadata checks (clear errors naming the argument); returns the spec (the causal
     prefill's for 4-D queries with s_q > 1)."""
     four_d = mtp.is_4d(q_nope)
@@ -201,6 +217,7 @@ def _check_call(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
     validate.check_inputs(spec, batch * s_q, q_nope, q_pe, ckv_cache, kpe_cache)
     validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device)
     validate.check_sm_scale(sm_scale)
+    validate.check_scales(spec.fp8, ckv_scale, kpe_scale, ckv_cache.device)
     if four_d:
         mtp.check_outputs(batch, s_q, spec, q_nope.dtype, device, out, lse)
     else:
@@ -237,7 +254,7 @@ class MLADecode:
              kv_last_page_len: torch.Tensor | None = None, *, num_heads: int, page_size: int,
              sm_scale: float, head_dim_ckv: int = 512, head_dim_kpe: int = 64,
              num_pages: int | None = None, config: DecodeConfig | PrefillConfig | None = None,
-             validate_data: bool = True, q_len: int = 1) -> MLADecode:
+             validate_data: bool = True, q_len: int = 1, kv_dtype: torch.dtype | None = None) -> MLADecode:
         """Check and record one batch layout (host work, one device sync).
 
         Args:
@@ -256,13 +273,17 @@ class MLADecode:
                 run() takes queries [B, q_len, H, *] (q_len 1: [B, H, *] or [B, 1, H, *]). With q_len > 1
                 the config is the causal prefill's for B * q_len queries, and kv_len >= q_len is checked
                 with the index data (ValueError naming kv_indptr).
+            kv_dtype: the caches' dtype: None (the default), torch.bfloat16 or torch.float16 for a 16-bit
+                cache (the queries' dtype), torch.float8_e4m3fn for an fp8 cache (run() then needs its
+                ``ckv_scale`` and ``kpe_scale``).
         """
         q_len = mtp.check_q_len(q_len)
-        spec = MLASpec(mtp.variant(q_len), num_heads, head_dim_ckv, head_dim_kpe, page_size)  # type: ignore[arg-type]
         batch = validate._need_tensor("kv_indptr", kv_indptr).numel() - 1
         if batch < 0:
             raise ValueError("kv_indptr: expected at least one element, found 0")
         device = kv_indptr.device
+        fp8 = validate.check_kv_dtype(kv_dtype, device)
+        spec = MLASpec(mtp.variant(q_len), num_heads, head_dim_ckv, head_dim_kpe, page_size, fp8)  # type: ignore[arg-type]
         validate.check_indices(batch, kv_indptr, kv_indices, kv_last_page_len, device)
         sm_scale = validate.check_sm_scale(sm_scale)
         host = None
@@ -287,7 +308,8 @@ class MLADecode:
         return self
 
     def check_run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
-                  out: torch.Tensor | None, lse: torch.Tensor | None) -> launch.LaunchPlan:
+                  out: torch.Tensor | None, lse: torch.Tensor | None, ckv_scale: object = None,
+                  kpe_scale: object = None) -> launch.LaunchPlan:
         """run()'s checks of tensor metadata (clear errors naming the argument); returns the plan."""
         plan = self._plan
         if plan is None:
@@ -303,27 +325,32 @@ class MLADecode:
         else:
             validate.check_outputs(self.batch, plan.spec, q_nope.dtype, self.device, out, lse)
         validate.check_planned_pages(self.max_page_id, ckv_cache)
+        validate.check_scales(plan.spec.fp8, ckv_scale, kpe_scale, ckv_cache.device)
         return plan
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
             kpe_cache: torch.Tensor, *, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            lse: torch.Tensor | None = None, ckv_scale: validate.Scale | None = None,
+            kpe_scale: validate.Scale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode with the planned layout; shapes as :func:`mla_decode`, queries [B, q_len, H, *] for a plan
         of q_len > 1 (other queries: a ValueError naming q_nope). No host sync.
 
         Checks tensor metadata only, including the planned largest page id against
-        ``ckv_cache.shape[0]`` (ValueError naming kv_indices).
+        ``ckv_cache.shape[0]`` (ValueError naming kv_indices). With an fp8 cache (``plan(kv_dtype=
+        torch.float8_e4m3fn)``): ``ckv_scale`` and ``kpe_scale`` as :func:`mla_decode`'s.
         """
         if ops.routed(q_nope):
-            return ops.run_planned("decode", self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
-        key = launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
+            return ops.run_planned("decode", self.handle, q_nope, q_pe, ckv_cache, kpe_cache, out, lse,
+                                   ckv_scale, kpe_scale)
+        key = launch.scaled_key(launch.call_key(q_nope, q_pe, ckv_cache, kpe_cache, out, lse), ckv_scale, kpe_scale)
         plan = self._plan
         if plan is None or plan.launches.get(key) is None:
-            plan = self.check_run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)
+            plan = self.check_run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, ckv_scale, kpe_scale)
+        scales = plan.scale_values(ckv_scale, kpe_scale)
         if q_nope.dim() == 4:
             return _run_queries(plan, key, q_nope, q_pe, ckv_cache, kpe_cache, self.kv_indptr, self.kv_indices,
-                                self.kv_last_page_len, out, lse, self.scratch)
+                                self.kv_last_page_len, out, lse, self.scratch, scales)
         out, lse = plan.outputs(q_nope.dtype, out, lse)
         plan.run(key, _tensors(q_nope, q_pe, ckv_cache, kpe_cache, self.kv_indptr, self.kv_indices,
-                               self.kv_last_page_len, out, lse, self.scratch, plan.spec.page_size))
+                               self.kv_last_page_len, out, lse, self.scratch, plan.spec.page_size, scales))
         return out, lse

@@ -59,11 +59,14 @@ def _log_gap(a: int, b: int) -> float:
     return abs(math.log2(a) - math.log2(b))
 
 
-def spec_distance(spec: MLASpec, other: MLASpec) -> tuple[int, float, int, float]:
-    """How far ``other``'s tuned configs are from fitting ``spec`` (smaller is nearer; same variant assumed)."""
+def spec_distance(spec: MLASpec, other: MLASpec) -> tuple[int, int, float, int, float]:
+    """How far ``other``'s tuned configs are from fitting ``spec`` (smaller is nearer; same variant assumed):
+    the cache's dtype first (an fp8 cache's kernels tile and split for half the bytes, a 16-bit one's are the
+    last resort for it), then the head dims, heads and page size."""
     dims = int(other.head_dim_ckv != spec.head_dim_ckv) + int(other.head_dim_kpe != spec.head_dim_kpe)
     regime = int((other.num_heads < 64) != (spec.num_heads < 64))
-    return dims, _log_gap(spec.num_heads, other.num_heads), regime, _log_gap(spec.page_size, other.page_size)
+    return (int(other.fp8 != spec.fp8), dims, _log_gap(spec.num_heads, other.num_heads), regime,
+            _log_gap(spec.page_size, other.page_size))
 
 
 def _bounds_key(bounds: tuple[int, int | None]) -> tuple[float, float]:
@@ -191,4 +194,6 @@ def tune_command(spec: MLASpec) -> str:
     """The ``mla-tune tune`` command line that tunes ``spec`` (every bucket) on this GPU."""
     dims = "" if (spec.head_dim_ckv, spec.head_dim_kpe) == (512, 64) else \
         f" --ckv {spec.head_dim_ckv} --kpe {spec.head_dim_kpe}"
-    return f"mla-tune tune --heads {spec.num_heads} --page-size {spec.page_size}{dims} --variant {spec.variant}"
+    kv = " --kv-dtype fp8" if spec.fp8 else ""
+    return (f"mla-tune tune --heads {spec.num_heads} --page-size {spec.page_size}{dims} --variant {spec.variant}"
+            f"{kv}")

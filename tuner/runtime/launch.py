@@ -47,6 +47,15 @@ def call_key(*tensors: torch.Tensor | None) -> tuple | None:
         return None
 
 
+def scaled_key(metadata: tuple | None, ckv_scale: object, kpe_scale: object) -> tuple | None:
+    """A call's replay key: its tensors' metadata (:func:`call_key`), and an fp8 cache's scales where given
+    (a float's value and type, a tensor's metadata: its value is read on the device)."""
+    if metadata is None or (ckv_scale is None and kpe_scale is None):
+        return metadata
+    return metadata, tuple((s.dtype, s.device, s.shape) if isinstance(s, torch.Tensor) else (s, type(s))
+                           for s in (ckv_scale, kpe_scale))
+
+
 def _is_kernel(obj: object) -> bool:
     run = getattr(type(obj), "run", None)
     return callable(run) and hasattr(obj, "arg_names") and hasattr(obj, "fn")
@@ -314,3 +323,12 @@ class LaunchPlan:
     def launch(self, tensors: Sequence[torch.Tensor | None]) -> None:
         """The generated module's launch of these tensors."""
         raise NotImplementedError
+
+    def scale_values(self, ckv_scale: Any, kpe_scale: Any) -> tuple:
+        """The values a launch takes after a call's tensors: an fp8 cache's two scales (none for a 16-bit one)."""
+        return (ckv_scale, kpe_scale) if self.spec.fp8 else ()
+
+    def scales(self, extra: Sequence[Any]) -> dict[str, Any]:
+        """launch()'s keyword arguments of an fp8 cache's scales, the two values after a call's tensors (none
+        for a 16-bit cache)."""
+        return {"ckv_scale": extra[0], "kpe_scale": extra[1]} if self.spec.fp8 else {}

@@ -5,10 +5,12 @@ need the index data on the host run only where a host copy exists or is asked fo
 tests, the tuner, ``validate_data=True`` or the environment switch ``MLA_TUNER_VALIDATE=1``
 (:func:`data_validation`); never silently in the launch path.
 
-Element types: the caches define the dtype and both queries must have it. bf16 and fp16 are the
-supported dtypes. float32 is a test dtype (the reference precision the CPU tests compare at): it is
-accepted only where the Triton interpreter runs the kernels (tensors not on a CUDA device, or
-``TRITON_INTERPRET`` set) and refused on a GPU with a TypeError naming the tensor.
+Element types: with a 16-bit cache the caches define the dtype and both queries must have it. bf16 and
+fp16 are the supported dtypes. float32 is a test dtype (the reference precision the CPU tests compare at):
+it is accepted only where the Triton interpreter runs the kernels (tensors not on a CUDA device, or
+``TRITON_INTERPRET`` set) and refused on a GPU with a TypeError naming the tensor. An fp8 cache (both
+caches float8_e4m3fn) comes with per-tensor scales (:func:`check_scales`); its queries are 16-bit (or
+float32 under the interpreter), both of one dtype, which is the output's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 TEST_DTYPE = torch.float32
 """Accepted besides :data:`SUPPORTED_DTYPES` only under the Triton interpreter (:func:`float32_allowed`)."""
 INPUT_DTYPES = (*SUPPORTED_DTYPES, TEST_DTYPE)
+FP8_DTYPE = torch.float8_e4m3fn
+"""The fp8 cache dtype (per-tensor scales ``ckv_scale`` / ``kpe_scale``)."""
+FP8_MIN_CAPABILITY = (8, 9)
+"""GPUs that convert float8_e4m3fn in hardware (Ada, Hopper and newer)."""
 INDEX_DTYPE = torch.int32
 _OFF = ("", "0")
 
@@ -73,22 +79,50 @@ def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequ
     return t
 
 
+def _fp8_capable(device: torch.device) -> bool:
+    """Whether ``device`` converts float8_e4m3fn (any device under the interpreter; a CUDA GPU of compute
+    capability 8.9 or newer)."""
+    if device.type != "cuda" or interpreting():
+        return True
+    return torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+
+
 def check_dtypes(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
                  kpe_cache: torch.Tensor) -> torch.dtype:
-    """The element type of the four inputs (TypeError naming the tensor that differs).
+    """The queries' element type, which is the output's (TypeError naming the tensor that differs).
 
-    Each must be bf16 or fp16 (float32 too under the interpreter, :func:`float32_allowed`). The caches
-    define the dtype: kpe_cache must match ckv_cache, then each query must match the caches, so a
-    mixed pair of queries names the one that differs from the caches.
+    Each must be bf16 or fp16 (float32 too under the interpreter, :func:`float32_allowed`), or for both
+    caches float8_e4m3fn (a GPU of compute capability 8.9 or newer). The caches define the dtype: kpe_cache
+    must match ckv_cache, then each query must match the caches (with an fp8 cache: q_pe must match q_nope),
+    so a mixed pair of queries names the one that differs.
     """
     supported = " or ".join(map(str, SUPPORTED_DTYPES))
+    fp8 = ckv_cache.dtype == FP8_DTYPE
+    if fp8 and kpe_cache.dtype == FP8_DTYPE:
+        if not _fp8_capable(ckv_cache.device):
+            cap = ".".join(map(str, torch.cuda.get_device_capability(ckv_cache.device)))
+            raise TypeError(f"ckv_cache: {FP8_DTYPE} needs a GPU of compute capability 8.9 or newer, found "
+                            f"{ckv_cache.device} of capability {cap}")
     for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache), ("kpe_cache", kpe_cache)):
+        if fp8 and name.endswith("cache"):
+            if t.dtype != FP8_DTYPE:
+                raise TypeError(f"{name}: expected dtype {FP8_DTYPE} (that of ckv_cache: the two caches share "
+                                f"one dtype), found {t.dtype}")
+            continue
+        if t.dtype == FP8_DTYPE and not name.endswith("cache"):
+            raise TypeError(f"{name}: expected dtype {supported} (the queries stay 16-bit with an fp8 "
+                            f"({FP8_DTYPE}) cache), found {t.dtype}")
         if t.dtype == TEST_DTYPE and not float32_allowed(t.device):
             raise TypeError(f"{name}: expected dtype {supported} on a GPU ({TEST_DTYPE} is a test dtype, accepted "
                             f"only under the Triton interpreter), found {t.dtype} on {t.device}")
         if t.dtype not in INPUT_DTYPES:
-            raise TypeError(f"{name}: expected dtype {supported} (or {TEST_DTYPE} under the Triton interpreter), "
-                            f"found {t.dtype}")
+            also = f", or {FP8_DTYPE} for both caches" if name.endswith("cache") else ""
+            raise TypeError(f"{name}: expected dtype {supported} (or {TEST_DTYPE} under the Triton interpreter"
+                            f"{also}), found {t.dtype}")
+    if fp8:
+        if q_pe.dtype != q_nope.dtype:
+            raise TypeError(f"q_pe: expected dtype {q_nope.dtype} (that of q_nope), found {q_pe.dtype}")
+        return q_nope.dtype
     dtype = ckv_cache.dtype
     if kpe_cache.dtype != dtype:
         raise TypeError(f"kpe_cache: expected dtype {dtype} (that of ckv_cache), found {kpe_cache.dtype}")
@@ -119,7 +153,8 @@ def spec_from_tensors(variant: str, q_nope: object, q_pe: object, ckv_cache: obj
     kpe_t = check_tensor("kpe_cache", kpe_cache, (None, None, None), None)
     check_dtypes(q_nope_t, q_pe_t, ckv_t, kpe_t)
     try:
-        return MLASpec(variant, q_nope_t.shape[1], q_nope_t.shape[2], q_pe_t.shape[2], ckv_t.shape[1])  # type: ignore[arg-type]
+        return MLASpec(variant, q_nope_t.shape[1], q_nope_t.shape[2], q_pe_t.shape[2], ckv_t.shape[1],  # type: ignore[arg-type]
+                       ckv_t.dtype == FP8_DTYPE)
     except ValueError as err:
         raise ValueError(f"unsupported shape (q_nope {tuple(q_nope_t.shape)}, q_pe {tuple(q_pe_t.shape)}, "
                          f"ckv_cache {tuple(ckv_t.shape)}): {err}") from None
@@ -127,18 +162,75 @@ def spec_from_tensors(variant: str, q_nope: object, q_pe: object, ckv_cache: obj
 
 def check_inputs(spec: MLASpec, rows: int, q_nope: object, q_pe: object, ckv_cache: object,
                  kpe_cache: object) -> None:
-    """q_nope/q_pe [rows, H, *] and the two caches against ``spec``: one dtype (:func:`check_dtypes`),
-    one device (q_nope's)."""
+    """q_nope/q_pe [rows, H, *] and the two caches against ``spec``: the dtypes (:func:`check_dtypes`; an
+    fp8 cache exactly where ``spec`` is an fp8 one), one device (q_nope's)."""
     tensors = [_need_tensor(name, t) for name, t in
                (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache), ("kpe_cache", kpe_cache))]
     dtype = check_dtypes(*tensors)
     q_nope_t, q_pe_t, ckv_t, kpe_t = tensors
+    if (ckv_t.dtype == FP8_DTYPE) != spec.fp8:
+        want = f"{FP8_DTYPE}" if spec.fp8 else "a 16-bit dtype, that of the queries"
+        raise TypeError(f"ckv_cache: expected {want} (the planned kernel {spec.name()}; plan(kv_dtype=...) sets "
+                        f"it), found {ckv_t.dtype}")
+    kv_dtype = ckv_t.dtype
     device = q_nope_t.device
     h, c, k, ps = spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size
     check_tensor("q_nope", q_nope_t, (rows, h, c), (dtype,), device)
     check_tensor("q_pe", q_pe_t, (rows, h, k), (dtype,), device)
-    check_tensor("ckv_cache", ckv_t, (None, ps, c), (dtype,), device)
-    check_tensor("kpe_cache", kpe_t, (ckv_t.shape[0], ps, k), (dtype,), device)
+    check_tensor("ckv_cache", ckv_t, (None, ps, c), (kv_dtype,), device)
+    check_tensor("kpe_cache", kpe_t, (ckv_t.shape[0], ps, k), (kv_dtype,), device)
+
+
+Scale = float | torch.Tensor
+"""A per-tensor scale of an fp8 cache: a Python float, or a one-element float32 tensor on the cache's device."""
+
+
+def check_scales(fp8: bool, ckv_scale: object, kpe_scale: object, device: torch.device) -> None:
+    """The scales of the caches: both given with an fp8 cache (``fp8``), each a finite positive float or a
+    one-element float32 tensor on ``device`` (its value is read on the device: not checked); neither with
+    a 16-bit cache. ValueError / TypeError naming the scale."""
+    for name, scale in (("ckv_scale", ckv_scale), ("kpe_scale", kpe_scale)):
+        if not fp8:
+            if scale is not None:
+                raise ValueError(f"{name}: given with a 16-bit cache (scales belong to a {FP8_DTYPE} cache, "
+                                 f"whose value is fp8 * scale); found {_describe(scale)}")
+            continue
+        if scale is None:
+            raise ValueError(f"{name}: required with a {FP8_DTYPE} cache (a cached value is fp8 * scale): a "
+                             "positive float or a one-element float32 tensor on the cache's device")
+        if isinstance(scale, torch.Tensor):
+            if scale.dtype != torch.float32 or scale.numel() != 1:
+                raise TypeError(f"{name}: expected a one-element float32 tensor, found dtype {scale.dtype} and "
+                                f"shape {tuple(scale.shape)}")
+            if scale.device != device:
+                raise ValueError(f"{name}: expected device {device} (the cache's), found {scale.device}")
+            continue
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+            raise TypeError(f"{name}: expected a float or a one-element float32 tensor, found "
+                            f"{type(scale).__name__}")
+        value = float(scale)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a finite positive float, found {value}")
+
+
+def _describe(scale: object) -> str:
+    if isinstance(scale, torch.Tensor):
+        return f"a tensor of shape {tuple(scale.shape)}"
+    return repr(scale)
+
+
+def check_kv_dtype(kv_dtype: object, device: torch.device) -> bool:
+    """``plan(kv_dtype=)``: whether the planned cache is fp8 (None or a 16-bit dtype: the queries' dtype)."""
+    if kv_dtype is None or kv_dtype in INPUT_DTYPES:
+        return False
+    if kv_dtype != FP8_DTYPE:
+        raise TypeError(f"kv_dtype: expected None (a 16-bit cache of the queries' dtype), "
+                        f"{' or '.join(map(str, SUPPORTED_DTYPES))} or {FP8_DTYPE}, found {kv_dtype!r}")
+    if not _fp8_capable(device):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise TypeError(f"kv_dtype: {FP8_DTYPE} needs a GPU of compute capability 8.9 or newer, found {device} "
+                        f"of capability {cap}")
+    return True
 
 
 def check_indices(batch: int, kv_indptr: object, kv_indices: object, kv_last_page_len: object,

@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--variant", choices=VARIANTS, nargs="+", help="default: decode prefill_causal")
     shape.add_argument("--buckets", nargs="+", metavar="NAME",
                        help="only these buckets (see `mla-tune show`; e.g. b1-16_kv1-2k q2k+_kv2k+)")
+    shape.add_argument("--kv-dtype", choices=("bf16", "fp8", "both"), default="bf16",
+                       help="the cache: bf16 (16-bit, the queries' dtype; default), fp8 (float8_e4m3fn with "
+                            "per-tensor scales: its own kernels and table entries), or both")
     shape.add_argument("--catalogue", action="store_true",
                        help="every decode and causal-prefill module of the built-in catalogue (220 studies; "
                             "--heads, --page-size, --ckv, --kpe and --variant narrow it)")
@@ -108,10 +111,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _specs(args: argparse.Namespace, dry: bool) -> list:  # -> list[MLASpec]
     from tuner.runtime.spec import MLASpec, catalogue
 
+    fp8s = {"bf16": (False,), "fp8": (True,), "both": (False, True)}[getattr(args, "kv_dtype", None) or "bf16"]
     if args.catalogue:
         variants = args.variant or list(DEFAULT_VARIANTS)
         return [s for s in catalogue() if s.variant in variants and (not args.heads or s.num_heads in args.heads)
-                and (not args.page_size or s.page_size in args.page_size)
+                and s.fp8 in fp8s and (not args.page_size or s.page_size in args.page_size)
                 and args.ckv in (None, s.head_dim_ckv) and args.kpe in (None, s.head_dim_kpe)]
     custom = any(x is not None for x in (args.model, args.heads, args.ckv, args.kpe))
     if dry and not custom:
@@ -122,7 +126,8 @@ def _specs(args: argparse.Namespace, dry: bool) -> list:  # -> list[MLASpec]
         heads, ckv, kpe = args.heads or [m_heads], args.ckv or m_ckv, args.kpe or m_kpe
         page_sizes = args.page_size or list(DEFAULT_PAGE_SIZES)
     variants = args.variant or list(DEFAULT_VARIANTS)
-    return sorted({MLASpec(v, h, ckv, kpe, ps) for v in variants for h in heads for ps in page_sizes})
+    return sorted({MLASpec(v, h, ckv, kpe, ps, fp8) for v in variants for h in heads for ps in page_sizes
+                   for fp8 in fp8s})
 
 
 def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[Task]

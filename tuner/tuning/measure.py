@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from tuner.harness.check import check
 from tuner.harness.floors import Ceilings, floor_us, measure_ceilings
-from tuner.harness.inputs import Inputs, Workload, make_inputs
+from tuner.harness.inputs import FP8, Inputs, Workload, make_inputs
 from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
 from tuner.harness.timing import Timing, time_call
 from tuner.runtime.config import Config, DecodeConfig, PrefillConfig
@@ -62,27 +63,28 @@ class Bench:
 
     def __init__(self, spec: MLASpec, workload: Workload, device: torch.device,
                  dtype: torch.dtype = torch.bfloat16, seed: int = 0, gate: bool = True) -> None:
-        if workload.spec(spec.page_size) != spec:
+        if replace(workload.spec(spec.page_size), fp8=spec.fp8) != spec:
             raise ValueError(f"workload: expected one of {spec.name()}, found {workload.spec(spec.page_size).name()}")
         self.spec, self.workload, self.device = spec, workload, device
         info = gpu_info(device)
         self.num_sms = info.num_sms
         self.ws_runs = info.hopper  # a ws=1 config runs the Gluon kernel here, else falls back
-        self.inputs = make_inputs(workload, spec.page_size, dtype, device, seed)
+        kv_dtype = FP8 if spec.fp8 else None  # an fp8 spec: the same values over an fp8 cache, with its scales
+        self.inputs = make_inputs(workload, spec.page_size, dtype, device, seed, kv_dtype=kv_dtype)
         rows, heads = self.inputs.q_nope.shape[:2]
         self.out = torch.empty(rows, heads, spec.head_dim_ckv, dtype=dtype, device=device)
         self.lse = torch.empty(rows, heads, dtype=torch.float32, device=device)
         self.gate_inputs: Inputs | None = None
         if not gate:
             return
-        self.gate_inputs = g = make_inputs(workload, spec.page_size, dtype, device, seed + 1)
+        self.gate_inputs = g = make_inputs(workload, spec.page_size, dtype, device, seed + 1, kv_dtype=kv_dtype)
         if spec.is_decode:
             self.ref = mla_decode_ref(g.q_nope, g.q_pe, g.ckv_cache, g.kpe_cache, g.kv_indptr, g.kv_indices,
-                                      g.sm_scale, g.kv_last_page_len)
+                                      g.sm_scale, g.kv_last_page_len, **g.scales)
         else:
             assert g.qo_indptr is not None
             self.ref = mla_prefill_ref(g.q_nope, g.q_pe, g.ckv_cache, g.kpe_cache, g.qo_indptr, g.kv_indptr,
-                                       g.kv_indices, g.sm_scale, g.kv_last_page_len, causal=spec.causal)
+                                       g.kv_indices, g.sm_scale, g.kv_last_page_len, causal=spec.causal, **g.scales)
 
     def default_config(self) -> Config:
         """The runtime's default for this workload (what an untuned GPU runs)."""
@@ -93,10 +95,11 @@ class Bench:
         if self.spec.is_decode:
             assert isinstance(config, DecodeConfig)
             return mla_decode(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.kv_indptr, x.kv_indices, x.sm_scale,
-                              x.kv_last_page_len, out=out, lse=lse, config=config)
+                              x.kv_last_page_len, out=out, lse=lse, config=config, **x.scales)
         assert isinstance(config, PrefillConfig) and x.qo_indptr is not None
         return mla_prefill(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.qo_indptr, x.kv_indptr, x.kv_indices,
-                           x.sm_scale, x.kv_last_page_len, causal=self.spec.causal, out=out, lse=lse, config=config)
+                           x.sm_scale, x.kv_last_page_len, causal=self.spec.causal, out=out, lse=lse, config=config,
+                           **x.scales)
 
     def launcher(self, config: Config) -> Callable[[], object]:
         """A closure that launches ``config`` on the timing inputs (graph-capturable)."""
@@ -137,5 +140,6 @@ class Bench:
         """max(bytes / copy bandwidth, FLOPs / matmul rate) of the workload, in µs (NaN without floors)."""
         if floors is None:
             return math.nan
-        return floor_us(self.workload.bytes_moved(self.inputs.q_nope.element_size()), self.workload.flops(),
+        return floor_us(self.workload.bytes_moved(self.inputs.q_nope.element_size(),
+                                                   self.inputs.ckv_cache.element_size()), self.workload.flops(),
                         floors.copy_bytes_per_s, floors.matmul_flops_per_s)
