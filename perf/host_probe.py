@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from tuner.bench.flashinfer_mla import FlashInferPeer
 from tuner.bench.flashmla import FlashMLAPeer
 from tuner.bench.ours import OursFunctional, OursPlanRun
-from tuner.bench.peers import FlashInferPeer
 from tuner.harness.inputs import benchmark_set, make_inputs
 from tuner.harness.timing import time_call
 from tuner.runtime.launch import Replay

@@ -18,6 +18,7 @@ Examples:
   mla-tune bench --set public                      # the 13 rows of the README's table only
   mla-tune bench --rows d-b1-1k p-1x4k mtp2-h16-b64-4k --page-size 64
   mla-tune bench --heads 16 --batch 64 --kv-len 8192           # a shape of your own (decode)
+  mla-tune bench --kv-dtype both --set public --page-size 1 64  # every row over a bf16 and an fp8 cache
   mla-tune bench --compare results/nvidia-h200/bench.json      # exit 1 if our times moved > 5%
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 PEERS = ("fa3", "fa2", "flashmla", "sglang", "torch")  # tuner.bench.peers.PEER_KEYS (literal: nothing heavy at import)
 SETS = ("public", "mtp", "off", "all")  # tuner.bench.rows.SETS
 LAYOUTS = ("auto", "split", "fused")  # tuner.bench.run.CACHE_LAYOUTS
+KV_CHOICES = {"bf16": ("bf16",), "fp8": ("fp8",), "both": ("bf16", "fp8")}  # --kv-dtype: tuner.bench.run.KV_DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "sequence (default: decode)")
     what.add_argument("--page-size", type=int, nargs="+", metavar="PS",
                       help="page sizes (default: 1 64); an off-table row runs at its own page size only")
+    what.add_argument("--kv-dtype", choices=KV_CHOICES,
+                      help="the KV cache: bf16 (default: the query dtype, as before), fp8 (float8_e4m3fn "
+                           "quantized from the same values with per-tensor scales; ours, FlashInfer fa3, "
+                           "FlashMLA and PyTorch run, the others are n/a) or both (each row over bf16, then "
+                           "over fp8, with ours' bf16 time beside its fp8 one). --compare: that file's")
     what.add_argument("--peers", nargs="+", choices=PEERS, metavar="PEER",
                       help=f"peers to run, of {' '.join(PEERS)} (default: all that import; dry run: torch)")
     how = p.add_argument_group("how")
@@ -130,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             rows = bench_rows.select_rows(args.rows, dry_run, args.row_set)
         layout = args.cache_layout or (bench_report.cache_layout(old) if old else "auto")
+        kv_dtypes = KV_CHOICES[args.kv_dtype] if args.kv_dtype else tuple(bench_report.kv_dtypes(old) if old
+                                                                           else KV_CHOICES["bf16"])
         page_sizes = args.page_size or (old["settings"]["page_sizes"] if old else [1, 64])
         for ps in page_sizes:
             if ps < 1 or ps & (ps - 1):
@@ -149,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         device=torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device()),
         dtype=torch.float16 if dry_run else torch.bfloat16, runs=runs, warmup=args.warmup,
         check_seqs=args.check_seqs, seed=args.seed, dry_run=dry_run,
-        eager=not dry_run and not args.no_eager, cache_layout=layout)
+        eager=not dry_run and not args.no_eager, cache_layout=layout, kv_dtypes=kv_dtypes)
     doc = bench_run.run_bench(rows, page_sizes, peers, settings, skip=skip,
                           log=lambda line: print(line, flush=True))
 

@@ -11,9 +11,9 @@ import importlib.metadata
 
 import torch
 
-from tuner.harness.inputs import Inputs, Workload
+from tuner.harness.inputs import Inputs, Workload, fp8_scale, quantize_fp8
 
-from .peers import LOG2E, Impl, Prepared, cache_note, fused_cache, import_error, kv_lens_of
+from .peers import LOG2E, Impl, NotApplicable, Prepared, cache_note, fused_cache, import_error, kv_lens_of
 
 FLASHMLA_MODULE = "flash_mla"  # sgl-flash-mla's package
 FLASHMLA_PAGE_SIZE = 64  # the only page size of FlashMLA's dense kernels
@@ -64,11 +64,19 @@ class FlashMLAPeer(Impl):
     the first call (the check, before any timing) fills and later calls reuse. The timed call is
     ``flash_mla_with_kvcache`` alone; its out [B, s_q, H, ckv] and natural-log lse [B, H, s_q] are
     converted to the bench's layout for the check only (:func:`flashmla_to_bench`).
+
+    Over an fp8 cache (``is_fp8_kvcache=True``) FlashMLA takes fp8 queries as well: :meth:`prepare`
+    quantizes q with its own per-tensor scale (amax / 448) and passes ``descale_q`` and the cache's one
+    scale as ``descale_k`` (one-element float32 tensors), and fills the scheduler metadata first
+    (``get_mla_decoding_metadata(..., is_fp8_kvcache=True)``). The quantized queries cost accuracy, so
+    its result may miss the tolerance (:meth:`inexact`). An fp8 cache needs one scale for ckv and kpe:
+    the fused layout (split caches with two scales are ``n/a``).
     """
 
     key = "flashmla"
     label = "FlashMLA flash_mla_with_kvcache (dense, legacy SM90 kernels)"
     library = FLASHMLA_MODULE
+    fp8 = True
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cuda":
@@ -85,6 +93,9 @@ class FlashMLAPeer(Impl):
         if not (w.is_decode or w.is_speculative):
             return "decode and speculative-decoding rows only"
         return None
+
+    def inexact(self, inp: Inputs) -> str | None:
+        return "fp8 cache: FlashMLA quantizes the queries to fp8 too" if inp.scales else None
 
     def version(self) -> str | None:
         """The imported module's ``__version__`` (what ``.peers/activate.sh`` unpacks has no dist-info),
@@ -110,9 +121,27 @@ class FlashMLAPeer(Impl):
         q = flashmla_queries(inp.q_nope, inp.q_pe, w.batch)
         meta = flash_mla.get_mla_metadata()[0]
         fwd, scale, causal = flash_mla.flash_mla_with_kvcache, inp.sm_scale, s_q > 1
+        info: dict[str, object] = {"s_q": s_q, "causal": causal, "cache": cache_note(inp)}
+        fp8: dict[str, object] = {}
+        if inp.scales:
+            if inp.ckv_scale != inp.kpe_scale:
+                raise NotApplicable("fp8: one scale for ckv and kpe (the fused cache layout) only")
+            q_scale = fp8_scale(q)
+            q = quantize_fp8(q, q_scale)
+            meta.tile_scheduler_metadata, meta.num_splits = flash_mla.get_mla_decoding_metadata(
+                seqlens, s_q * q.shape[2], 1, is_fp8_kvcache=True, use_legacy=True)
+            fp8 = {"is_fp8_kvcache": True, "descale_q": _scalar(q_scale, kv.device),
+                   "descale_k": _scalar(inp.ckv_scale, kv.device)}
+            info.update(q_scale=q_scale, kv_scale=inp.ckv_scale)
 
         def call() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return fwd(q, kv, table, seqlens, ckv, meta, softmax_scale=scale, causal=causal, use_legacy=True)
+            return fwd(q, kv, table, seqlens, ckv, meta, softmax_scale=scale, causal=causal, use_legacy=True,
+                       **fp8)
 
-        info = {"s_q": s_q, "causal": causal, "cache": cache_note(inp)}
         return Prepared(call, info, convert=flashmla_to_bench)
+
+
+def _scalar(value: float | None, device: torch.device) -> torch.Tensor:
+    """FlashMLA's descale argument: a one-element float32 tensor on the cache's device."""
+    assert value is not None
+    return torch.tensor([value], dtype=torch.float32, device=device)

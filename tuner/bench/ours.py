@@ -1,5 +1,9 @@
 """Our implementation as :class:`~tuner.bench.peers.Impl` adapters beside the peers: plan/run, the one-call
-form and the untuned default config (no explicit config: the dispatch table decides)."""
+form and the untuned default config (no explicit config: the dispatch table decides).
+
+Over an fp8 cache (``Inputs.scales``) plan/run and the one call run too: ``plan(..., kv_dtype=float8_e4m3fn)``
+and the per-tensor scales to ``run`` / the one call as Python floats; the untuned default does not (its
+config is derived for the 16-bit module)."""
 
 from __future__ import annotations
 
@@ -21,12 +25,15 @@ class OursPlanRun(Impl):
     key = "ours"
     label = "mla-tuner MLADecode / MLAPrefill plan + run (tuned dispatch)"
 
+    fp8 = True
+
     def __init__(self, default: bool = False) -> None:
         self.default = default
         if default:
             self.key = "ours_default"
             self.label = "mla-tuner MLADecode / MLAPrefill plan + run (default config, untuned)"
             self.eager = False  # the same host path as ``ours``: its eager time would say nothing new
+            self.fp8 = False
 
     def _config(self, w: Workload, inp: Inputs, page_size: int) -> DecodeConfig | PrefillConfig | None:
         if not self.default:
@@ -37,6 +44,9 @@ class OursPlanRun(Impl):
         shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale,
                      head_dim_ckv=w.head_dim_ckv, head_dim_kpe=w.head_dim_kpe,
                      num_pages=inp.ckv_cache.shape[0], config=self._config(w, inp, page_size))
+        scales = inp.scales
+        if scales:  # a 16-bit cache plans as before (kv_dtype None)
+            shape["kv_dtype"] = inp.ckv_cache.dtype
         plan: MLADecode | MLAPrefill
         if inp.qo_indptr is None:
             plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
@@ -48,7 +58,7 @@ class OursPlanRun(Impl):
         q_nope, q_pe, ckv, kpe = inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache
         info = {"kernel": plan.spec.name(), "config": plan.config.to_dict(),
                 "module_hash": module_hash(plan.spec)}
-        return Prepared(lambda: plan.run(q_nope, q_pe, ckv, kpe, out=out, lse=lse), info)
+        return Prepared(lambda: plan.run(q_nope, q_pe, ckv, kpe, out=out, lse=lse, **scales), info)
 
 
 class OursFunctional(Impl):
@@ -56,15 +66,17 @@ class OursFunctional(Impl):
 
     key = "ours_fn"
     label = "mla-tuner mla_decode / mla_prefill one call"
+    fp8 = True
 
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
         out, lse = output_buffers(inp)
         common = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache)
+        scales = inp.scales
         if inp.qo_indptr is None:
             args = (*common, inp.kv_indptr, inp.kv_indices, inp.sm_scale, inp.kv_last_page_len)
-            return Prepared(lambda: mla_decode(*args, out=out, lse=lse))
+            return Prepared(lambda: mla_decode(*args, out=out, lse=lse, **scales))
         args = (*common, inp.qo_indptr, inp.kv_indptr, inp.kv_indices, inp.sm_scale, inp.kv_last_page_len)
-        return Prepared(lambda: mla_prefill(*args, causal=w.causal, out=out, lse=lse))
+        return Prepared(lambda: mla_prefill(*args, causal=w.causal, out=out, lse=lse, **scales))
 
 
 def implementations(peer_keys: list[str]) -> dict[str, Impl]:

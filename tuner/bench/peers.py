@@ -3,18 +3,22 @@
 Every adapter turns one :class:`tuner.harness.inputs.Inputs` into a :class:`Prepared` call: the host work
 (planning, index conversion, layout changes a peer's engine would already have) is done once, outside
 the timed region, and the call only launches work and returns ``(output, lse or None)`` with the
-output [total_q, H, ckv] in the input dtype and lse [total_q, H] float32 in base 2.
+output [total_q, H, ckv] in the input dtype and lse [total_q, H] float32 in base 2. Over an fp8 cache
+(``Inputs.scales``) an adapter passes the per-tensor scales its library takes; one that has no fp8 path
+(``Impl.fp8`` false) does not run those rows.
 
 The peers, called the way their own engines call them (``docs/peers.md``):
 
-- ``fa3`` / ``fa2``: FlashInfer's ``BatchMLAPagedAttentionWrapper`` with that backend, planned once.
+- ``fa3`` / ``fa2``: FlashInfer's ``BatchMLAPagedAttentionWrapper`` with that backend, planned once (fa3
+  also over an fp8 cache: ``kv_data_type`` float8_e4m3fn, the scales as floats to ``run``)
+  (:mod:`tuner.bench.flashinfer_mla`).
 - ``flashmla``: FlashMLA's dense decode kernel (``flash_mla_with_kvcache``, its "legacy" SM90 side), page
   size 64, decode and speculative-decoding rows; one [pages, 64, 1, ckv + kpe] cache and a block table
-  (:mod:`tuner.bench.flashmla`).
+  (:mod:`tuner.bench.flashmla`); over an fp8 cache it quantizes the queries too.
 - ``sglang``: SGLang's Triton MLA decode kernel ``decode_attention_fwd`` (decode rows only); it reads a
   combined [slots, 1, ckv + kpe] cache by token slot and returns no lse.
 - ``torch``: a plain PyTorch implementation (gather, batched matmuls, float32 softmax): the floor of
-  effort, and the only peer that runs without CUDA.
+  effort, and the only peer that runs without CUDA (over an fp8 cache it dequantizes what it gathers).
 
 The project never depends on the peers: FlashInfer, FlashMLA and SGLang are imported inside the adapters
 only, and an adapter that cannot import its library says why (:meth:`Impl.unavailable`) instead of
@@ -26,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
-import inspect
 import math
 import os
 from collections.abc import Callable
@@ -39,7 +42,6 @@ from tuner.harness.inputs import Inputs, Workload
 from tuner.harness.reference import kv_lengths
 
 LOG2E = 1.0 / math.log(2.0)
-FLASHINFER_WORKSPACE_BYTES = 256 << 20  # what FlashInfer's own examples and SGLang allocate
 SGLANG_MODULE = "decode_attention"  # SGLang's triton_ops/decode_attention.py, staged as docs/peers.md says
 SGLANG_MAX_KV_SPLITS = 8  # SGLang's default (--triton-attention-num-kv-splits)
 PEER_KEYS = ("fa3", "fa2", "flashmla", "sglang", "torch")
@@ -66,6 +68,11 @@ class Prepared:
         return self.convert(out, lse) if self.convert is not None else (out, lse)
 
 
+class NotApplicable(Exception):
+    """Raised by :meth:`Impl.prepare` when the inputs themselves rule the implementation out (what
+    :meth:`Impl.not_applicable` cannot see from the workload): the row records it as ``n/a``."""
+
+
 class Impl:
     """One implementation in the benchmark: a short key (table column, JSON key), a label, and
     ``prepare(workload, inputs, page_size) -> Prepared``."""
@@ -75,6 +82,7 @@ class Impl:
     returns_lse: bool = True
     library: str | None = None  # the package whose version the results record
     eager: bool = True  # also time it eagerly (tuner.harness.timing.time_eager) where the bench does
+    fp8: bool = False  # runs over an fp8 (float8_e4m3fn) cache with per-tensor scales (``--kv-dtype fp8``)
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this implementation cannot run here at all (None: it can)."""
@@ -82,6 +90,12 @@ class Impl:
 
     def not_applicable(self, w: Workload, page_size: int) -> str | None:
         """Why this implementation does not run this row (None: it does)."""
+        return None
+
+    def inexact(self, inp: Inputs) -> str | None:
+        """Why its result may miss the tolerance by design on these inputs (None: it must not). The bench
+        still times such an implementation when its output only misses the tolerance (status
+        ``inexact``, the error reported), not when it is malformed (NaN, -inf in the wrong place)."""
         return None
 
     def version(self) -> str | None:
@@ -144,78 +158,6 @@ def fused_cache(inp: Inputs) -> torch.Tensor:
 
 def cache_note(inp: Inputs) -> str:
     return "the inputs' fused cache" if inp.kv_cache is not None else "own copy of the two caches, concatenated"
-
-
-# ---------------------------------------------------------------------------------------------------
-# FlashInfer
-# ---------------------------------------------------------------------------------------------------
-
-class FlashInferPeer(Impl):
-    """FlashInfer's ``BatchMLAPagedAttentionWrapper`` with one backend (``fa3`` or ``fa2``).
-
-    plan() (which copies the index arrays to the host) runs once per row in :meth:`prepare`; the timed
-    call is run() with split query and cache, base-2 lse, into preallocated out/lse. Decode rows are
-    planned with qo_indptr = arange(B + 1) and causal=False (one query that sees every token, as
-    SGLang's FlashInfer MLA backend plans decode); prefill rows with their qo_indptr and causal flag.
-    """
-
-    library = "flashinfer"
-
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.key = backend
-        self.label = f"FlashInfer BatchMLAPagedAttentionWrapper ({backend})"
-        self._workspace: torch.Tensor | None = None
-
-    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        if device.type != "cuda":
-            return "needs CUDA"
-        if dtype not in (torch.bfloat16, torch.float16):
-            return f"needs bf16 or fp16 inputs, not {dtype}"
-        return import_error("flashinfer.mla")
-
-    def version(self) -> str | None:
-        try:
-            return str(importlib.import_module("flashinfer").__version__)
-        except Exception:  # noqa: BLE001
-            return None
-
-    def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
-        from flashinfer.mla import BatchMLAPagedAttentionWrapper
-
-        device = inp.q_nope.device
-        if self._workspace is None or self._workspace.device != device:
-            self._workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        total_q, heads, ckv = inp.q_nope.shape
-        qo_indptr = inp.qo_indptr
-        if qo_indptr is None:
-            qo_indptr = torch.arange(total_q + 1, dtype=torch.int32, device=device)
-        kv_len = kv_lens_of(inp, page_size).to(torch.int32)
-        causal = inp.qo_indptr is not None and w.causal
-        wrapper = BatchMLAPagedAttentionWrapper(self._workspace, backend=self.backend)
-        shape = dict(num_heads=heads, head_dim_ckv=ckv, head_dim_kpe=inp.q_pe.shape[2], page_size=page_size,
-                     causal=causal, sm_scale=inp.sm_scale, q_data_type=inp.q_nope.dtype,
-                     kv_data_type=inp.ckv_cache.dtype)
-        try:
-            from flashinfer.mla import MLAPlanMetadata
-        except ImportError:  # releases before the metadata object: the flat CSR form
-            wrapper.plan(qo_indptr, inp.kv_indptr, inp.kv_indices, kv_len, *shape.values())
-        else:
-            wrapper.plan(metadata=MLAPlanMetadata.csr(qo_indptr, inp.kv_indptr, inp.kv_indices, kv_len),
-                         query_layout="split", kv_cache_layout="split", lse_mode="base2", **shape)
-        out, lse = output_buffers(inp)
-        q_nope, q_pe, ckv_cache, kpe_cache = inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache
-        if "query" in inspect.signature(wrapper.run).parameters:  # 0.7: structural inputs, no warning
-
-            def call() -> tuple[torch.Tensor, torch.Tensor | None]:
-                return wrapper.run(query=(q_nope, q_pe), kv_cache=(ckv_cache, kpe_cache), out=out, lse=lse,
-                                   return_lse=True)
-        else:
-
-            def call() -> tuple[torch.Tensor, torch.Tensor | None]:
-                return wrapper.run(q_nope, q_pe, ckv_cache, kpe_cache, out=out, lse=lse, return_lse=True)
-
-        return Prepared(call, {"backend": self.backend, "causal": causal})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,6 +282,7 @@ class TorchPeer(Impl):
 
     key = "torch"
     label = "PyTorch (gather, batched matmuls, fp32 softmax)"
+    fp8 = True  # an fp8 cache is dequantized as it is gathered (fp8 * scale, in float32)
 
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
         kv_lens = kv_lens_of(inp, page_size)
@@ -358,6 +301,12 @@ def output_buffers(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
+def _gather(cache: torch.Tensor, idx: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """``cache[idx]`` in float32, dequantized (times ``scale``) when the cache is fp8."""
+    x = cache[idx].float()
+    return x if scale is None else x * scale
+
+
 def _torch_decode(inp: Inputs, caches: tuple[torch.Tensor, torch.Tensor], kv_lens: torch.Tensor,
                   slot_indptr: torch.Tensor, slots: torch.Tensor) -> Call:
     """Padded batch: [B, longest] token slots (padding repeats a real token and is masked)."""
@@ -373,12 +322,12 @@ def _torch_decode(inp: Inputs, caches: tuple[torch.Tensor, torch.Tensor], kv_len
         idx = torch.zeros(lens.numel(), 0, dtype=torch.long, device=device)
     hidden = ~valid[:, None, :]  # [B, 1, longest]
     ckv, kpe = caches
-    q_nope, q_pe, scale = inp.q_nope, inp.q_pe, inp.sm_scale
+    q_nope, q_pe, scale, ckv_scale, kpe_scale = inp.q_nope, inp.q_pe, inp.sm_scale, inp.ckv_scale, inp.kpe_scale
     out, lse = output_buffers(inp)
 
     def call() -> tuple[torch.Tensor, torch.Tensor | None]:
-        k = ckv[idx].float()  # [B, longest, ckv]
-        kp = kpe[idx].float()  # [B, longest, kpe]
+        k = _gather(ckv, idx, ckv_scale)  # [B, longest, ckv]
+        kp = _gather(kpe, idx, kpe_scale)  # [B, longest, kpe]
         scores = (torch.bmm(q_nope.float(), k.transpose(1, 2)) + torch.bmm(q_pe.float(), kp.transpose(1, 2)))
         o, l2 = _softmax_pv(scores * scale, hidden, k)
         out.copy_(o)
@@ -406,13 +355,13 @@ def _torch_prefill(inp: Inputs, caches: tuple[torch.Tensor, torch.Tensor], slot_
             hidden = torch.arange(n, device=device)[None, :] > position[:, None]
         plan.append((q0, q1, slots[s0:s1], hidden))
     ckv, kpe = caches
-    q_nope, q_pe, scale = inp.q_nope, inp.q_pe, inp.sm_scale
+    q_nope, q_pe, scale, ckv_scale, kpe_scale = inp.q_nope, inp.q_pe, inp.sm_scale, inp.ckv_scale, inp.kpe_scale
     out, lse = output_buffers(inp)
 
     def call() -> tuple[torch.Tensor, torch.Tensor | None]:
         for q0, q1, seq_slots, hidden in plan:
-            k = ckv[seq_slots].float()  # [n, ckv]
-            kp = kpe[seq_slots].float()  # [n, kpe]
+            k = _gather(ckv, seq_slots, ckv_scale)  # [n, ckv]
+            kp = _gather(kpe, seq_slots, kpe_scale)  # [n, kpe]
             qn = q_nope[q0:q1].float().transpose(0, 1)  # [H, q, ckv]
             qp = q_pe[q0:q1].float().transpose(0, 1)  # [H, q, kpe]
             o, l2 = _softmax_pv((qn @ k.T + qp @ kp.T) * scale, hidden, k)  # [H, q, ckv], [H, q]
@@ -425,7 +374,8 @@ def _torch_prefill(inp: Inputs, caches: tuple[torch.Tensor, torch.Tensor], slot_
 
 def all_peers(max_kv_splits: int = SGLANG_MAX_KV_SPLITS) -> dict[str, Impl]:
     """Every peer adapter, by key, in table order."""
-    from .flashmla import FlashMLAPeer  # its module builds on this one
+    from .flashinfer_mla import FlashInferPeer  # their modules build on this one
+    from .flashmla import FlashMLAPeer
 
     peers: list[Impl] = [FlashInferPeer("fa3"), FlashInferPeer("fa2"), FlashMLAPeer(), SGLangPeer(max_kv_splits),
                          TorchPeer()]

@@ -1,5 +1,10 @@
 """The benchmark's report: the table streamed to stdout and its summary, the files (bench.json, bench.csv,
-bench.png; ``results/README.md`` describes them) and the comparison with committed results."""
+bench.png, and bench_fp8.md when fp8 rows ran; ``results/README.md`` describes them) and the comparison
+with committed results.
+
+A row over an fp8 cache (``kv_dtype: "fp8"``) keeps its workload's id in ``row`` and is shown as
+``<id>:fp8`` (:func:`row_label`); the fp8 table (:func:`fp8_table`) puts ours' fp8 time beside its bf16
+time of the same run and the peers' fp8 times."""
 
 from __future__ import annotations
 
@@ -17,6 +22,13 @@ OURS = ("ours", "ours_fn", "ours_default")  # plan/run (timed against the peers)
 DRY_RUN_NOTE = ("DRY RUN: Triton interpreter on the CPU, tiny shapes, fp16 - the timings mean nothing "
                 "about GPU speed")
 _STATUS_CELL = {"n/a": "n/a", "skipped": "-", "wrong": "WRONG", "error": "ERROR"}
+INEXACT_MARK = "~"  # timed although it missed the tolerance (by design: FlashMLA's fp8 queries)
+FP8_LABEL = ":fp8"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """The row's id, with ``:fp8`` for a row over an fp8 cache."""
+    return row["row"] + (FP8_LABEL if row.get("kv_dtype") == "fp8" else "")
 
 
 def _us(us: float) -> str:
@@ -41,10 +53,15 @@ def table_header(columns: list[str], name_width: int = 16) -> str:
     return head
 
 
+def _mark(e: dict[str, Any]) -> str:
+    """The one-character marker after a time: ~ inexact, * timed without a graph."""
+    return INEXACT_MARK if e.get("status") == "inexact" else "*" if e.get("method") == "cuda-events" else ""
+
+
 def _cell(e: dict[str, Any], width: int = 9) -> str:
     if e.get("median_us") is None:
         return f"{_STATUS_CELL.get(e.get('status', ''), '?'):>{width}}"
-    return f"{_us(e['median_us']):>{width - 1}}{'*' if e.get('method') == 'cuda-events' else ' '}"
+    return f"{_us(e['median_us']):>{width - 1}}{_mark(e) or ' '}"
 
 
 def _ratio(r: float | None) -> str:
@@ -55,7 +72,7 @@ def _ratio(r: float | None) -> str:
 
 def table_line(row: dict[str, Any], columns: list[str], name_width: int = 16) -> str:
     ours = row["impls"].get("ours", {})
-    line = f"{row['row']:<{name_width}} {row['page_size']:>3} {_cell(ours)}"
+    line = f"{row_label(row):<{name_width}} {row['page_size']:>3} {_cell(ours)}"
     if ours.get("median_us") is not None:
         line += f" {ours['gbps']:>7.0f} {ours['tflops']:>7.1f} {ours['floor_frac']:>5.2f}"
     else:
@@ -67,7 +84,10 @@ def table_line(row: dict[str, Any], columns: list[str], name_width: int = 16) ->
         line += f" | {_cell(e, _width(key))}"
         if key != "ours_fn":
             line += f" {_ratio(e.get('ours_over'))}"
-    return line + f"  [{row['seconds']:.1f}s]"
+    line += f"  [{row['seconds']:.1f}s]"
+    if row.get("ours_bf16_us") is not None:
+        line += f"  ours bf16 {_us(row['ours_bf16_us'])} µs"
+    return line
 
 
 EAGER_TITLE = ("eager per-call wall time, no graph (µs): back-to-back calls without a sync or L2 flush "
@@ -81,7 +101,7 @@ def eager_table(rows: list[dict[str, Any]], columns: list[str], name_width: int 
              f"{'row':<{name_width}} {'ps':>3}" + "".join(f" {_SHORT.get(k, k):>9}" for k in columns)
              + f" | {'ours e/g':>8}"]
     for row in rows:
-        line = f"{row['row']:<{name_width}} {row['page_size']:>3}"
+        line = f"{row_label(row):<{name_width}} {row['page_size']:>3}"
         for key in columns:
             e = row["impls"].get(key, {"status": "skipped"})
             us = e.get("eager_us")
@@ -89,6 +109,57 @@ def eager_table(rows: list[dict[str, Any]], columns: list[str], name_width: int 
         ours = row["impls"].get("ours", {})
         r = ratio(ours.get("eager_us"), ours.get("median_us"))
         lines.append(line + f" | {'' if r is None else f'{r:.2f}':>8}")
+    return lines
+
+
+FP8_TITLE = ("fp8 KV cache (float8_e4m3fn, per-tensor scales), µs: ours beside its bf16-cache time of the same "
+             "run, the peers over the same fp8 cache; floor: ours' fraction of the floor, bytes counting the "
+             "cache at 1 byte an element")
+_NAMES = {"fa3": "fa3", "fa2": "fa2", "flashmla": "FlashMLA", "sglang": "SGLang", "torch": "torch"}
+
+
+def _md_time(e: dict[str, Any] | None) -> str:
+    if e is None:
+        return "-"
+    if e.get("median_us") is None:
+        return _STATUS_CELL.get(e.get("status", ""), "?")
+    return _us(e["median_us"]) + _mark(e)
+
+
+def _md_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}"
+
+
+def fp8_table(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The fp8 rows as a markdown table (stdout and bench_fp8.md): per (row, page size) ours' fp8 time,
+    ours' bf16 time of the same run (when it ran both), their ratio, each peer of ``keys`` (the run's
+    implementations with an fp8 path) with ours / peer, and ours' floor fraction; a footnote for the
+    inexact entries. [] without fp8 rows."""
+    fp8 = [r for r in rows if r.get("kv_dtype") == "fp8"]
+    if not fp8:
+        return []
+    peers = [k for k in keys if k not in OURS]
+    head = ["row", "ps", "ours fp8 µs", "ours bf16 µs", "fp8 / bf16"]
+    for k in peers:
+        head += [f"{_NAMES.get(k, k)} fp8 µs", f"ours / {_NAMES.get(k, k)}"]
+    head.append("floor")
+    lines = ["", FP8_TITLE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    inexact: dict[str, list[float]] = {}
+    for r in fp8:
+        ours = r["impls"].get("ours", {})
+        cells = [r["row"], str(r["page_size"]), _md_time(ours),
+                 "-" if r.get("ours_bf16_us") is None else _us(r["ours_bf16_us"]),
+                 _md_ratio(ratio(ours.get("median_us"), r.get("ours_bf16_us")))]
+        for k in peers:
+            e = r["impls"].get(k)
+            cells += [_md_time(e), _md_ratio((e or {}).get("ours_over"))]
+            if e is not None and e.get("status") == "inexact":
+                inexact.setdefault(k, []).append(e.get("rel_err") or 0.0)
+        cells.append("-" if ours.get("floor_frac") is None else f"{ours['floor_frac']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for k, errs in inexact.items():
+        lines += ["", f"{INEXACT_MARK} {_NAMES.get(k, k)}: missed the tolerance by design, timed all the same "
+                      f"(relative error up to {max(errs):.3g}; bench.json's notes say where and by how much)"]
     return lines
 
 
@@ -101,14 +172,15 @@ def summary(doc: dict[str, Any]) -> list[str]:
     by_note: dict[tuple[str, str, str], list[str]] = {}
     subset = []
     for row in doc["rows"]:
-        tag = f"{row['row']} ps{row['page_size']}"
+        tag = f"{row_label(row)} ps{row['page_size']}"
         if row["checked_seqs"] < row["batch"]:
             subset.append(f"{tag} ({row['checked_seqs']} of {row['batch']})")
         for key, e in row["impls"].items():
             if e["status"] != "skipped" and (e["status"] != "ok" or e.get("note")):
                 by_note.setdefault((key, e["status"], e.get("note", "")), []).append(tag)
     labels = {"n/a": "not applicable", "wrong": "WRONG (failed the reference check, not timed)",
-              "error": "ERROR", "ok": "note"}
+              "inexact": "INEXACT (missed the tolerance by design, timed; marked ~)", "error": "ERROR",
+              "ok": "note"}
     for (key, status, note), tags in by_note.items():
         lines.append(f"{labels.get(status, status)}: {key} on {_tags(tags)}: {note}")
     if subset:
@@ -125,8 +197,9 @@ def _tags(tags: list[str]) -> str:
 
 
 def ours_ok(doc: dict[str, Any]) -> bool:
-    """Did our implementation pass the check (and run) on every row?"""
-    return all(row["impls"][k]["status"] == "ok" for row in doc["rows"] for k in OURS if k in row["impls"])
+    """Did our implementation pass the check (and run) on every row where it applies?"""
+    return all(row["impls"][k]["status"] in ("ok", "n/a") for row in doc["rows"] for k in OURS
+               if k in row["impls"])
 
 
 
@@ -137,7 +210,8 @@ CSV_ROW = ("row", "kind", "heads", "batch", "total_q", "kv_tokens", "page_size",
            "checked_seqs")
 CSV_IMPL = ("impl", "status", "median_us", "p10_us", "p90_us", "runs", "method", "gbps", "tflops",
             "floor_frac", "ours_over", "rel_err", "lse_err", "eager_us", "eager_calls", "note")
-CSV_COLUMNS = CSV_ENV + CSV_ROW + CSV_IMPL
+CSV_FP8 = ("kv_dtype", "ours_bf16_us")  # after the older columns: the row's cache dtype, ours' bf16 time
+CSV_COLUMNS = CSV_ENV + CSV_ROW + CSV_IMPL + CSV_FP8
 
 
 def to_csv(doc: dict[str, Any]) -> str:
@@ -147,14 +221,16 @@ def to_csv(doc: dict[str, Any]) -> str:
     writer.writeheader()
     env = {k: doc["env"].get(k) for k in CSV_ENV}
     for row in doc["rows"]:
-        base = {**env, **{k: row.get(k) for k in CSV_ROW}}
+        base = {**env, **{k: row.get(k) for k in CSV_ROW}, "kv_dtype": row.get("kv_dtype", "bf16"),
+                "ours_bf16_us": row.get("ours_bf16_us")}
         for key, e in row["impls"].items():
             writer.writerow({**base, "impl": key, **{k: e.get(k) for k in CSV_IMPL if k != "impl"}})
     return buf.getvalue()
 
 
 def write_results(doc: dict[str, Any], folder: Path, figure: bool = True) -> tuple[list[Path], str]:
-    """Write bench.json, bench.csv and (with matplotlib) bench.png into ``folder``.
+    """Write bench.json, bench.csv, bench_fp8.md (when fp8 rows ran) and (with matplotlib) bench.png into
+    ``folder``.
 
     Returns (the files written, a message about the figure or "").
     """
@@ -162,12 +238,24 @@ def write_results(doc: dict[str, Any], folder: Path, figure: bool = True) -> tup
     written = [folder / "bench.json", folder / "bench.csv"]
     write_atomic(written[0], json.dumps(doc, indent=1) + "\n")
     write_atomic(written[1], to_csv(doc))
+    table = fp8_table(doc["rows"], [k for k, meta in doc["impls"].items() if meta.get("fp8")])
+    if table:
+        env = doc["env"]
+        title = (f"# mla-tune bench, fp8 KV cache: {env['gpu']}, {env['date'][:10]}, torch {env['torch']}, "
+                 f"triton {env['triton']}" + "".join(f", {lib} {env[lib]}" for lib in ("flashinfer", "flash_mla")
+                                                     if env.get(lib)))
+        note = ["", DRY_RUN_NOTE] if doc["dry_run"] else []
+        written.append(folder / "bench_fp8.md")
+        write_atomic(written[-1], "\n".join([title, *note, *table]) + "\n")
     message = ""
     if figure:
         message = draw_figure(doc, folder / "bench.png")
         if not message:
             written.append(folder / "bench.png")
     return written, message
+
+
+OURS_BF16 = "ours bf16"  # the figure's bar of an fp8 row's ours_bf16_us
 
 
 def _fastest_peer(row: dict[str, Any]) -> float | None:
@@ -187,33 +275,36 @@ def draw_figure(doc: dict[str, Any], path: Path) -> str:
         return "matplotlib is not installed: no bench.png (pip install matplotlib, or the 'bench' extra)"
     rows = doc["rows"]
     keys = [k for k in doc["impls"] if k not in ("ours_fn", "ours_default")]
+    if any(r.get("ours_bf16_us") for r in rows):  # fp8 rows: ours over the bf16 cache beside ours over fp8
+        keys.insert(1, OURS_BF16)
     fig, (left, right) = plt.subplots(1, 2, figsize=(16, max(5.0, 0.3 * len(rows) + 2)))
     height = 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
         ys, xs = [], []
         for i, row in enumerate(rows):
             base = _fastest_peer(row) or row["impls"].get("ours", {}).get("median_us")
-            us = row["impls"].get(key, {}).get("median_us")
+            us = row.get("ours_bf16_us") if key == OURS_BF16 else row["impls"].get(key, {}).get("median_us")
             if base and us:
                 ys.append(i + (j - (len(keys) - 1) / 2) * height)
                 xs.append(us / base)
         if xs:  # bars grow from 1; a tick marks each end (the fastest peer's own bar has no length)
-            bars = left.barh(ys, [x - 1.0 for x in xs], height, left=1.0, label=key)
+            bars = left.barh(ys, [x - 1.0 for x in xs], height, left=1.0,
+                             label="ours over the bf16 cache (fp8 rows)" if key == OURS_BF16 else key)
             left.scatter(xs, ys, marker="|", color=bars.patches[0].get_facecolor(), s=60)
     left.set_xscale("log")
     left.axvline(1.0, color="black", linewidth=0.8)
-    left.set_yticks(range(len(rows)), [f"{r['row']} ps{r['page_size']}" for r in rows], fontsize=8)
+    left.set_yticks(range(len(rows)), [f"{row_label(r)} ps{r['page_size']}" for r in rows], fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("time / fastest peer's time (log; below 1: faster than every peer)")
     left.legend(fontsize=8)
     c = doc["ceilings"]
     bw, rate = c["copy_gbps"] * 1e9, c["matmul_tflops"] * 1e12
-    intensity = [r["flops"] / r["bytes"] for r in rows]
+    intensity = [r["flops"] / r["bytes"] for r in rows]  # fp8 rows: the cache counted at 1 byte an element
     lo, hi = min(intensity + [rate / bw]) / 2, max(intensity + [rate / bw]) * 2
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     roof = f"roofline: copy {c['copy_gbps'] / 1e3:.3g} TB/s, matmul {c['matmul_tflops']:.3g} TFLOP/s"
     right.plot(xs, [min(rate, bw * x) / 1e12 for x in xs], color="black", linewidth=1, label=roof)
-    for key, marker in zip(keys, "o^sDvP*" * 2, strict=False):
+    for key, marker in zip([k for k in keys if k != OURS_BF16], "o^sDvP*" * 2, strict=False):
         pts = [(r["flops"] / r["bytes"], r["impls"][key]["tflops"]) for r in rows
                if r["impls"].get(key, {}).get("tflops")]
         if pts:
@@ -250,13 +341,18 @@ def cache_layout(doc: dict[str, Any]) -> str:
     return str(doc.get("settings", {}).get("cache_layout") or "split")
 
 
+def kv_dtypes(doc: dict[str, Any]) -> list[str]:
+    """The KV cache dtypes a results file ran (files written before the setting: bf16 only)."""
+    return list(doc.get("settings", {}).get("kv_dtypes") or ["bf16"])
+
+
 def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> tuple[list[str], bool]:
     """Per (row, page size, implementation) present in both: committed and fresh median, deviation.
 
     Returns (report lines, whether ours stayed ok and within ``tolerance`` (a fraction) everywhere).
     """
     def index(doc: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, Any]]:
-        return {(r["row"], r["page_size"], k): e for r in doc["rows"] for k, e in r["impls"].items()}
+        return {(row_label(r), r["page_size"], k): e for r in doc["rows"] for k, e in r["impls"].items()}
 
     before, after = index(old), index(new)
     lines = [f"compare with {old['env']['gpu']} results of {old['env']['date']} (tolerance {tolerance:.0%}):"]

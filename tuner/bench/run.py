@@ -16,6 +16,14 @@ views of one [pages, 64, ckv + kpe] tensor, so that ours, FlashInfer, FlashMLA a
 same memory there, and as two tensors at other page sizes; ``split`` and ``fused`` use one layout
 everywhere.
 
+KV cache dtype (``Settings.kv_dtypes``): ``bf16`` rows keep the cache in the query dtype; ``fp8`` rows
+quantize the same values to float8_e4m3fn with per-tensor scales (``make_inputs(..., kv_dtype=FP8)``) and
+run the implementations with an fp8 path (:attr:`tuner.bench.peers.Impl.fp8`; the others are ``n/a``),
+checked against the float32 reference over the dequantized cache; their bytes count the cache at one byte
+an element. With both, a row's fp8 entry follows its bf16 one and carries ours' bf16 time
+(``ours_bf16_us``). A peer that quantizes more than the cache (FlashMLA's fp8 queries) may miss the
+tolerance by design: if its output is otherwise well formed it is timed all the same, as ``inexact``.
+
 Results: a table on stdout (streamed row by row), and ``bench.json`` / ``bench.csv`` / ``bench.png``
 (``results/README.md`` describes them). :func:`compare` checks a fresh run against a committed one.
 """
@@ -34,17 +42,17 @@ from typing import Any
 
 import torch
 
-from tuner.harness.check import check, tolerance_for
+from tuner.harness.check import Tolerance, check, tolerance_for
 from tuner.harness.floors import Ceilings, achieved, floor_fraction, floor_us, measure_ceilings, ratio
-from tuner.harness.inputs import Inputs, Workload, make_inputs
+from tuner.harness.inputs import FP8, Inputs, Workload, make_inputs
 from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
 from tuner.harness.timing import EAGER_BATCHES, EAGER_CALLS, EAGER_MIN_CALLS, Timing, time_call, time_eager
 from tuner.runtime import paths
 from tuner.runtime.device import gpu_info
 
 from .ours import implementations
-from .peers import Impl
-from .report import DRY_RUN_NOTE, OURS, SCHEMA_VERSION, eager_table, table_header, table_line
+from .peers import Impl, NotApplicable
+from .report import DRY_RUN_NOTE, OURS, SCHEMA_VERSION, eager_table, fp8_table, table_header, table_line
 from .rows import _workload_dict, known_rows, page_sizes_of
 
 DEFAULT_RUNS = 40
@@ -53,6 +61,8 @@ DEFAULT_CHECK_SEQS = 32
 DRY_RUN_RUNS = 2
 CACHE_LAYOUTS = ("auto", "split", "fused")
 FUSED_PAGE_SIZE = 64  # "auto": the page size where FlashMLA runs
+KV_DTYPES = {"bf16": None, "fp8": FP8}  # a row's cache: the query dtype (make_inputs' None), or fp8
+WELL_FORMED = Tolerance(atol=math.inf, rtol=math.inf, lse=math.inf)  # the check without its tolerance
 
 Log = Callable[[str], None]
 
@@ -64,12 +74,12 @@ def reference_prefix(w: Workload, inp: Inputs, check_seqs: int) -> tuple[torch.T
     last = inp.kv_last_page_len[:n]
     if inp.qo_indptr is None:
         out, lse = mla_decode_ref(inp.q_nope[:n], inp.q_pe[:n], inp.ckv_cache, inp.kpe_cache,
-                                  inp.kv_indptr[: n + 1], inp.kv_indices, inp.sm_scale, last)
+                                  inp.kv_indptr[: n + 1], inp.kv_indices, inp.sm_scale, last, **inp.scales)
     else:
         rows = int(inp.qo_indptr[n])
         out, lse = mla_prefill_ref(inp.q_nope[:rows], inp.q_pe[:rows], inp.ckv_cache, inp.kpe_cache,
                                    inp.qo_indptr[: n + 1], inp.kv_indptr[: n + 1], inp.kv_indices,
-                                   inp.sm_scale, last, causal=w.causal)
+                                   inp.sm_scale, last, causal=w.causal, **inp.scales)
     return out, lse, n
 
 
@@ -93,6 +103,7 @@ class Settings:
     dry_run: bool
     eager: bool = False  # also time_eager every implementation (the bench does on CUDA)
     cache_layout: str = "auto"  # CACHE_LAYOUTS
+    kv_dtypes: tuple[str, ...] = ("bf16",)  # keys of KV_DTYPES, in the order each row runs them
 
 
 def fused_at(layout: str, page_size: int) -> bool:
@@ -135,14 +146,19 @@ def run_impl(impl: Impl, w: Workload, inp: Inputs, page_size: int, ref: tuple[to
     entry["info"] = prepared.info
     out, lse = prepared.outputs()
     _sync(s.device)
-    passed, rel, lse_err, problem = check_output(out, lse if impl.returns_lse else None, *ref)
+    lse = lse if impl.returns_lse else None
+    passed, rel, lse_err, problem = check_output(out, lse, *ref)
     entry.update(rel_err=_sig(rel, 3), lse_err=_sig(lse_err, 3))
     if not passed:
-        entry.update(status="wrong", note=problem)
-        return entry
+        why = impl.inexact(inp)
+        if why is None or not check(out, lse, *ref, tol=WELL_FORMED):
+            entry.update(status="wrong", note=problem)
+            return entry
+        entry.update(status="inexact", note=f"{why}: {problem}")  # missed the tolerance only: timed
     timing, method, note = _time(prepared.call, s)
     entry.update(median_us=_sig(timing.median_us, 5), p10_us=_sig(timing.p10_us, 5),
-                 p90_us=_sig(timing.p90_us, 5), runs=timing.runs, method=method, note=note)
+                 p90_us=_sig(timing.p90_us, 5), runs=timing.runs, method=method,
+                 note="; ".join(n for n in (entry["note"], note) if n))
     if s.eager and impl.eager:
         eager = time_eager(prepared.call, device=s.device, warmup=s.warmup)
         entry.update(eager_us=_sig(eager.median_us, 5), eager_calls=eager.calls)
@@ -167,21 +183,24 @@ def _kind(w: Workload) -> str:
 
 
 def bench_row(w: Workload, page_size: int, impls: dict[str, Impl], reasons: dict[str, str], worked: set[str],
-              ceilings: Ceilings, s: Settings, log: Log) -> dict[str, Any]:
-    """One (row, page size): inputs, reference, every implementation; the row's result entry.
+              ceilings: Ceilings, s: Settings, log: Log, kv_dtype: str = "bf16") -> dict[str, Any]:
+    """One (row, page size, KV cache dtype): inputs, reference, every implementation; the row's result
+    entry.
 
     A peer that fails before it has ever worked is added to ``reasons`` and not tried again (a broken
     install or JIT would otherwise cost its load time on every row); ``worked`` holds those that ran.
     """
     t0 = time.perf_counter()
     fused = fused_at(s.cache_layout, page_size)
-    inp = make_inputs(w, page_size, s.dtype, s.device, s.seed, fused=fused)
+    cache_dtype = KV_DTYPES[kv_dtype]
+    inp = make_inputs(w, page_size, s.dtype, s.device, s.seed, fused=fused, kv_dtype=cache_dtype)
     ref_out, ref_lse, checked = reference_prefix(w, inp, s.check_seqs)
-    bytes_moved, flops = w.bytes_moved(torch.empty(0, dtype=s.dtype).element_size()), w.flops()
+    itemsize = torch.empty(0, dtype=s.dtype).element_size()
+    bytes_moved, flops = w.bytes_moved(itemsize, inp.ckv_cache.element_size()), w.flops()
     row: dict[str, Any] = {
         "row": w.name, "kind": _kind(w), "heads": w.heads, "batch": w.batch, "total_q": w.total_q,
         "kv_tokens": sum(w.kv_lens), "page_size": page_size, "cache": "fused" if fused else "split",
-        "bytes": bytes_moved, "flops": flops,
+        "kv_dtype": kv_dtype, "bytes": bytes_moved, "flops": flops,
         "floor_us": _sig(floor_us(bytes_moved, flops, ceilings.copy_bytes_per_s,
                                   ceilings.matmul_flops_per_s)),
         "checked_seqs": checked, "impls": {},
@@ -193,12 +212,16 @@ def bench_row(w: Workload, page_size: int, impls: dict[str, Impl], reasons: dict
             row["impls"][key] = {"status": "skipped", "note": reasons[key]}
             continue
         why = impl.not_applicable(w, page_size)
+        if cache_dtype is not None and not impl.fp8:
+            why = f"16-bit cache only (no {kv_dtype} path)"
         if why:
             row["impls"][key] = {"status": "n/a", "note": why}
             continue
         t_impl = time.perf_counter()
         try:
             row["impls"][key] = run_impl(impl, w, inp, page_size, (ref_out, ref_lse), s)
+        except NotApplicable as err:
+            row["impls"][key] = {"status": "n/a", "note": str(err)}
         except Exception as err:  # noqa: BLE001 - a failing implementation is reported, never fatal
             _sync_quietly(s.device)
             msg = _describe(err)
@@ -299,22 +322,34 @@ def run_bench(rows: list[Workload], page_sizes: list[int], peer_keys: list[str],
            else "wall clock of one call")
     log(f"timing: {how}, median of {s.runs} runs; x = ours time / peer time (below 1: ours is faster)")
     log(f"caches: {_layout_words(s.cache_layout)}")
+    if "fp8" in s.kv_dtypes:
+        log("fp8 rows (id:fp8): the caches in float8_e4m3fn, per-tensor scales amax / 448 (one for both in the "
+            "fused layout), queries in the input dtype; bytes count the cache at 1 byte an element")
     columns = [k for k in impls]
-    name_width = max([len(w.name) for w in rows] + [4])
+    name_width = max([len(w.name) + (4 if "fp8" in s.kv_dtypes else 0) for w in rows] + [4])
     log(table_header(columns, name_width))
     results = []
     worked: set[str] = set()
     for w in rows:
         for ps in page_sizes_of(w, page_sizes):
-            row = bench_row(w, ps, impls, reasons, worked, ceilings, s, log)
-            results.append(row)
-            log(table_line(row, columns, name_width))
+            ours_16bit = None
+            for kv in s.kv_dtypes:
+                row = bench_row(w, ps, impls, reasons, worked, ceilings, s, log, kv)
+                if kv == "bf16":
+                    ours_16bit = row["impls"].get("ours", {}).get("median_us")
+                elif "bf16" in s.kv_dtypes:
+                    row["ours_bf16_us"] = ours_16bit
+                results.append(row)
+                log(table_line(row, columns, name_width))
     if s.eager:
         for line in eager_table(results, [k for k in columns if impls[k].eager], name_width):
             log(line)
     else:
         log("eager per-call time: not measured (" + ("CUDA only: a dry run times single calls by wall clock"
                                                      if s.device.type != "cuda" else "--no-eager") + ")")
+    if "fp8" in s.kv_dtypes:
+        for line in fp8_table(results, [k for k, impl in impls.items() if impl.fp8]):
+            log(line)
     doc: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "tool": "mla-tune bench", "dry_run": s.dry_run,
         "note": DRY_RUN_NOTE if s.dry_run else "", "env": env,
@@ -324,11 +359,11 @@ def run_bench(rows: list[Workload], page_sizes: list[int], peer_keys: list[str],
         "settings": {"dtype": str(s.dtype).removeprefix("torch."), "runs": s.runs, "warmup": s.warmup,
                      "seed": s.seed, "check_seqs": s.check_seqs, "page_sizes": page_sizes,
                      "tolerance": asdict(tolerance_for(s.dtype)), "l2_flush": True,
-                     "cache_layout": s.cache_layout,
+                     "cache_layout": s.cache_layout, "kv_dtypes": list(s.kv_dtypes),
                      "eager": {"calls": EAGER_CALLS, "min_calls": EAGER_MIN_CALLS, "batches": EAGER_BATCHES,
                                "warmup": s.warmup} if s.eager else None},
         "impls": {k: {"label": impl.label, "available": k not in reasons, "reason": reasons.get(k),
-                      "returns_lse": impl.returns_lse} for k, impl in impls.items()},
+                      "returns_lse": impl.returns_lse, "fp8": impl.fp8} for k, impl in impls.items()},
         "rows": results,
     }
     return doc
