@@ -130,6 +130,37 @@ def _fp8_scales(ckv_scale, kpe_scale, qk_scale, CKV_SCALE_PTR: tl.constexpr, KPE
 
 
 @triton.jit
+def _fp8_widen(x, dtype: tl.constexpr):
+    """float8_e4m3fn -> ``dtype`` exactly: fp16 by moving the byte's exponent and mantissa bits into fp16's
+    fields (fp16's exponent bias is 15, e4m3's 7: times 2^8 after; subnormals land on fp16 subnormals) and
+    its sign into fp16's, integer and fp16 operations at full rate where the converting instructions (e4m3 ->
+    f16 -> bf16) are a fraction of it; NaN (0x7f / 0xff) stays NaN. float32 (the interpreter's test dtype):
+    a plain conversion."""
+    if dtype == tl.float32:
+        return x.to(tl.float32)
+    b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
+    h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    f = h.to(tl.float16, bitcast=True) * 256.0
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), f).to(tl.float16)
+
+
+@triton.jit
+def _fp8_queries(q_nope, q_pe):
+    """The queries in the products' working type with an fp8 cache: fp16 (the widened tiles' type; 3 more
+    mantissa bits than bf16, exact for every bf16 value in fp16's range), scaled by a power of two when their
+    largest magnitude passes 2^14 so that none overflows; returns (q_nope, q_pe, q_unscale), q_unscale the
+    power of two the scores are multiplied back by. float32 queries (the interpreter's test dtype) stay."""
+    if q_nope.dtype == tl.float32:
+        return q_nope, q_pe, 1.0
+    amax = tl.maximum(tl.max(tl.max(tl.abs(q_nope.to(tl.float32)), 1), 0),
+                      tl.max(tl.max(tl.abs(q_pe.to(tl.float32)), 1), 0))
+    shift = tl.where(amax > 16384.0, tl.ceil(tl.log2(amax)) - 14.0, 0.0)
+    down = tl.exp2(-shift)
+    return ((q_nope.to(tl.float32) * down).to(tl.float16), (q_pe.to(tl.float32) * down).to(tl.float16),
+            tl.exp2(shift))
+
+
+@triton.jit
 def _share_start(p, total_pages, num_programs):
     """First page of program p's share of the page stream (int64: p * total_pages can pass 2^31)."""
     return (total_pages.to(tl.int64) * p) // num_programs
@@ -212,6 +243,7 @@ def _decode_stage1(
             q_pe_ptr + seq64 * stride_qp_b + offs_h[:, None] * stride_qp_h + offs_kpe[None, :],
             mask=mask_h[:, None], other=0.0,
         )
+        q_nope, q_pe, q_unscale = _fp8_queries(q_nope, q_pe)
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
@@ -225,10 +257,11 @@ def _decode_stage1(
                 slot0 = n0 % 64
                 ckv = tl.reshape(ckv_desc.load([page_id, slot0, 0]), [BLOCK_N, 512])
                 kpe = tl.reshape(kpe_desc.load([page_id, slot0, 0]), [BLOCK_N, 64])
-                ckv = ckv.to(q_nope.dtype)
-                kpe = kpe.to(q_pe.dtype)
+                ckv = _fp8_widen(ckv, q_nope.dtype)
+                kpe = _fp8_widen(kpe, q_pe.dtype)
                 qk = tl.dot(q_pe, tl.trans(kpe)) * kpe_ratio
-                qk = tl.dot(q_nope, tl.trans(ckv), qk)
+                qk = tl.dot(q_nope, tl.trans(ckv), qk) * q_unscale
+
                 m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, qk * qk_scale, ckv)
 
             start = tma_end
@@ -243,10 +276,11 @@ def _decode_stage1(
                                                 offs_n + BLOCK_N < end)
             ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                      stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
-            ckv = ckv.to(q_nope.dtype)
-            kpe = kpe.to(q_pe.dtype)
+            ckv = _fp8_widen(ckv, q_nope.dtype)
+            kpe = _fp8_widen(kpe, q_pe.dtype)
             qk = tl.dot(q_pe, tl.trans(kpe)) * kpe_ratio
-            qk = tl.dot(q_nope, tl.trans(ckv), qk)
+            qk = tl.dot(q_nope, tl.trans(ckv), qk) * q_unscale
+
             s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
         o, lse = _softmax_finish(m_i, l_i, acc)
@@ -430,7 +464,7 @@ def launch(
     pdl = bool(pdl) and _pdl_ready(q_nope)
     _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                    out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl, ckv_scale, kpe_scale)
+                   pdl, ckv_scale=ckv_scale, kpe_scale=kpe_scale)
     grid2 = (batch * triton.cdiv(64, merge_block_h) * (512 // merge_block_d),)
     pieces = merge_pieces(merge_block_h, merge_block_d, merge_num_warps)
     _decode_stage2[grid2](
@@ -443,7 +477,7 @@ def launch(
 
 def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                    out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl=False, ckv_scale=1.0, kpe_scale=1.0):
+                   pdl=False, *, ckv_scale, kpe_scale):
     """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early."""
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None

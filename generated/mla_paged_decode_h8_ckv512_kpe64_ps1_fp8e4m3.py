@@ -26,14 +26,41 @@ Algorithm (balanced split-KV flash decoding, absorbed MLA):
 Nothing here reads host data, so a launch can be captured in a CUDA graph.
 """
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 try:  # grid dependency control (programmatic dependent launch, sm_90+; Triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gdc_launch_dependents = gdc_wait = None
+GLUON_ERROR = None
+"""Why Gluon's Hopper API is unusable with this Triton (then the Triton kernels serve every config and
+the runtime's loader warns once), or None."""
+try:  # Gluon's Hopper API (Triton 3.6-3.9): without it the Triton kernels serve every config
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+    # Gluon renamed its copies: triton 3.8 added cp.async's async_copy.async_load and TMA's tma.async_load
+    # (the old async_copy_global_to_shared names kept as aliases); from 3.9 the old names raise. Same arguments.
+    _cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+except (ImportError, AttributeError) as _err:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+    GLUON_ERROR = f"{type(_err).__name__}: {_err}"
+
 NAME = "mla_paged_decode_h8_ckv512_kpe64_ps1_fp8e4m3"
 VARIANT = "decode"
 NUM_HEADS = 8
@@ -124,6 +151,37 @@ def _fp8_scales(ckv_scale, kpe_scale, qk_scale, CKV_SCALE_PTR: tl.constexpr, KPE
 
 
 @triton.jit
+def _fp8_widen(x, dtype: tl.constexpr):
+    """float8_e4m3fn -> ``dtype`` exactly: fp16 by moving the byte's exponent and mantissa bits into fp16's
+    fields (fp16's exponent bias is 15, e4m3's 7: times 2^8 after; subnormals land on fp16 subnormals) and
+    its sign into fp16's, integer and fp16 operations at full rate where the converting instructions (e4m3 ->
+    f16 -> bf16) are a fraction of it; NaN (0x7f / 0xff) stays NaN. float32 (the interpreter's test dtype):
+    a plain conversion."""
+    if dtype == tl.float32:
+        return x.to(tl.float32)
+    b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
+    h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    f = h.to(tl.float16, bitcast=True) * 256.0
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), f).to(tl.float16)
+
+
+@triton.jit
+def _fp8_queries(q_nope, q_pe):
+    """The queries in the products' working type with an fp8 cache: fp16 (the widened tiles' type; 3 more
+    mantissa bits than bf16, exact for every bf16 value in fp16's range), scaled by a power of two when their
+    largest magnitude passes 2^14 so that none overflows; returns (q_nope, q_pe, q_unscale), q_unscale the
+    power of two the scores are multiplied back by. float32 queries (the interpreter's test dtype) stay."""
+    if q_nope.dtype == tl.float32:
+        return q_nope, q_pe, 1.0
+    amax = tl.maximum(tl.max(tl.max(tl.abs(q_nope.to(tl.float32)), 1), 0),
+                      tl.max(tl.max(tl.abs(q_pe.to(tl.float32)), 1), 0))
+    shift = tl.where(amax > 16384.0, tl.ceil(tl.log2(amax)) - 14.0, 0.0)
+    down = tl.exp2(-shift)
+    return ((q_nope.to(tl.float32) * down).to(tl.float16), (q_pe.to(tl.float32) * down).to(tl.float16),
+            tl.exp2(shift))
+
+
+@triton.jit
 def _share_start(p, total_pages, num_programs):
     """First page of program p's share of the page stream (int64: p * total_pages can pass 2^31)."""
     return (total_pages.to(tl.int64) * p) // num_programs
@@ -206,6 +264,7 @@ def _decode_stage1(
             q_pe_ptr + seq64 * stride_qp_b + offs_h[:, None] * stride_qp_h + offs_kpe[None, :],
             mask=mask_h[:, None], other=0.0,
         )
+        q_nope, q_pe, q_unscale = _fp8_queries(q_nope, q_pe)
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
@@ -220,10 +279,11 @@ def _decode_stage1(
                                                 offs_n + BLOCK_N < end)
             ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                      stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
-            ckv = ckv.to(q_nope.dtype)
-            kpe = kpe.to(q_pe.dtype)
+            ckv = _fp8_widen(ckv, q_nope.dtype)
+            kpe = _fp8_widen(kpe, q_pe.dtype)
             qk = tl.dot(q_pe, tl.trans(kpe)) * kpe_ratio
-            qk = tl.dot(q_nope, tl.trans(ckv), qk)
+            qk = tl.dot(q_nope, tl.trans(ckv), qk) * q_unscale
+
             s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
         o, lse = _softmax_finish(m_i, l_i, acc)
@@ -324,6 +384,442 @@ def _decode_stage2(
         tl.store(lse_ptr + seq * stride_lse_b + offs_h, lse, mask=mask_h)
 
 
+if gluon is not None:
+    WS_LOADER_WARPS = gl.constexpr(4)
+    """Warps of the gathering loader (a loader that issues bulk copies is one warp)."""
+    _WS_GATHER = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+    """[rows, 64] column chunks of gathered KV rows: 16 bytes per thread and copy."""
+
+    @gluon.jit
+    def _ws_gather_rows(kv_indices_ptr, first_page, n0, end, BLOCK_N: gl.constexpr):
+        """Cache rows (page_id * page_size + slot, int64) of KV tokens [n0, n0 + BLOCK_N), and which are < end."""
+        tok = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _WS_GATHER))
+        ok = tok < end
+        page_id = gl.load(kv_indices_ptr + first_page + tok // 1, mask=ok, other=0)
+        return page_id.to(gl.int64) * 1 + tok % 1, ok
+
+    @gluon.jit
+    def _ws_gather(ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, rows, ok, kc, kp, ready):
+        """cp.async of the rows' ckv and kpe vectors into one stage (zeros for rows not ok); `ready`
+        completes when the copies of every loader thread have landed (its count is the loader's threads)."""
+        cols = gl.arange(0, 64, layout=gl.SliceLayout(0, _WS_GATHER))
+        src = ckv_ptr + gl.multiple_of(rows * stride_ckv, 8)[:, None] + cols[None, :]
+        for c in gl.static_range(0, 512, 64):
+            _cp_async_load(kc.slice(c, 64, dim=1), src + c, mask=ok[:, None])
+        src = kpe_ptr + gl.multiple_of(rows * stride_kpe, 8)[:, None] + cols[None, :]
+        for c in gl.static_range(0, 64, 64):
+            _cp_async_load(kp.slice(c, 64, dim=1), src + c, mask=ok[:, None])
+        async_copy.mbarrier_arrive(ready, increment_count=False)
+
+    @gluon.jit
+    def _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, kc, kp, ready):
+        """Bulk tensor copies of the KV tile of tokens [n0, n0 + BLOCK_N), which lies inside one page."""
+        page_id = gl.load(kv_indices_ptr + first_page + n0 // 1)
+        row = page_id * 1 + n0 % 1
+        mbarrier.expect(ready, ckv_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
+        _tma_load(ckv_desc, [row, 0], ready, kc)
+        _tma_load(kpe_desc, [row, 0], ready, kp)
+
+    @gluon.jit
+    def _ws_load_kv(ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, kv_indices_ptr, first_page,
+                    start, end, it, kc_s, kp_s, kv_ready, kv_empty,
+                    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, GATHER: gl.constexpr):
+        """The loader's KV tiles of tokens [start, end) into the stage ring; returns the next ring count.
+        Gathering, the next tile's page ids are read while the current tile's copies fly."""
+        if GATHER:
+            rows, ok = _ws_gather_rows(kv_indices_ptr, first_page, start, end, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            s = it % NUM_STAGES
+            mbarrier.wait(kv_empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+            if GATHER:
+                _ws_gather(ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, rows, ok, kc_s.index(s), kp_s.index(s),
+                           kv_ready.index(s))
+                rows, ok = _ws_gather_rows(kv_indices_ptr, first_page, n0 + BLOCK_N, end, BLOCK_N)
+            else:
+                _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, kc_s.index(s), kp_s.index(s),
+                         kv_ready.index(s))
+            it += 1
+        return it
+
+    @gluon.jit
+    def _ws_fp16(x):
+        """float8_e4m3fn -> fp16 exactly, as the Triton kernels' _fp8_widen (bit moves and one fp16 multiply)."""
+        b = x.to(gl.uint8, bitcast=True).to(gl.uint16)
+        h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+        f = h.to(gl.float16, bitcast=True) * 256.0
+        return gl.where((b & 0x7F) == 0x7F, float("nan"), f).to(gl.float16)
+
+    @gluon.jit
+    def _ws_queries(q_nope_s, q_pe_s, qn16_s, qp16_s):
+        """The piece's query rows in fp16 (qn16_s, qp16_s), scaled by a power of two when their largest magnitude
+        passes 2^14 (as the Triton kernels' _fp8_queries); returns the power of two the scores are multiplied
+        back by."""
+        wide: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        narrow: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        qn = q_nope_s.load(wide).to(gl.float32)
+        qp = q_pe_s.load(narrow).to(gl.float32)
+        amax = gl.maximum(gl.max(gl.max(gl.abs(qn), 1), 0), gl.max(gl.max(gl.abs(qp), 1), 0))
+        shift = gl.where(amax > 16384.0, gl.ceil(gl.log2(amax)) - 14.0, 0.0)
+        down = gl.exp2(-shift)
+        qn16_s.store((qn * down).to(gl.float16))
+        qp16_s.store((qp * down).to(gl.float16))
+        return gl.exp2(shift)
+
+    @gluon.jit
+    def _ws_widen_one(src, dst, n0, tail, BLOCK_N: gl.constexpr, WIDTH: gl.constexpr):
+        """src (an fp8 stage, [BLOCK_N, WIDTH]) into dst in fp16, exactly (_ws_fp16); rows past `tail` (unused
+        slots of the last page, which may hold NaN) as zeros."""
+        TPC: gl.constexpr = WIDTH // 16 if WIDTH < 512 else 32  # threads along a row: 16 bytes each
+        layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // TPC, TPC], [4, 1], [1, 0])
+        # slices of 8 rows (one period of the shared layout's swizzle), or the whole tile when it is narrow
+        ROWS: gl.constexpr = BLOCK_N if WIDTH * BLOCK_N <= 4096 else 8
+        for r0 in gl.static_range(0, BLOCK_N, ROWS):
+            rows = n0 + r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+            x = src.slice(r0, ROWS, dim=0).load(layout)
+            dst.slice(r0, ROWS, dim=0).store(gl.where((rows < tail)[:, None], _ws_fp16(x), 0.0))
+
+    @gluon.jit
+    def _ws_scales(ckv_scale, kpe_scale, qk_scale, CKV_SCALE_PTR: gl.constexpr, KPE_SCALE_PTR: gl.constexpr):
+        """As the Triton kernels' _fp8_scales: (ckv scale, kpe_scale / ckv_scale, qk_scale * ckv scale)."""
+        if CKV_SCALE_PTR:
+            v_scale = gl.load(ckv_scale).to(gl.float32)
+        else:
+            v_scale = ckv_scale
+        if KPE_SCALE_PTR:
+            k_scale = gl.load(kpe_scale).to(gl.float32)
+        else:
+            k_scale = kpe_scale
+        return v_scale, k_scale / v_scale, qk_scale * v_scale
+
+    @gluon.jit
+    def _ws_zero_tail(kc, n0, tail, BLOCK_N: gl.constexpr):
+        """Zero the rows of a bulk-copied tile past `tail` (unused slots of the last page may hold NaN,
+        and 0 * NaN would reach the output through PV)."""
+        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        if n0 + BLOCK_N > tail:
+            valid = tail - n0
+            for r0 in gl.static_range(0, BLOCK_N, 8):
+                if r0 + 8 > valid:
+                    chunk = kc.slice(r0, 8, dim=0)
+                    rows = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, zero_layout))
+                    chunk.store(gl.where((rows < valid)[:, None], chunk.load(zero_layout), 0.0))
+
+    @gluon.jit
+    def _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+        """Shared memory of the warp-specialized kernel and its barriers (initialised): the query rows, the
+        KV stage ring (read by the one math warpgroup), one P^T buffer (as many rows as the heads)."""
+        q_dtype: gl.constexpr = q_nope_desc.dtype  # the queries' 16-bit type, as loaded
+        dtype: gl.constexpr = gl.float16  # the products' type: the widened KV tile, the queries' copies, P
+        kv_dtype: gl.constexpr = ckv_desc.dtype  # the fp8 stage ring
+        q_nope_s = gl.allocate_shared_memory(q_dtype, q_nope_desc.block_type.shape, q_nope_desc.layout)
+        q_pe_s = gl.allocate_shared_memory(q_dtype, q_pe_desc.block_type.shape, q_pe_desc.layout)
+        qn16_s = gl.allocate_shared_memory(dtype, q_nope_desc.block_type.shape,
+                                           gl.NVMMASharedLayout.get_default_for(q_nope_desc.block_type.shape, dtype))
+        qp16_s = gl.allocate_shared_memory(dtype, q_pe_desc.block_type.shape,
+                                           gl.NVMMASharedLayout.get_default_for(q_pe_desc.block_type.shape, dtype))
+        kc_s = gl.allocate_shared_memory(kv_dtype, [NUM_STAGES] + ckv_desc.block_type.shape, ckv_desc.layout)
+        kp_s = gl.allocate_shared_memory(kv_dtype, [NUM_STAGES] + kpe_desc.block_type.shape, kpe_desc.layout)
+        # one tile widened to 16 bits (the math warpgroup converts a stage into it, then multiplies from it)
+        kc16_s = gl.allocate_shared_memory(dtype, ckv_desc.block_type.shape,
+                                           gl.NVMMASharedLayout.get_default_for(ckv_desc.block_type.shape, dtype))
+        kp16_s = gl.allocate_shared_memory(dtype, kpe_desc.block_type.shape,
+                                           gl.NVMMASharedLayout.get_default_for(kpe_desc.block_type.shape, dtype))
+        P_ROWS: gl.constexpr = q_nope_desc.block_type.shape[0]
+        p_s = gl.allocate_shared_memory(dtype, [P_BUFS, P_ROWS, BLOCK_N],
+                                        gl.NVMMASharedLayout.get_default_for([P_ROWS, BLOCK_N], dtype))
+        bar: gl.constexpr = mbarrier.MBarrierLayout()
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], bar)
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], bar)
+        kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar)
+        kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar)
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            # gathered: every loader thread arrives when its own copies land; bulk: one arrival + bytes
+            mbarrier.init(kv_ready.index(i), count=WS_LOADER_WARPS * 32 if GATHER else 1)
+            mbarrier.init(kv_empty.index(i), count=1)
+        return q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty, kc16_s, kp16_s, qn16_s, qp16_s
+
+    @gluon.jit
+    def _ws_share(kv_indptr_ptr, batch, num_programs, p):
+        """[start, end) of program p's share of the page stream (as _share_start)."""
+        total = gl.load(kv_indptr_ptr + batch).to(gl.int64)
+        return (total * p) // num_programs, (total * (p + 1)) // num_programs
+
+    @gluon.jit
+    def _ws_find_request(kv_indptr_ptr, batch, page, WARPS: gl.constexpr):
+        """The last request b with kv_indptr[b] <= page, by _find_request's search (WARPS: the partition's).
+        Every warp holds all the samples (a [1, FIND_SAMPLES] tile, warps along the unit dimension), so the
+        count is a shuffle reduction inside each warp: no shared-memory scratch, no registers beyond a few."""
+        layout: gl.constexpr = gl.BlockedLayout([1, FIND_SAMPLES // 32], [1, 32], [WARPS, 1], [1, 0])
+        offs = gl.arange(0, FIND_SAMPLES, layout=gl.SliceLayout(0, layout))[None, :]
+        lo = batch * 0
+        if batch > 1:  # (Triton specialises a batch of one to a constant: then no search is compiled)
+            n = batch
+            while n > 1:
+                step = (n + FIND_SAMPLES - 1) // FIND_SAMPLES
+                idx = lo + offs * step
+                below = gl.sum(gl.sum((gl.load(kv_indptr_ptr + idx, mask=idx < lo + n, other=2147483647) <= page)
+                                      .to(gl.int32), axis=1), axis=0)
+                end = lo + n
+                lo = lo + gl.maximum(below - 1, 0) * step
+                n = gl.minimum(step, end - lo)
+        return lo
+
+    @gluon.jit
+    def _ws_piece(kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN: gl.constexpr):
+        """Request seq's piece of a share: (first_page, seq_end, chunk_end, start token, end token)."""
+        first_page = gl.load(kv_indptr_ptr + seq)
+        seq_end = gl.load(kv_indptr_ptr + seq + 1)
+        n_pages = seq_end - first_page
+        kv_len = gl.maximum(n_pages, 0)  # one token per page: kv_last_page_len is 1 (as _kv_len)
+        chunk_end = gl.minimum(share_end, seq_end)
+        start = ((page - first_page) * 1).to(gl.int32)
+        end = gl.maximum(gl.minimum((chunk_end - first_page) * 1, kv_len).to(gl.int32), start)
+        return first_page, seq_end, chunk_end, start, end
+
+    @gluon.jit
+    def _ws_loader(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
+                   kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
+                   q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
+                   HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   GATHER: gl.constexpr, PDL: gl.constexpr):
+        """The loader: per piece the query rows (bulk copies), then its KV tiles into the stage ring. With
+        PDL, once its last tile is issued it lets stage 2 launch (griddepcontrol.launch_dependents: the
+        first call in a CTA counts), so stage 2's programs arrive during this grid's tail, not beside it."""
+        pid = gl.program_id(0)
+        p = pid // 1
+        g = pid % 1
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, p)
+        if page < share_end:
+            seq = _ws_find_request(kv_indptr_ptr, batch, page, WS_LOADER_WARPS if GATHER else 1)
+            it = 0
+            pc = 0
+            while page < share_end:
+                first_page, seq_end, chunk_end, start, end = _ws_piece(
+                    kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN)
+                mbarrier.wait(q_empty, (pc & 1) ^ 1)
+                mbarrier.expect(q_ready, q_nope_desc.block_type.nbytes + q_pe_desc.block_type.nbytes)
+                row_q = (seq * 8 + g * 64).to(gl.int32)
+                _tma_load(q_nope_desc, [row_q, 0], q_ready, q_nope_s)
+                _tma_load(q_pe_desc, [row_q, 0], q_ready, q_pe_s)
+                it = _ws_load_kv(ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, kv_indices_ptr,
+                                 first_page, start, end, it, kc_s, kp_s, kv_ready, kv_empty,
+                                 BLOCK_N, NUM_STAGES, GATHER)
+                pc += 1
+                page = chunk_end
+                seq += 1
+        if PDL:
+            gdc_launch_dependents()  # every tile of this share is in flight (or the share is empty)
+
+    @gluon.jit
+    def _ws_narrow(kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                   qk_scale, ckv_scale, kpe_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+                   q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty, kc16_s, kp16_s, qn16_s, qp16_s,
+                   HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   GATHER: gl.constexpr, CKV_SCALE_PTR: gl.constexpr, KPE_SCALE_PTR: gl.constexpr):
+        """The one math warpgroup for 8 heads, products swapped so that the KV tile's 64 tokens
+        are wgmma's M and the heads its N (no padding): S^T = K Q^T, the online softmax per column, P^T to
+        shared memory, O^T += V^T P^T (V^T: the ckv tile read transposed); then out and lse, or the
+        piece's scratch slot. The fp8 stage is widened to 16 bits in shared memory first (kc16_s, kp16_s), its
+        ring slot freed at once; the rotary product has its own accumulator, weighed by kpe_ratio."""
+        H: gl.constexpr = 8
+        CKV: gl.constexpr = 512
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, H, 16])
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        pid = gl.program_id(0)
+        page, share_end = _ws_share(kv_indptr_ptr, batch, num_programs, pid)
+        offs_h = gl.arange(0, H, layout=col_s)
+        offs_d = gl.arange(0, CKV, layout=gl.SliceLayout(1, s_layout))
+        v_scale, kpe_ratio, qk_scale = _ws_scales(ckv_scale, kpe_scale, qk_scale, CKV_SCALE_PTR, KPE_SCALE_PTR)
+        if page < share_end:
+            seq = _ws_find_request(kv_indptr_ptr, batch, page, 4)
+            it = 0
+            pc = 0
+            while page < share_end:
+                first_page, seq_end, chunk_end, start, end = _ws_piece(
+                    kv_indptr_ptr, kv_last_page_len_ptr, seq, page, share_end, HAS_LAST_PAGE_LEN)
+                m_i = gl.full([H], float("-inf"), gl.float32, layout=col_s)
+                l_i = gl.zeros([H], gl.float32, layout=col_s)
+                acc = gl.zeros([CKV, H], gl.float32, layout=s_layout)
+                mbarrier.wait(q_ready, pc & 1)
+                q_unscale = _ws_queries(q_nope_s, q_pe_s, qn16_s, qp16_s)
+                mbarrier.arrive(q_empty, count=1)  # the loaded rows are free once copied
+                fence_async_shared()  # the copies were stored through the generic proxy
+                for n0 in range(start, end, BLOCK_N):
+                    s = it % NUM_STAGES
+                    mbarrier.wait(kv_ready.index(s), (it // NUM_STAGES) & 1)
+                    if GATHER:
+                        fence_async_shared()  # cp.async wrote the tile through the generic proxy
+                    _ws_widen_one(kc_s.index(s), kc16_s, n0, end, BLOCK_N, CKV)
+                    _ws_widen_one(kp_s.index(s), kp16_s, n0, end, BLOCK_N, 64)
+                    mbarrier.arrive(kv_empty.index(s), count=1)  # the fp8 stage is free once widened
+                    fence_async_shared()  # the widened tile was stored through the generic proxy
+                    kc = kc16_s
+                    sp = warpgroup_mma(kp16_s, qp16_s.permute((1, 0)),
+                                       gl.zeros([BLOCK_N, H], gl.float32, layout=s_layout), use_acc=False,
+                                       is_async=True)
+                    st = warpgroup_mma(kc, qn16_s.permute((1, 0)),
+                                       gl.zeros([BLOCK_N, H], gl.float32, layout=s_layout), use_acc=False,
+                                       is_async=True)
+                    st, sp = warpgroup_mma_wait(num_outstanding=0, deps=(st, sp))
+                    st = (st + sp * kpe_ratio) * q_unscale
+                    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+                    sc = gl.where((rows < end)[:, None], st * qk_scale, float("-inf"))
+                    m_new = gl.maximum(m_i, gl.max(sc, 0))
+                    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = gl.exp2(m_i - m_safe)
+                    pt = gl.exp2(sc - m_safe[None, :])
+                    l_i = l_i * alpha + gl.sum(pt, 0)
+                    m_i = m_new
+                    p_s.index(0).store(gl.permute(pt.to(kc.dtype), [1, 0]))
+                    fence_async_shared()
+                    acc = acc * alpha[None, :]
+                    acc = warpgroup_mma(kc.permute((1, 0)), p_s.index(0).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    it += 1
+                empty = l_i == 0.0
+                l_safe = gl.where(empty, 1.0, l_i)
+                lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
+                o = acc * (v_scale / l_safe)[None, :]  # the ckv scale of the weighted fp8 rows
+                seq64 = seq.to(gl.int64)
+                if (page == first_page) & (chunk_end == seq_end):
+                    gl.store(out_ptr + seq64 * stride_o_b + offs_h[None, :] * stride_o_h + offs_d[:, None],
+                             o.to(out_ptr.dtype.element_ty))
+                    gl.store(lse_ptr + seq64 * stride_lse_b + offs_h, lse)
+                else:
+                    row = (pid + seq64) * H + offs_h
+                    gl.store(part_out_ptr + row[None, :] * CKV + offs_d[:, None], o)
+                    gl.store(part_lse_ptr + row, lse)
+                pc += 1
+                page = chunk_end
+                seq += 1
+
+    @gluon.jit
+    def _decode_stage1_ws(
+        q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
+        kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr,
+        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+        qk_scale, ckv_scale, kpe_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+        HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr, CKV_SCALE_PTR: gl.constexpr, KPE_SCALE_PTR: gl.constexpr,
+    ):
+        """Stage 1 for one share (8 heads): a loader and one math warpgroup (_ws_narrow)."""
+        (q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty, kc16_s, kp16_s,
+         qn16_s, qp16_s) = _ws_buffers(
+            q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)
+        gl.warp_specialize([
+            (_ws_narrow, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                          qk_scale, ckv_scale, kpe_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
+                          q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty, kc16_s, kp16_s, qn16_s, qp16_s,
+                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER, CKV_SCALE_PTR, KPE_SCALE_PTR)),
+            (_ws_loader, (q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
+                          kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
+                          q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
+                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER, PDL)),
+        ], [WS_LOADER_WARPS if GATHER else 1], [64 if GATHER else 40])  # registers: loader
+
+
+
+WS_SHARED_BYTES = 232448
+"""Shared memory per block of a Hopper (227 KB, opt-in maximum; tuner.runtime.device.H100_SHARED_BYTES)."""
+WS_Q_ROWS = 8
+"""Query rows of a warp-specialized tile (and of its P buffers)."""
+
+
+def ws_shared_bytes(block_n: int, num_stages: int, p_bufs: int, itemsize: int = 2) -> int:
+    """Shared memory of a warp-specialized kernel: query rows and their fp16 copies, the fp8 KV stage ring (1
+    byte an element), the tile widened to ``itemsize`` bytes, P buffers, vectors."""
+    width = HEAD_DIM_CKV + HEAD_DIM_KPE
+    vectors = 4 * 64 * (p_bufs + 1) if WS_Q_ROWS == 64 else 4 * 4 * WS_Q_ROWS
+    return ((2 * WS_Q_ROWS + block_n) * width + p_bufs * WS_Q_ROWS * block_n) * itemsize \
+        + num_stages * block_n * width + vectors + 512
+
+
+def ws_p_buffers(block_n: int, num_stages: int) -> int:
+    """P buffers (2 lets the softmax warpgroup run a tile ahead of the output warpgroup) when they fit, else
+    1; 1 where one warpgroup does all the math."""
+    return 2 if WS_Q_ROWS == 64 and ws_shared_bytes(block_n, num_stages, 2) <= WS_SHARED_BYTES else 1
+
+
+def _ws_rows(t: torch.Tensor, rows: int, row_stride: int, block: list[int]):
+    """A 2-D descriptor over `rows` rows of t (row stride row_stride elements, last dim contiguous)."""
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}[t.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for(block, element)
+    return GluonTensorDescriptor(t, [rows, t.shape[-1]], [row_stride, 1], block, layout)
+
+
+def _ws_args(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+             q_rows: int, block_n: int) -> tuple:
+    """The leading arguments of both warp-specialized kernels: descriptors of the query rows and of the
+    cache rows (which also give the shared-memory layouts of a gathered tile), the caches and their row
+    strides (what a gathering loader reads)."""
+    rows = ckv_cache.shape[0] * PAGE_SIZE
+    return (_ws_rows(q_nope, q_rows, q_nope.stride(1), [WS_Q_ROWS, HEAD_DIM_CKV]),
+            _ws_rows(q_pe, q_rows, q_pe.stride(1), [WS_Q_ROWS, HEAD_DIM_KPE]),
+            _ws_rows(ckv_cache, rows, ckv_cache.stride(1), [block_n, HEAD_DIM_CKV]),
+            _ws_rows(kpe_cache, rows, kpe_cache.stride(1), [block_n, HEAD_DIM_KPE]),
+            ckv_cache, kpe_cache, ckv_cache.stride(1), kpe_cache.stride(1))
+
+
+WS_COMPILE_ERROR: list[str] = []
+"""Why this module's Gluon kernels failed to compile (a Gluon API this template does not know): from then
+on the Triton kernels run every config of this module, after one warning."""
+
+
+def _ws_launched(launch, *args, **kwargs) -> bool:
+    """Run a Gluon launch; False (after recording and warning once) where Triton cannot compile it."""
+    try:
+        launch(*args, **kwargs)
+    except CompilationError as err:
+        WS_COMPILE_ERROR.append(str(err).strip().splitlines()[-1][:300])
+        warnings.warn(f"{NAME}: the warp-specialized Gluon kernel does not compile with triton "
+                      f"{triton.__version__} ({WS_COMPILE_ERROR[0]}); the Triton kernels run instead",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _ws_ready(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> bool:
+    """Whether a warp-specialized kernel can run these tensors: Gluon present, not interpreting, a
+    Hopper, 16-bit data, q rows and cache rows addressable as 2-D row arrays with 16-byte alignment."""
+    if gluon is None or WS_COMPILE_ERROR or triton.knobs.runtime.interpret or not q_nope.is_cuda:
+        return False
+    if q_nope.dtype not in (torch.bfloat16, torch.float16) or _cc_major(q_nope) != 9:
+        return False
+    if ckv_cache.shape[0] * PAGE_SIZE >= 2**31 or q_nope.shape[0] * NUM_HEADS >= 2**31:
+        return False
+    for t in (q_nope, q_pe, ckv_cache, kpe_cache):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(1) * t.element_size()) % 16:
+            return False
+        if t.stride(0) != t.shape[1] * t.stride(1) and t.shape[0] > 1:
+            return False
+    return True
+
+
+WS_BLOCK_H = 16
+"""The block_h of a warp-specialized config (tuner.config.ws_block_h); the kernel takes 64-token tiles only (WS_BLOCK_N)."""
+WS_BLOCK_N = 64
+"""The one block_n of the warp-specialized stage 1 (wgmma's M is the tile's tokens), or 0: any."""
+
+
+def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
+                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl=False, *, ckv_scale, kpe_scale):
+    batch = q_nope.shape[0]
+    has_last = kv_last_page_len is not None
+    _decode_stage1_ws[(num_programs * max(1, NUM_HEADS // 64),)](
+        *_ws_args(q_nope, q_pe, ckv_cache, kpe_cache, batch * NUM_HEADS, block_n),
+        kv_indptr, kv_indices, kv_last_page_len if has_last else kv_indptr,
+        out, lse, partial_out, partial_lse, sm_scale * LOG2E, ckv_scale, kpe_scale, batch, num_programs,
+        out.stride(0), out.stride(1), lse.stride(0),
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n, NUM_STAGES=num_stages,
+        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, num_warps=4,
+        CKV_SCALE_PTR=isinstance(ckv_scale, torch.Tensor), KPE_SCALE_PTR=isinstance(kpe_scale, torch.Tensor),
+    )
+
+
 def _kv_descriptors(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, block_n: int, tma: int):
     """(use_tma, ckv, kpe): 3-D tensor descriptors [pages, PAGE_SIZE, dim] with [1, block_n, dim] blocks
     when bulk copies are asked for and possible (block_n <= PAGE_SIZE, aligned caches), else the caches."""
@@ -392,9 +888,20 @@ def launch(
     if batch == 0:
         return
     pdl = bool(pdl) and _pdl_ready(q_nope)
-    _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
-                   out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl, ckv_scale, kpe_scale)
+    if (ws and block_h == WS_BLOCK_H and block_n == (WS_BLOCK_N or block_n)
+            and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache)
+            and _ws_launched(_launch_ws_stage1, q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
+                             kv_last_page_len, sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n,
+                             num_stages, pdl, ckv_scale=ckv_scale, kpe_scale=kpe_scale)):
+        pass
+    else:
+        # A ws config's pdl is the late trigger (once the loader has issued its last tile); the Triton stage 1
+        # would trigger at its start, which costs where many merging programs wait (tuner.runtime.config,
+        # DecodeConfig.pdl): falling back, stage 2 launches without PDL.
+        pdl = pdl and not ws
+        _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
+                       out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
+                       pdl, ckv_scale=ckv_scale, kpe_scale=kpe_scale)
     grid2 = (batch * triton.cdiv(8, merge_block_h) * (512 // merge_block_d),)
     pieces = merge_pieces(merge_block_h, merge_block_d, merge_num_warps)
     _decode_stage2[grid2](
@@ -407,7 +914,7 @@ def launch(
 
 def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                    out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl=False, ckv_scale=1.0, kpe_scale=1.0):
+                   pdl=False, *, ckv_scale, kpe_scale):
     """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early."""
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None

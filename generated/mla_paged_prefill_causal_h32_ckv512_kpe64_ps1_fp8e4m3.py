@@ -114,6 +114,37 @@ def _fp8_scales(ckv_scale, kpe_scale, qk_scale, CKV_SCALE_PTR: tl.constexpr, KPE
 
 
 @triton.jit
+def _fp8_widen(x, dtype: tl.constexpr):
+    """float8_e4m3fn -> ``dtype`` exactly: fp16 by moving the byte's exponent and mantissa bits into fp16's
+    fields (fp16's exponent bias is 15, e4m3's 7: times 2^8 after; subnormals land on fp16 subnormals) and
+    its sign into fp16's, integer and fp16 operations at full rate where the converting instructions (e4m3 ->
+    f16 -> bf16) are a fraction of it; NaN (0x7f / 0xff) stays NaN. float32 (the interpreter's test dtype):
+    a plain conversion."""
+    if dtype == tl.float32:
+        return x.to(tl.float32)
+    b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
+    h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    f = h.to(tl.float16, bitcast=True) * 256.0
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), f).to(tl.float16)
+
+
+@triton.jit
+def _fp8_queries(q_nope, q_pe):
+    """The queries in the products' working type with an fp8 cache: fp16 (the widened tiles' type; 3 more
+    mantissa bits than bf16, exact for every bf16 value in fp16's range), scaled by a power of two when their
+    largest magnitude passes 2^14 so that none overflows; returns (q_nope, q_pe, q_unscale), q_unscale the
+    power of two the scores are multiplied back by. float32 queries (the interpreter's test dtype) stay."""
+    if q_nope.dtype == tl.float32:
+        return q_nope, q_pe, 1.0
+    amax = tl.maximum(tl.max(tl.max(tl.abs(q_nope.to(tl.float32)), 1), 0),
+                      tl.max(tl.max(tl.abs(q_pe.to(tl.float32)), 1), 0))
+    shift = tl.where(amax > 16384.0, tl.ceil(tl.log2(amax)) - 14.0, 0.0)
+    down = tl.exp2(-shift)
+    return ((q_nope.to(tl.float32) * down).to(tl.float16), (q_pe.to(tl.float32) * down).to(tl.float16),
+            tl.exp2(shift))
+
+
+@triton.jit
 def _find_tile(qo_indptr_ptr, batch, tile, BLOCK_M: tl.constexpr):
     """Virtual tile -> (sequence, tile index within it): the last b with qo_indptr[b] // BLOCK_M + b <= tile."""
     lo = 0
@@ -163,6 +194,7 @@ def _prefill_kernel(
                      mask=mask_r[:, None], other=0.0)
     q_pe = tl.load(q_pe_ptr + (row * stride_qp_t + head * stride_qp_h)[:, None] + offs_kpe[None, :],
                    mask=mask_r[:, None], other=0.0)
+    q_nope, q_pe, q_unscale = _fp8_queries(q_nope, q_pe)
 
     q_pos = kv_len - q_len + tok  # each row sees tokens 0 .. q_pos
     # Tokens [0, full_end) are visible to every row of the tile; [full_end, hi) needs the mask.
@@ -184,10 +216,11 @@ def _prefill_kernel(
                                             offs_n + BLOCK_N < full_end)
         ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                  stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
-        ckv = ckv.to(q_nope.dtype)
-        kpe = kpe.to(q_pe.dtype)
+        ckv = _fp8_widen(ckv, q_nope.dtype)
+        kpe = _fp8_widen(kpe, q_pe.dtype)
         qk = tl.dot(q_pe, tl.trans(kpe)) * kpe_ratio
-        qk = tl.dot(q_nope, tl.trans(ckv), qk)
+        qk = tl.dot(q_nope, tl.trans(ckv), qk) * q_unscale
+
         s = qk * qk_scale
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
 
@@ -203,10 +236,11 @@ def _prefill_kernel(
                                             offs_n + BLOCK_N < hi)
         ckv, kpe = _load_kv_tile(ckv_ptr, kpe_ptr, page_id, slot, mask_n, offs_ckv, offs_kpe,
                                  stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
-        ckv = ckv.to(q_nope.dtype)
-        kpe = kpe.to(q_pe.dtype)
+        ckv = _fp8_widen(ckv, q_nope.dtype)
+        kpe = _fp8_widen(kpe, q_pe.dtype)
         qk = tl.dot(q_pe, tl.trans(kpe)) * kpe_ratio
-        qk = tl.dot(q_nope, tl.trans(ckv), qk)
+        qk = tl.dot(q_nope, tl.trans(ckv), qk) * q_unscale
+
         visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, qk * qk_scale, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)

@@ -7,7 +7,11 @@ against the float32 reference over the dequantized cache); prints per row the be
 fp8 / bf16 and the fraction of the fp8 copy floor, and writes every timing as JSON lines to
 ``$OUT/fp8_probe.jsonl``.
 
-    python perf/fp8_probe.py [ROW[:PS] ...]      (default: the decode rows at page sizes 1 and 64)
+    python perf/fp8_probe.py [--quick] [ROW[:PS] ...]      (default: the decode rows at page sizes 1 and 64)
+
+``--quick``: three decode configs (the Triton stage 1 at 64-token tiles, 4 stages, 8 warps; the
+warp-specialized one at 2 and 3 stages) and two prefill ones. ``perf/fp8_widen_ab.py`` runs it on a copy of
+the generated modules whose widening is the conversion instruction instead of the bit moves.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ ROWS = ["d-b1-1k", "d-b32-4k", "d-b64-8k", "d-b256-4k", "d-b16-32k", "d-h128-b32
         "p-1x4k", "p-16-var"]
 
 
+QUICK = False
+
+
 def decode_sweep(heads: int, page_size: int) -> list[DecodeConfig]:
     """Tiles, stages and warps of the Triton decode stage 1 over an fp8 cache (bulk copies where a tile fits
     in a page)."""
@@ -42,13 +49,21 @@ def decode_sweep(heads: int, page_size: int) -> list[DecodeConfig]:
     merge = dict(merge_block_h=min(8, block_h), merge_block_d=512 if heads >= 64 else 128, pdl=1, align=1)
     shapes = ([(32, 3, 8), (32, 4, 8), (64, 2, 8), (64, 3, 8)] if block_h == 64 else
               [(64, 2, 4), (64, 3, 4), (64, 4, 4), (64, 4, 8), (32, 4, 4), (32, 6, 4), (128, 2, 8), (128, 3, 8)])
-    return [DecodeConfig(block_h=block_h, block_n=n, num_stages=st, num_warps=wp, tma=int(n <= page_size),
-                         programs_per_sm=1, split_tokens=64, **merge) for n, st, wp in shapes]
+    if QUICK:
+        shapes = [(64, 3, 8)] if block_h == 64 else [(64, 4, 8)]
+    configs = [DecodeConfig(block_h=block_h, block_n=n, num_stages=st, num_warps=wp, tma=int(n <= page_size),
+                            programs_per_sm=1, split_tokens=64, **merge) for n, st, wp in shapes]
+    if heads < 64:  # the warp-specialized stage 1 that widens fp8 stages in shared memory
+        configs += [DecodeConfig(block_h=block_h, block_n=64, num_stages=st, num_warps=8, tma=int(page_size >= 64),
+                                 ws=1, programs_per_sm=1, split_tokens=64, **merge) for st in (2, 3)]
+    return configs
 
 
 def prefill_sweep(heads: int, page_size: int) -> list[PrefillConfig]:
     block_h = min(16, heads)
     shapes = [(4, 64, 2, 8), (4, 64, 3, 8), (8, 64, 2, 8), (4, 32, 4, 4), (8, 32, 3, 8)]
+    if QUICK:
+        shapes = shapes[1:3]
     return [PrefillConfig(block_m=m, block_h=block_h, block_n=n, num_stages=st, num_warps=wp, tma=int(n <= page_size))
             for m, n, st, wp in shapes]
 
@@ -64,6 +79,9 @@ def caller(w, x, outs, config):
 
 
 def main(argv: list[str]) -> None:
+    global QUICK
+    QUICK = "--quick" in argv
+    argv = [a for a in argv if a != "--quick"]
     out_dir = Path(os.environ.get("OUT", "/tmp/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     log = (out_dir / "fp8_probe.jsonl").open("w")

@@ -194,17 +194,21 @@ def test_dtype_errors() -> None:
         plan16.run(*case.queries())
 
 
-def test_config_for_fp8_never_warp_specialized() -> None:
-    """The Gluon kernels take 16-bit tiles: an fp8 spec's module has none, and a ws config is refused."""
-    spec = MLASpec("decode", 16, 512, 64, 64, True)
-    with pytest.raises(ValueError, match="DecodeConfig.ws"):
-        DecodeConfig(ws=1, block_h=16, block_n=64).check_spec(spec)
-    with pytest.raises(ValueError, match="PrefillConfig.ws"):
-        PrefillConfig(ws=1, block_m=4, block_h=16).check_spec(MLASpec("prefill_causal", 16, 512, 64, 64, True))
-    from tuner.runtime.config import default_decode_config, default_prefill_config
+def test_warp_specialized_fp8_only_for_narrow_decode() -> None:
+    """The Gluon kernels over an fp8 cache: decode below 64 heads (one math warpgroup that widens each fp8 stage
+    in shared memory); at 64 heads and up, and in prefill, a ws config is refused and the Triton kernels run."""
+    from tuner.runtime.config import default_decode_config, default_prefill_config, ws_capable
 
-    assert default_decode_config(spec, 32, 4096.0, 132).ws == 0
-    assert default_prefill_config(MLASpec("prefill_causal", 16, 512, 64, 64, True)).ws == 0
+    narrow = MLASpec("decode", 16, 512, 64, 64, True)
+    assert ws_capable(narrow) and default_decode_config(narrow, 32, 4096.0, 132).ws == 1
+    assert default_decode_config(narrow, 32, 4096.0, 132, hopper=False).ws == 0
+    DecodeConfig(ws=1, block_h=16, block_n=64).check_spec(narrow)
+    with pytest.raises(ValueError, match="DecodeConfig.ws"):
+        DecodeConfig(ws=1, block_h=64, block_n=64).check_spec(MLASpec("decode", 128, 512, 64, 64, True))
+    prefill = MLASpec("prefill_causal", 16, 512, 64, 64, True)
+    with pytest.raises(ValueError, match="PrefillConfig.ws"):
+        PrefillConfig(ws=1, block_m=4, block_h=16).check_spec(prefill)
+    assert default_prefill_config(prefill).ws == 0
 
 
 def test_custom_ops_fake_and_routed_scales() -> None:
@@ -233,3 +237,43 @@ def test_plan_keeps_the_16bit_default() -> None:
         plan = MLADecode().plan(wide.kv_indptr, wide.kv_indices, wide.kv_last_page_len, num_heads=16, page_size=16,
                                 sm_scale=wide.sm_scale, kv_dtype=kv_dtype)
         assert not plan.spec.fp8
+
+
+_M = None  # the generated module whose fp8 helpers _widen_kernel calls (set by the test)
+
+
+def _widen_kernel(x_ptr, y_ptr, q_ptr, r_ptr, u_ptr):
+    import triton.language as tl
+
+    offs = tl.arange(0, 256)
+    tl.store(y_ptr + offs, _M._fp8_widen(tl.load(x_ptr + offs), tl.float16))
+    rows = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    q = tl.load(q_ptr + rows)
+    qn, qp, unscale = _M._fp8_queries(q, q)
+    tl.store(r_ptr + rows, qn)
+    tl.store(u_ptr, unscale)
+
+
+def test_widening_is_exact_for_every_fp8_value() -> None:
+    """The kernels' fp8 -> fp16 widening (bit moves and one fp16 multiply, _fp8_widen) against torch's
+    conversion for all 256 bytes, NaN included; and the queries' range scale (_fp8_queries) for bf16 queries
+    beyond fp16's range: a power of two, undone exactly."""
+    import triton
+
+    from tuner.runtime.loader import load_module
+
+    global _M
+    _M = load_module(MLASpec("decode", 16, 512, 64, 16, True))
+    kernel = triton.jit(_widen_kernel)
+    x = torch.arange(256, dtype=torch.uint8).view(FP8)
+    y = torch.empty(256, dtype=torch.float16)
+    q = (torch.randn(16, 16) * 3e4).to(torch.bfloat16)
+    q[3, 5] = 2.5e6
+    r = torch.empty(16, 16, dtype=torch.float16)
+    u = torch.empty(1)
+    kernel[(1,)](x, y, q, r, u)
+    want = x.to(torch.float16)
+    assert torch.equal(y.isnan(), want.isnan()) and int(want.isnan().sum()) == 2
+    assert torch.equal(y[~want.isnan()], want[~want.isnan()])
+    assert float(u) == 2.0 ** 8  # 2.5e6 < 2^22: scaled down by 2^(22 - 14)
+    assert torch.equal(r.float() * float(u), q.float())

@@ -37,7 +37,8 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
         pytest.skip("this Triton has no Gluon Hopper API")
     h, ckv, kpe, ps = spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size
     q_nope, q_pe = torch.empty(2, h, ckv, dtype=torch.bfloat16), torch.empty(2, h, kpe, dtype=torch.bfloat16)
-    cache_ckv, cache_kpe = (torch.empty(4, ps, d, dtype=torch.bfloat16) for d in (ckv, kpe))
+    kv_dtype = torch.float8_e4m3fn if spec.fp8 else torch.bfloat16  # an fp8 spec's ring holds fp8 tiles
+    cache_ckv, cache_kpe = (torch.empty(4, ps, d, dtype=kv_dtype) for d in (ckv, kpe))
     descs = {
         "q_nope_desc": m._ws_rows(q_nope, 2 * h, q_nope.stride(1), [m.WS_Q_ROWS, ckv]),
         "q_pe_desc": m._ws_rows(q_pe, 2 * h, q_pe.stride(1), [m.WS_Q_ROWS, kpe]),
@@ -53,7 +54,7 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
             int_ptr = any(k in name for k in ("indptr", "indices", "last_page"))
             signature[name] = "*i32" if int_ptr else ("*bf16" if name in ("out_ptr", "ckv_ptr", "kpe_ptr") else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
+        elif name in ("qk_scale", "ckv_scale", "kpe_scale"):
             signature[name] = "fp32"
         elif name.startswith("stride"):  # contiguous outputs: multiples of 16, as Triton specializes them
             signature[name] = "i32"
@@ -67,6 +68,8 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
                   "GATHER": block_n > ps}
     if spec.is_decode:  # stage 1 lets stage 2 launch early (griddepcontrol.launch_dependents)
         constexprs["PDL"] = True
+    if spec.fp8:  # the scales as floats
+        constexprs["CKV_SCALE_PTR"] = constexprs["KPE_SCALE_PTR"] = False
     if batch_of_one:  # what Triton does with an int argument equal to 1
         constexprs["batch"] = 1
     kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),

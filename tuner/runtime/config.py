@@ -27,9 +27,10 @@ def ws_capable(spec: MLASpec) -> bool:
     tiles (decode: heads in groups of 64, or 8 to 32 heads as wgmma's N with the KV tile's tokens as
     its M; prefill: 64 // heads tokens x all heads, or one token x 64 heads) and head dims a wgmma can
     take. Any page size: a KV tile inside one page arrives by bulk copies, one that spans pages is
-    gathered row by row. Not over an fp8 cache (its tiles are converted in registers by the Triton kernels)."""
+    gathered row by row. Over an fp8 cache only decode below 64 heads (one math warpgroup that widens each
+    fp8 stage to 16 bits in shared memory before its products); elsewhere the Triton kernels convert it."""
     heads = 64 % spec.num_heads == 0 or spec.num_heads % 64 == 0
-    if spec.fp8:  # its fp8 cache path is the Triton kernels' (the Gluon kernels take 16-bit tiles)
+    if spec.fp8 and not (spec.is_decode and spec.num_heads < 64):  # fp8: the narrow decode kernel widens tiles
         return False
     if spec.is_decode and spec.num_heads < 8:  # below 64 heads the heads are wgmma's N: at least 8
         return False

@@ -32,6 +32,9 @@ def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> i
     width = spec.head_dim_ckv + spec.head_dim_kpe
     if config.ws:  # the generated module's ws_shared_bytes with 1 P buffer, less its vectors and barriers
         q_rows = spec.num_heads if ws_narrow(spec) else 64  # its WS_Q_ROWS: below 64 heads, the heads
+        if spec.fp8:  # the fp8 ring (1 byte an element), one tile widened to 16 bits, the queries' fp16 copies
+            return ((2 * q_rows + config.block_n) * width + q_rows * config.block_n) * itemsize \
+                + config.num_stages * config.block_n * width
         return ((q_rows + config.num_stages * config.block_n) * width + q_rows * config.block_n) * itemsize
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     wgmma = rows >= 64
