@@ -516,19 +516,6 @@ if gluon is not None:
         return v_scale, k_scale / v_scale, qk_scale * v_scale
 
     @gluon.jit
-    def _ws_zero_tail(kc, n0, tail, BLOCK_N: gl.constexpr):
-        """Zero the rows of a bulk-copied tile past `tail` (unused slots of the last page may hold NaN,
-        and 0 * NaN would reach the output through PV)."""
-        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        if n0 + BLOCK_N > tail:
-            valid = tail - n0
-            for r0 in gl.static_range(0, BLOCK_N, 8):
-                if r0 + 8 > valid:
-                    chunk = kc.slice(r0, 8, dim=0)
-                    rows = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, zero_layout))
-                    chunk.store(gl.where((rows < valid)[:, None], chunk.load(zero_layout), 0.0))
-
-    @gluon.jit
     def _ws_buffers(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                     P_BUFS: gl.constexpr, GATHER: gl.constexpr):
         """Shared memory of the warp-specialized kernel and its barriers (initialised): the query rows, the

@@ -12,7 +12,8 @@ from tuner.runtime.config import default_decode_config, default_prefill_config
 
 def test_catalogue_contents() -> None:
     specs = catalogue()
-    assert len(specs) == len(set(specs)) == 3 * (5 * 4 + 2)
+    assert len(specs) == len(set(specs)) == 2 * 3 * (5 * 4 + 2)  # each shape over a 16-bit and an fp8 cache
+    assert sum(s.fp8 for s in specs) == len(specs) // 2
     assert specs == sorted(specs)
     assert {s.variant for s in specs} == {"decode", "prefill_causal", "prefill"}
     assert {s.num_heads for s in specs} == {8, 16, 32, 64, 128}

@@ -134,7 +134,7 @@ def _spill_marks(spec: MLASpec) -> list[pytest.MarkDecorator]:
     """Known: triton 3.9's register allocation spills the 32-head swapped-product decode kernel's math
     warpgroup (20 bytes with the gathering loader, 96 with bulk copies; 3.6-3.8: 0-12). Not measured on a
     GPU yet (the lent GPU has triton 3.6); strict, so that a fix turns this back into a plain test."""
-    if spec.is_decode and spec.num_heads == 32 and _triton_at_least(3, 9):
+    if spec.is_decode and spec.num_heads == 32 and not spec.fp8 and _triton_at_least(3, 9):
         return [pytest.mark.xfail(reason="triton 3.9 spills the 32-head narrow decode kernel", strict=True)]
     return []
 
@@ -152,7 +152,11 @@ def test_default_config_compiles_for_hopper_without_spills(spec: MLASpec, report
     # stored once before the KV loop and reloaded in the epilogue, 12 bytes; the others none). Prefill:
     # its softmax warpgroup keeps a few 64-bit values on the stack (72-120 bytes, six 8-byte reloads per
     # KV tile from L1, measured in the SASS); more would be a regression.
-    assert r["spills"] and max(r["spills"]) <= (16 if spec.is_decode else 128), r
+    # Over an fp8 cache (decode below 64 heads): triton 3.6 spills 284-868 bytes (8 to 32 heads), 3.9 0-76,
+    # measured on these compiles; where they sit and what they cost is open (perf/LOG.md v16): a bound that
+    # catches a regression, not a target.
+    limit = 1024 if spec.fp8 else (16 if spec.is_decode else 128)
+    assert r["spills"] and max(r["spills"]) <= limit, r
     assert r["setmaxnreg"], "the partitions get their own register budgets"
 
 
