@@ -9,9 +9,8 @@ fp8 / bf16 and the fraction of the fp8 copy floor, and writes every timing as JS
 
     python perf/fp8_probe.py [--quick] [ROW[:PS] ...]      (default: the decode rows at page sizes 1 and 64)
 
-``--quick``: three decode configs (the Triton stage 1 at 64-token tiles, 4 stages, 8 warps; the
-warp-specialized one at 2 and 3 stages) and two prefill ones. ``perf/fp8_widen_ab.py`` runs it on a copy of
-the generated modules whose widening is the conversion instruction instead of the bit moves.
+``--quick``: one decode config (64-token tiles, 4 stages below 64 heads per program, 3 at 64; 8 warps) and
+two prefill ones.
 """
 
 from __future__ import annotations
@@ -53,9 +52,6 @@ def decode_sweep(heads: int, page_size: int) -> list[DecodeConfig]:
         shapes = [(64, 3, 8)] if block_h == 64 else [(64, 4, 8)]
     configs = [DecodeConfig(block_h=block_h, block_n=n, num_stages=st, num_warps=wp, tma=int(n <= page_size),
                             programs_per_sm=1, split_tokens=64, **merge) for n, st, wp in shapes]
-    if heads < 64:  # the warp-specialized stage 1 that widens fp8 stages in shared memory
-        configs += [DecodeConfig(block_h=block_h, block_n=64, num_stages=st, num_warps=8, tma=int(page_size >= 64),
-                                 ws=1, programs_per_sm=1, split_tokens=64, **merge) for st in (2, 3)]
     return configs
 
 

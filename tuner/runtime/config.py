@@ -27,10 +27,10 @@ def ws_capable(spec: MLASpec) -> bool:
     tiles (decode: heads in groups of 64, or 8 to 32 heads as wgmma's N with the KV tile's tokens as
     its M; prefill: 64 // heads tokens x all heads, or one token x 64 heads) and head dims a wgmma can
     take. Any page size: a KV tile inside one page arrives by bulk copies, one that spans pages is
-    gathered row by row. Over an fp8 cache only decode below 64 heads (one math warpgroup that widens each
-    fp8 stage to 16 bits in shared memory before its products); elsewhere the Triton kernels convert it."""
+    gathered row by row. Not over an fp8 cache: the Triton kernels run it (a Gluon stage 1 that widened each
+    fp8 stage in shared memory was slower than them, perf/LOG.md v16)."""
     heads = 64 % spec.num_heads == 0 or spec.num_heads % 64 == 0
-    if spec.fp8 and not (spec.is_decode and spec.num_heads < 64):  # fp8: the narrow decode kernel widens tiles
+    if spec.fp8:  # the Triton kernels widen fp8 tiles in registers; the Gluon kernels take 16-bit tiles
         return False
     if spec.is_decode and spec.num_heads < 8:  # below 64 heads the heads are wgmma's N: at least 8
         return False
@@ -283,10 +283,12 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     """A sensible decode config without tuning: 8 warps, 64-token tiles double-buffered (3 stages), one
     wave of balanced shares; at more than 32 heads 64 heads per program (wgmma; the KV is read once per
     64 heads) with 32-token tiles; tiles by bulk tensor copies whenever a tile fits in a page; on a Hopper
-    (``hopper``), the warp-specialized stage 1 wherever the spec allows it (64-token tiles, 2 stages)."""
+    (``hopper``), the warp-specialized stage 1 wherever the spec allows it (64-token tiles, 2 stages). Over an
+    fp8 cache: 64-token tiles, 4 stages below 64 heads per program and 3 at 64 (the best of the H200 sweeps
+    in perf/LOG.md v16; an fp8 tile is half the shared memory of a 16-bit one)."""
     block_h = ws_block_h(spec)  # 16, 32 or 64 heads per program
-    block_n = 64 if block_h <= 32 else 32
-    num_stages, ws = 3, 0
+    block_n = 64 if block_h <= 32 or spec.fp8 else 32
+    num_stages, ws = (4 if block_h <= 32 else 3) if spec.fp8 else 3, 0
     if hopper and ws_capable(spec):
         (block_n, num_stages), ws = ws_tiles(spec), 1
     # The merge tile: 4 heads x 128 columns keeps a small batch's few merges spread over many programs; from
@@ -308,13 +310,13 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
 
 
 def default_prefill_config(spec: MLASpec, hopper: bool = True) -> PrefillConfig:
-    """64 rows of up to 16 heads, 64-token KV tiles, 2 stages, bulk copies where a tile fits in a page;
-    on a Hopper (``hopper``) the warp-specialized kernel wherever the spec allows it (block_h becomes
-    min(heads, 64))."""
+    """64 rows of up to 16 heads, 64-token KV tiles, 2 stages (3 over an fp8 cache: the H200 sweep's best,
+    perf/LOG.md v16), bulk copies where a tile fits in a page; on a Hopper (``hopper``) the
+    warp-specialized kernel wherever the spec allows it (block_h becomes min(heads, 64))."""
     block_h, block_n = min(16, next_pow2(spec.num_heads)), 64
     if hopper and ws_capable(spec):
         block_h, (block_n, num_stages) = ws_block_h(spec), ws_tiles(spec)
         return PrefillConfig(block_m=64 // block_h, block_h=block_h, block_n=block_n, num_warps=8,
                              num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=1)
     return PrefillConfig(block_m=max(1, 64 // block_h), block_h=block_h, block_n=block_n,
-                         num_warps=8, num_stages=2, tma=int(tile_in_page(spec, block_n)))
+                         num_warps=8, num_stages=3 if spec.fp8 else 2, tma=int(tile_in_page(spec, block_n)))

@@ -130,8 +130,10 @@ def adapt(config: Config, source: MLASpec, spec: MLASpec, bucket: Bucket, gpu: G
     default = _default(spec, bucket, gpu)
     data = config.to_dict()
     ws_before = data["ws"]
-    if (data["ws"] and not ws_capable(spec)) or (not data["ws"] and not ws_capable(source) and default.ws):
-        # The neighbour's kernel kind cannot run here, or it had no choice and this spec has: the default's.
+    if ((data["ws"] and not ws_capable(spec)) or (not data["ws"] and not ws_capable(source) and default.ws)
+            or source.fp8 != spec.fp8):
+        # The neighbour's kernel kind cannot run here, or it had no choice and this spec has, or it read
+        # another cache dtype (an fp8 tile's stages and conversion want their own tiles): the default's.
         data.update({k: getattr(default, k) for k in STAGE1["decode" if spec.is_decode else "prefill"]})
     elif data["ws"]:
         data["block_h"] = ws_block_h(spec)

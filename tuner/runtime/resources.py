@@ -11,7 +11,9 @@ kernel asks for; the tuner checks the compiled kernel's exact figure before it r
   ``num_stages - 1``; either way the query tile (rows x (ckv + kpe)) stays in shared memory, and
   decode at 64 rows also stages its fp32 partial output (rows x ckv x 4 bytes) there;
 - the fp32 accumulator (rows x ckv) is spread over num_warps * 32 threads: above 128 registers per
-  thread it spills kilobytes (measured), so such configs are pruned.
+  thread it spills kilobytes (measured), so such configs are pruned;
+- over an fp8 cache the staged KV tiles count one byte an element (as loaded; not calibrated against
+  compiles: 64-token tiles at 4 stages below 64 heads and 3 at 64 compiled and ran on the H200).
 """
 
 from __future__ import annotations
@@ -32,14 +34,12 @@ def shared_bytes_estimate(spec: MLASpec, config: Config, itemsize: int = 2) -> i
     width = spec.head_dim_ckv + spec.head_dim_kpe
     if config.ws:  # the generated module's ws_shared_bytes with 1 P buffer, less its vectors and barriers
         q_rows = spec.num_heads if ws_narrow(spec) else 64  # its WS_Q_ROWS: below 64 heads, the heads
-        if spec.fp8:  # the fp8 ring (1 byte an element), one tile widened to 16 bits, the queries' fp16 copies
-            return ((2 * q_rows + config.block_n) * width + q_rows * config.block_n) * itemsize \
-                + config.num_stages * config.block_n * width
         return ((q_rows + config.num_stages * config.block_n) * width + q_rows * config.block_n) * itemsize
     rows = config.block_h if isinstance(config, DecodeConfig) else config.rows
     wgmma = rows >= 64
     buffers = max(1, config.num_stages if wgmma else config.num_stages - 1)
-    smem = (rows + buffers * config.block_n) * width * itemsize
+    kv_itemsize = 1 if spec.fp8 else itemsize  # an fp8 cache's tiles are staged as they are loaded
+    smem = rows * width * itemsize + buffers * config.block_n * width * kv_itemsize
     if wgmma and isinstance(config, DecodeConfig):
         smem = max(smem, rows * spec.head_dim_ckv * 4)
     return smem
