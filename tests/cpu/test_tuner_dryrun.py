@@ -347,3 +347,25 @@ def test_a_worker_killed_before_its_first_heartbeat_loses_nothing(tmp_path: Path
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert [t.state for t in retries] == [optuna.trial.TrialState.WAITING]
     assert retries[0].params == orphan.params
+
+
+def test_kv_dtype_selects_the_fp8_kernels(tmp_path: Path) -> None:
+    """``--kv-dtype fp8`` tunes the fp8 modules (their own table entries; the 16-bit default untouched),
+    ``both`` each shape twice, the catalogue filtered the same way; a dry run over an fp8 cache ends in a
+    table entry of the fp8 module (its gate: the reference over the dequantized cache)."""
+    from tuner.cli import build_parser
+    from tuner.tuning.command import build_tasks
+
+    def kernels(*args: str) -> set[str]:
+        return {t.spec.name() for t in build_tasks(build_parser().parse_args(["tune", *args]), dry=False)}
+
+    assert kernels() == {MLASpec(v, 16, 512, 64, ps).name() for v in ("decode", "prefill_causal") for ps in (1, 64)}
+    fp8 = kernels("--kv-dtype", "fp8")
+    assert fp8 == {MLASpec(v, 16, 512, 64, ps, True).name() for v in ("decode", "prefill_causal") for ps in (1, 64)}
+    assert kernels("--kv-dtype", "both") == kernels() | fp8
+    assert all(n.endswith("_fp8e4m3") for n in kernels("--catalogue", "--kv-dtype", "fp8", "--heads", "8"))
+    out = tmp_path / "tables"
+    _tune(tmp_path, "--kv-dtype", "fp8", "--variant", "decode", "--page-size", "1", "--trials", "3", "--out", str(out))
+    table = dispatch.load_table(out / "cpu-interpreter.json")
+    assert table.entry(MLASpec("decode", 8, 32, 16, 1, True).name(), "b1-16_kv1-2k").trials == 3
+    assert table.entry(MLASpec("decode", 8, 32, 16, 1).name(), "b1-16_kv1-2k") is None
