@@ -105,6 +105,19 @@ def _custom_shape(args: argparse.Namespace) -> tuple[int, int, int, int | None] 
     return args.heads, args.batch, args.kv_len, args.q_len
 
 
+def _restart_interpreted() -> None:
+    """Run this command again in a process that starts with TRITON_INTERPRET=1: Triton's own jit helpers
+    (tl.max, tl.sum, ...) are made for compiled kernels when triton is imported, which importing tuner
+    already did, so setting the variable now would be too late for the kernels."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    if sys.argv[1:2] != ["bench"]:  # called from Python with arguments of its own: nothing to re-run
+        raise RuntimeError("mla-tune bench: a dry run needs TRITON_INTERPRET=1 set before Python starts "
+                           "(Triton's helpers are made for compiled kernels when it is imported)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "tuner", *sys.argv[1:]])
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -113,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
         dry_run = True
         print("no CUDA device: this is a dry run (Triton interpreter, tiny shapes, timings mean nothing)")
     if dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are loaded (triton reads it per jit)
+        from tuner.runtime.device import interpreting
+
+        if not interpreting():
+            _restart_interpreted()
 
     from tuner.runtime import paths
 
