@@ -1,9 +1,10 @@
 """GPU probe (issue 18): our decode and prefill over an fp8 cache against our bf16 time on the same values,
 across a sweep of the fp8 kernels' configs, with the copy floor counted in fp8 bytes.
 
-For each row and page size: ours bf16 (tuned dispatch), ours fp8 with the runtime's config (the dispatch
-table's fp8 entry, else the derived or default one), then each config of the sweep (correctness-gated
-against the float32 reference over the dequantized cache); prints per row the best fp8 config, its time,
+For each row and page size, through the tuner's ``Bench`` (its inputs, its correctness gate against the
+float32 reference over the dequantized cache, its CUDA-graph timing and floor): ours bf16 (tuned dispatch),
+ours fp8 with the runtime's config (the dispatch table's fp8 entry, else the derived or default one), then
+each config of the sweep (gated); prints per row the best fp8 config, its time,
 fp8 / bf16 and the fraction of the fp8 copy floor, and writes every timing as JSON lines to
 ``$OUT/fp8_probe.jsonl``.
 
@@ -23,16 +24,12 @@ from pathlib import Path
 
 import torch
 
-from tuner.harness.check import check
-from tuner.harness.floors import floor_us, measure_ceilings
-from tuner.harness.inputs import FP8, benchmark_set, make_inputs
-from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
-from tuner.harness.timing import time_call
+from tuner.harness.floors import measure_ceilings
+from tuner.harness.inputs import benchmark_set
 from tuner.runtime.config import DecodeConfig, PrefillConfig
-from tuner.runtime.decode import mla_decode
 from tuner.runtime.device import gpu_info
 from tuner.runtime.dispatch import select
-from tuner.runtime.prefill import mla_prefill
+from tuner.tuning.measure import Bench
 
 ROWS = ["d-b1-1k", "d-b32-4k", "d-b64-8k", "d-b256-4k", "d-b16-32k", "d-h128-b32-4k", "d-h128-b128-4k",
         "p-1x4k", "p-16-var"]
@@ -64,16 +61,6 @@ def prefill_sweep(heads: int, page_size: int) -> list[PrefillConfig]:
             for m, n, st, wp in shapes]
 
 
-def caller(w, x, outs, config):
-    """A graph-capturable closure of one call of ``w`` on inputs ``x`` with ``config`` (None: the runtime's)."""
-    if w.is_decode:
-        return lambda: mla_decode(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.kv_indptr, x.kv_indices, x.sm_scale,
-                                  x.kv_last_page_len, out=outs[0], lse=outs[1], config=config, **x.scales)
-    return lambda: mla_prefill(x.q_nope, x.q_pe, x.ckv_cache, x.kpe_cache, x.qo_indptr, x.kv_indptr, x.kv_indices,
-                               x.sm_scale, x.kv_last_page_len, causal=w.causal, out=outs[0], lse=outs[1],
-                               config=config, **x.scales)
-
-
 def main(argv: list[str]) -> None:
     global QUICK
     QUICK = "--quick" in argv
@@ -91,37 +78,22 @@ def main(argv: list[str]) -> None:
         todo.append((rows[name], int(ps or 64)))
     table = []
     for w, ps in todo:
-        bf = make_inputs(w, ps, torch.bfloat16, device, seed=1)
-        f8 = make_inputs(w, ps, torch.bfloat16, device, seed=1, kv_dtype=FP8)
-        outs = (torch.empty_like(bf.q_nope), torch.empty(bf.q_nope.shape[:2], device=device))
-        if w.is_decode:
-            ref = mla_decode_ref(f8.q_nope, f8.q_pe, f8.ckv_cache, f8.kpe_cache, f8.kv_indptr, f8.kv_indices,
-                                 f8.sm_scale, f8.kv_last_page_len, **f8.scales)
-            sweep = decode_sweep(w.heads, ps)
-        else:
-            ref = mla_prefill_ref(f8.q_nope, f8.q_pe, f8.ckv_cache, f8.kpe_cache, f8.qo_indptr, f8.kv_indptr,
-                                  f8.kv_indices, f8.sm_scale, f8.kv_last_page_len, causal=w.causal, **f8.scales)
-            sweep = prefill_sweep(w.heads, ps)
-
-        def call(x, config=None, w=w, outs=outs):
-            return caller(w, x, outs, config)
-        spec8 = replace(w.spec(ps), fp8=True)
+        # the tuner's bench: the same gate (float32 reference over the dequantized cache), CUDA-graph timing
+        spec16, spec8 = w.spec(ps), replace(w.spec(ps), fp8=True)
+        bf, f8 = Bench(spec16, w, device, gate=False), Bench(spec8, w, device)
+        sweep = decode_sweep(w.heads, ps) if w.is_decode else prefill_sweep(w.heads, ps)
         runtime_config, source, _ = select(spec8, w.total_q, w.avg_kv_len, info)
-        t_bf = time_call(call(bf), device=device).median_us
-        t_rt = time_call(call(f8), device=device).median_us
-        floor8 = floor_us(w.bytes_moved(2, 1), w.flops(), ceil.copy_bytes_per_s, ceil.matmul_flops_per_s)
+        t_bf = bf.time(select(spec16, w.total_q, w.avg_kv_len, info)[0], runs=100).median_us
+        t_rt = f8.time(runtime_config, runs=100).median_us
         best = (t_rt, runtime_config)
         for config in sweep:
             try:
                 config.check_spec(spec8)
-                call(f8, config)()
-                torch.cuda.synchronize()
-                verdict = check(outs[0], outs[1], *ref)
-                if not verdict.passed:
-                    log.write(json.dumps({"row": w.name, "ps": ps, "config": config.to_dict(),
-                                          "fail": verdict.reason}) + "\n")
+                reason = f8.check(config)
+                if reason is not None:
+                    log.write(json.dumps({"row": w.name, "ps": ps, "config": config.to_dict(), "fail": reason}) + "\n")
                     continue
-                t = time_call(call(f8, config), device=device, runs=30).median_us
+                t = f8.time(config, runs=30).median_us
             except Exception as err:  # noqa: BLE001 - a config that does not compile or fit: log, go on
                 log.write(json.dumps({"row": w.name, "ps": ps, "config": config.to_dict(),
                                       "error": f"{type(err).__name__}: {str(err)[:200]}"}) + "\n")
@@ -129,9 +101,9 @@ def main(argv: list[str]) -> None:
             log.write(json.dumps({"row": w.name, "ps": ps, "config": config.to_dict(), "us": t}) + "\n")
             if t < best[0]:
                 best = (t, config)
-        t_best = time_call(call(f8, best[1]), device=device).median_us
+        t_best = f8.time(best[1], runs=100).median_us
         line = dict(row=w.name, ps=ps, bf16=t_bf, fp8_runtime=t_rt, fp8_best=t_best, source=source,
-                    ratio=t_best / t_bf, floor8=floor8 / t_best, best=best[1].short())
+                    ratio=t_best / t_bf, floor8=f8.floor_us(ceil) / t_best, best=best[1].short())
         log.write(json.dumps(line) + "\n")
         log.flush()
         print(line, flush=True)

@@ -19,7 +19,7 @@ import torch
 
 import tuner
 from tuner.harness.check import TOLERANCES, Tolerance, check  # noqa: F401  (TOLERANCES: for the tests)
-from tuner.harness.inputs import FP8_MAX, Inputs, quantize_fp8
+from tuner.harness.inputs import Inputs, fp8_scale, quantize_fp8
 from tuner.harness.reference import mla_decode_ref, mla_prefill_ref
 
 Outputs = tuple[torch.Tensor, torch.Tensor]
@@ -114,20 +114,16 @@ class Case(Inputs):
         (default: its largest finite magnitude / 448) and rounded to fp8; NaN slots stay NaN. The
         reference then reads the dequantized cache, ``fp8 * scale``. A fused cache (two column views of one
         tensor) stays fused: one fp8 tensor, one scale for both."""
-        def scale_of(*caches: torch.Tensor) -> float:
-            amax = max(float(torch.nan_to_num(c.float(), nan=0.0).abs().max()) for c in caches)
-            return amax / FP8_MAX if amax > 0 else 1.0
-
         ckv, kpe = self.ckv_cache, self.kpe_cache
         if ckv.untyped_storage().data_ptr() == kpe.untyped_storage().data_ptr():  # fused views
             base = ckv.as_strided((ckv.shape[0], ckv.shape[1], ckv.stride(1)), ckv.stride(), ckv.storage_offset())
-            scale = ckv_scale or scale_of(ckv, kpe)
+            scale = ckv_scale or fp8_scale(ckv, kpe)
             base8 = quantize_fp8(base, scale)
             width = ckv.shape[2]
             return replace(self, ckv_cache=base8[..., :width], kpe_cache=base8[..., width:], ckv_scale=scale,
                            kpe_scale=scale)
-        ckv_scale = ckv_scale or scale_of(ckv)
-        kpe_scale = kpe_scale or scale_of(kpe)
+        ckv_scale = ckv_scale or fp8_scale(ckv)
+        kpe_scale = kpe_scale or fp8_scale(kpe)
         return replace(self, ckv_cache=quantize_fp8(ckv, ckv_scale), kpe_cache=quantize_fp8(kpe, kpe_scale),
                        ckv_scale=ckv_scale, kpe_scale=kpe_scale)
 

@@ -213,9 +213,11 @@ class Inputs:
 
 
 def fp8_scale(*tensors: torch.Tensor) -> float:
-    """The per-tensor scale that maps the largest magnitude of ``tensors`` onto fp8's largest value
-    (amax / 448), as a float32 value; 1.0 when they are empty or all zero."""
-    amax = max((t.float().abs().amax() for t in tensors if t.numel()), default=torch.tensor(0.0))
+    """The per-tensor scale that maps the largest finite magnitude of ``tensors`` onto fp8's largest value
+    (amax / 448; NaN, e.g. in poisoned slots, is left out), as a float32 value; 1.0 when they are empty or all
+    zero."""
+    amax = max((torch.nan_to_num(t.float(), nan=0.0).abs().amax() for t in tensors if t.numel()),
+               default=torch.tensor(0.0))
     return float(amax / FP8_MAX) if float(amax) > 0 else 1.0
 
 

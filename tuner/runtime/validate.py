@@ -79,12 +79,15 @@ def check_tensor(name: str, x: object, shape: Sequence[int | None], dtypes: Sequ
     return t
 
 
-def _fp8_capable(device: torch.device) -> bool:
-    """Whether ``device`` converts float8_e4m3fn (any device under the interpreter; a CUDA GPU of compute
-    capability 8.9 or newer)."""
+def _check_fp8_capable(name: str, device: torch.device) -> None:
+    """TypeError naming ``name`` unless ``device`` converts float8_e4m3fn (any device under the interpreter; a
+    CUDA GPU of compute capability 8.9 or newer)."""
     if device.type != "cuda" or interpreting():
-        return True
-    return torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise TypeError(f"{name}: {FP8_DTYPE} needs a GPU of compute capability 8.9 or newer, found {device} of "
+                        f"capability {'.'.join(map(str, capability))}")
 
 
 def check_dtypes(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
@@ -99,10 +102,7 @@ def check_dtypes(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tens
     supported = " or ".join(map(str, SUPPORTED_DTYPES))
     fp8 = ckv_cache.dtype == FP8_DTYPE
     if fp8 and kpe_cache.dtype == FP8_DTYPE:
-        if not _fp8_capable(ckv_cache.device):
-            cap = ".".join(map(str, torch.cuda.get_device_capability(ckv_cache.device)))
-            raise TypeError(f"ckv_cache: {FP8_DTYPE} needs a GPU of compute capability 8.9 or newer, found "
-                            f"{ckv_cache.device} of capability {cap}")
+        _check_fp8_capable("ckv_cache", ckv_cache.device)
     for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache), ("kpe_cache", kpe_cache)):
         if fp8 and name.endswith("cache"):
             if t.dtype != FP8_DTYPE:
@@ -226,10 +226,7 @@ def check_kv_dtype(kv_dtype: object, device: torch.device) -> bool:
     if kv_dtype != FP8_DTYPE:
         raise TypeError(f"kv_dtype: expected None (a 16-bit cache of the queries' dtype), "
                         f"{' or '.join(map(str, SUPPORTED_DTYPES))} or {FP8_DTYPE}, found {kv_dtype!r}")
-    if not _fp8_capable(device):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        raise TypeError(f"kv_dtype: {FP8_DTYPE} needs a GPU of compute capability 8.9 or newer, found {device} "
-                        f"of capability {cap}")
+    _check_fp8_capable("kv_dtype", device)
     return True
 
 
