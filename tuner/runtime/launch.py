@@ -161,15 +161,12 @@ class Replay:
             self._current_stream = self._driver.get_current_stream
 
     def __call__(self, tensors: Sequence[torch.Tensor | None]) -> bool:
-        if self._driver is None:  # the interpreter's stand-ins
-            for step in self.steps:
-                step.compiled[step.grid](*step.arguments(tensors))
-            return True
-        device = self._current_device()
-        if device != self.device:
-            return False
-        if not self.direct or self.steps[0].launcher is None:
-            for step in self.steps:
+        if self._driver is not None:
+            device = self._current_device()
+            if device != self.device:
+                return False
+        if self._driver is None or not self.direct or self.steps[0].launcher is None:  # the [grid] runners
+            for step in self.steps:  # (under the interpreter, its stand-ins)
                 step.compiled[step.grid](*step.arguments(tensors))
             return True
         from triton import knobs
