@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from triton import knobs
 
 from . import paths
 from .loader import load_module
@@ -169,8 +170,6 @@ class Replay:
             for step in self.steps:  # (under the interpreter, its stand-ins)
                 step.compiled[step.grid](*step.arguments(tensors))
             return True
-        from triton import knobs
-
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         stream = self._current_stream(device)
         for step in self.steps:
