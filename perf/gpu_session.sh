@@ -14,6 +14,9 @@
 #   smoke   a 3-trial tune of one decode bucket (into $OUT/smoke, not generated/)
 #   tune    `mla-tune tune` (the default catalogue; VARIANTS, e.g. "decode", HEADS, BUCKETS narrow it, TRIALS sets
 #           the trials per bucket) on GPU 0, timed; the table is copied to $OUT
+#   catalogue  `mla-tune tune --catalogue` (every decode and causal-prefill module) for what is left of LIMIT minus
+#           RESERVE s (default 60), journal and table in build/tune-catalogue (carry it to resume in the next call),
+#           both copied to $OUT; the wall time is printed; CAT_ARGS adds flags (e.g. --min-trials 6 --patience 4)
 #   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table (PAGE_SIZES, default "1 64")
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
@@ -69,6 +72,12 @@ for phase in "$@"; do
     tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \
               ${VARIANTS:+--variant $VARIANTS} ${HEADS:+--heads $HEADS} ${BUCKETS:+--buckets $BUCKETS} ${TRIALS:+--trials $TRIALS} \
               2>&1 | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
+    catalogue) mkdir -p build/tune-catalogue
+              minutes=$(python3 -c "print(max(0.5, ($(left) - ${RESERVE:-60}) / 60))")
+              /usr/bin/time -f "catalogue wall %e s" timeout "$(( $(left) - 15 ))" python3 -m tuner tune --catalogue \
+                  --minutes "$minutes" ${CAT_ARGS:-} --storage "journal:$PWD/build/tune-catalogue/studies.journal" \
+                  --out build/tune-catalogue/dispatch 2>&1 | tee -a "$OUT/catalogue.log" | grep -v "trials:"
+              cp build/tune-catalogue/studies.journal build/tune-catalogue/dispatch/*.json "$OUT/" ;;
     h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 --page-size ${PAGE_SIZES:-1 64} 2>&1 | tee "$OUT/h128.log" \
               | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ \
