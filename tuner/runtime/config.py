@@ -52,10 +52,12 @@ def ws_narrow(spec: MLASpec) -> bool:
 
 
 def ws_tiles(spec: MLASpec) -> tuple[int, int]:
-    """(block_n, num_stages) of the warp-specialized kernel's default: 64-token tiles, 2 stages of them,
-    or at pages of 16 or 32 tokens one page per tile, 4 stages (what fits in 227 KB beside the 64 query
-    rows): bulk copies from one page where pages are at least 16 tokens, else gathered tiles."""
-    block_n = 64 if spec.page_size < 16 or ws_narrow(spec) else min(64, spec.page_size)
+    """(block_n, num_stages) of the warp-specialized kernel's default: 64-token tiles, 2 stages of them;
+    decode at 64 heads and more over pages of 16 or 32 tokens, one page per tile, 4 stages (what fits in
+    227 KB beside the 64 query rows): bulk copies from one page where the tile fits in it, else gathered
+    tiles. Prefill gathers 64-token tiles at every page size: the H200 catalogue tune preferred them to
+    one-page tiles on 14 of 16 prefill buckets at pages of 16 and 32 tokens, by 1.16-2.03x (perf/LOG.md v17)."""
+    block_n = 64 if spec.page_size < 16 or ws_narrow(spec) or not spec.is_decode else min(64, spec.page_size)
     return block_n, 2 if block_n == 64 else 4
 
 
@@ -292,16 +294,20 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     if hopper and ws_capable(spec):
         (block_n, num_stages), ws = ws_tiles(spec), 1
     # The merge tile: 4 heads x 128 columns keeps a small batch's few merges spread over many programs; from
-    # 64 heads up, 8 heads x the whole row (fewer, fuller merge programs).
-    many_heads = spec.num_heads >= 64
+    # 64 heads up and above 16 requests, 8 heads x the whole row (fewer, fuller merge programs). Up to 16
+    # requests of up to 2048 tokens, shares of at least 128 tokens (fewer pieces to merge). What the H200
+    # catalogue tune chose on its b1-16_kv1-2k bucket: 128+ tokens at 15 of 20 shapes, a 4-head merge tile at
+    # 18; the tuned configs were 1.10-2.01x faster than the 64-token, 8-head default (perf/LOG.md v17).
+    many_heads = spec.num_heads >= 64 and batch > 16
+    split_tokens = 128 if batch <= 16 and avg_kv_len <= 2048 else 64
     # Programmatic dependent launch (ignored below sm_90). The warp-specialized stage 1 lets stage 2 launch
     # only once its loader is done: always. The Triton stage 1 lets it launch at its start, which pays only
     # where few merging programs would wait beside it: from 64 heads, batches of at least half the
     # multiprocessors, or at most 64 tokens per multiprocessor (no more shares than multiprocessors).
-    few_waiting = many_heads or 2 * batch >= num_sms or batch * avg_kv_len <= num_sms * 64
+    few_waiting = spec.num_heads >= 64 or 2 * batch >= num_sms or batch * avg_kv_len <= num_sms * 64
     pdl = int(hopper and (ws == 1 or few_waiting))
     return DecodeConfig(
-        block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=64,
+        block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=split_tokens,
         num_warps=8, num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=ws,
         merge_block_h=8 if many_heads else min(4, next_pow2(spec.num_heads)),
         merge_block_d=spec.head_dim_ckv if many_heads else min(128, spec.head_dim_ckv),

@@ -44,11 +44,12 @@ PREFILL_CHOICES: dict[str, tuple[int, ...]] = {
     "block_h": (2, 4, 8, 16, 32, 64),
     "block_n": (16, 32, 64),
     "num_warps": (4, 8),
-    "num_stages": (1, 2, 3),
+    "num_stages": (1, 2, 3, 4),
     "tma": (0, 1),
     "ws": (0, 1),
 }
-"""Candidate values of the prefill kernel's parameters (block_m = rows // block_h)."""
+"""Candidate values of the prefill kernel's parameters (block_m = rows // block_h). Four stages fit the
+warp-specialized kernel's tiles of 16 or 32 tokens (one page each at those page sizes)."""
 
 
 @dataclass(frozen=True)
