@@ -17,6 +17,8 @@
 #   catalogue  `mla-tune tune --catalogue` (every decode and causal-prefill module) for what is left of LIMIT minus
 #           RESERVE s (default 60), journal and table in build/tune-catalogue (carry it to resume in the next call),
 #           both copied to $OUT; the wall time is printed; CAT_ARGS adds flags (e.g. --min-trials 6 --patience 4)
+#   defaults perf/default_vs_tuned.py on the buckets whose default config changed in the 12th session without a
+#           measurement (64 and 128 heads, up to 16 requests; DEF_ARGS replaces the selection)
 #   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table (PAGE_SIZES, default "1 64")
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
@@ -78,6 +80,8 @@ for phase in "$@"; do
                   --minutes "$minutes" ${CAT_ARGS:-} --storage "journal:$PWD/build/tune-catalogue/studies.journal" \
                   --out build/tune-catalogue/dispatch 2>&1 | tee -a "$OUT/catalogue.log" | grep -v "trials:"
               cp build/tune-catalogue/studies.journal build/tune-catalogue/dispatch/*.json "$OUT/" ;;
+    defaults) timeout "$(left)" python3 perf/default_vs_tuned.py ${DEF_ARGS:---variant decode --heads 64 128 \
+                  --buckets b1-16_kv1-2k b1-16_kv2k+} 2>&1 | tee "$OUT/defaults.log" | tail -40 ;;
     h128) timeout "$(left)" python3 -m tuner tune --heads 128 --variant decode --trials 24 --page-size ${PAGE_SIZES:-1 64} 2>&1 | tee "$OUT/h128.log" \
               | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
     cmp) timeout 200 python3 -m tuner tune --variant decode --page-size 64 --buckets b17-96_kv2k+ \
