@@ -231,3 +231,28 @@ def test_derivation_is_cached_per_bucket_and_warns_once_per_kernel(monkeypatch: 
     first = select(spec(ps=16), "b1-16_kv1-2k")[0]
     dispatch.reload()
     assert select(spec(ps=16), "b1-16_kv1-2k")[0] == first  # deterministic
+
+
+# -- the fixed default ---------------------------------------------------------------------------------------
+
+
+def test_default_follows_what_the_catalogue_tune_chose() -> None:
+    """The H200 catalogue tune's rules (perf/LOG.md v17): prefill gathers 64-token tiles, 2 stages, at every
+    page size; few short decode requests take 128-token shares; few requests at 64+ heads a 4 x 128 merge tile."""
+    from tuner.runtime.config import default_decode_config
+
+    for ps in (1, 16, 32, 64):
+        for heads in (8, 16, 64, 128):
+            c = default_prefill_config(spec("prefill_causal", heads=heads, ps=ps))
+            assert (c.block_n, c.num_stages, c.tma) == (64, 2, int(ps >= 64)), (heads, ps, c)
+    assert ws_tiles(spec(heads=128, ps=16)) == (16, 4)  # decode at 64+ heads keeps one page per tile
+    small, long_, many = (8, 1500.0), (8, 6000.0), (64, 1500.0)
+    for heads in (16, 64, 128):
+        s = spec(heads=heads)
+        assert default_decode_config(s, *small, 132).split_tokens == 128
+        assert default_decode_config(s, *long_, 132).split_tokens == 64
+        assert default_decode_config(s, *many, 132).split_tokens == 64
+        merge = default_decode_config(s, *small, 132)
+        assert (merge.merge_block_h, merge.merge_block_d) == (4, 128)
+    wide = default_decode_config(spec(heads=128), *many, 132)
+    assert (wide.merge_block_h, wide.merge_block_d) == (8, 512)
