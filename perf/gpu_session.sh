@@ -16,7 +16,8 @@
 #           the trials per bucket) on GPU 0, timed; the table is copied to $OUT
 #   catalogue  `mla-tune tune --catalogue` (every decode and causal-prefill module) for what is left of LIMIT minus
 #           RESERVE s (default 60), journal and table in build/tune-catalogue (carry it to resume in the next call),
-#           both copied to $OUT; the wall time is printed; CAT_ARGS adds flags (e.g. --min-trials 6 --patience 4)
+#           both copied to $OUT; the wall time is printed; CAT_ARGS adds flags (e.g. --min-trials 6 --patience 4;
+#           --missing: only the buckets the table lacks: the table starts as a copy of the committed one)
 #   defaults perf/default_vs_tuned.py on the buckets whose default config changed in the 12th session without a
 #           measurement (64 and 128 heads, up to 16 requests; DEF_ARGS replaces the selection)
 #   h128    decode at 128 heads (DeepSeek-V3 on one GPU), 24 trials per bucket, into the same table (PAGE_SIZES, default "1 64")
@@ -74,7 +75,8 @@ for phase in "$@"; do
     tune) CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "tune wall %e s" timeout "$(left)" python3 -m tuner tune \
               ${VARIANTS:+--variant $VARIANTS} ${HEADS:+--heads $HEADS} ${BUCKETS:+--buckets $BUCKETS} ${TRIALS:+--trials $TRIALS} \
               2>&1 | tee "$OUT/tune.log" | grep -v "trials:"; cp generated/dispatch/*.json "$OUT/" ;;
-    catalogue) mkdir -p build/tune-catalogue
+    catalogue) mkdir -p build/tune-catalogue/dispatch
+              ls build/tune-catalogue/dispatch/*.json >/dev/null 2>&1 || cp generated/dispatch/*.json build/tune-catalogue/dispatch/
               minutes=$(python3 -c "print(max(0.5, ($(left) - ${RESERVE:-60}) / 60))")
               /usr/bin/time -f "catalogue wall %e s" timeout "$(( $(left) - 15 ))" python3 -m tuner tune --catalogue \
                   --minutes "$minutes" ${CAT_ARGS:-} --storage "journal:$PWD/build/tune-catalogue/studies.journal" \

@@ -369,3 +369,49 @@ def test_kv_dtype_selects_the_fp8_kernels(tmp_path: Path) -> None:
     table = dispatch.load_table(out / "cpu-interpreter.json")
     assert table.entry(MLASpec("decode", 8, 32, 16, 1, True).name(), "b1-16_kv1-2k").trials == 3
     assert table.entry(MLASpec("decode", 8, 32, 16, 1).name(), "b1-16_kv1-2k") is None
+
+
+def test_missing_tunes_only_what_the_table_lacks(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    common = ("--page-size", "1", "--trials", "2", "--out", str(out))
+    _tune(tmp_path, "--variant", "decode", *common)
+    proc = _tune(tmp_path, "--variant", "decode", "prefill_causal", "--missing", *common)
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(progress) == 1 and progress[0].startswith("[1/1]") and TINY_PREFILL.name().replace("ps4", "ps1") \
+        in progress[0], proc.stdout  # the decode bucket is in the table already
+    proc = _tune(tmp_path, "--variant", "decode", "prefill_causal", "--missing", *common)
+    assert "nothing to tune" in proc.stdout and not any(line.startswith("[") for line in proc.stdout.splitlines())
+
+
+def test_missing_keeps_buckets_tuned_for_another_kernel_version(tmp_path: Path) -> None:
+    from tuner.runtime.buckets import buckets_for
+    from tuner.runtime.config import DecodeConfig
+    from tuner.runtime.device import GPUInfo
+    from tuner.runtime.loader import module_hash
+    from tuner.tuning.command import missing_tasks
+
+    spec = MLASpec("decode", 16, 512, 64, 64)
+    b1, b2, b3 = list(buckets_for(spec))[:3]
+    todo = [tasks.Task(spec, b) for b in (b1, b2, b3)]
+    table = tmp_path / "gpu-x.json"
+    assert missing_tasks(todo, table) == todo  # no table yet: everything
+    gpu = GPUInfo(key="gpu-x", name="GPU X", capability="9.0", num_sms=132)
+    current = dispatch.Entry(DecodeConfig(), 10.0, None, module_hash(spec), 3, dispatch.versions())
+    stale = dispatch.Entry(DecodeConfig(), 10.0, None, "0" * 16, 3, dispatch.versions())
+    dispatch.merge(gpu, {(spec.name(), b1.name): current, (spec.name(), b2.name): stale}, tmp_path)
+    assert [t.bucket.name for t in missing_tasks(todo, table)] == [b2.name, b3.name]
+    table.write_text("{")
+    with pytest.raises(SystemExit, match="--missing"):
+        missing_tasks(todo, table)
+
+
+def test_workers_get_the_selection_flags() -> None:
+    import argparse
+
+    from tuner.tuning import command
+
+    p = argparse.ArgumentParser()
+    command.add_arguments(p)
+    args = p.parse_args(["--kv-dtype", "fp8", "--missing", "--catalogue", "--workers", "2"])
+    argv = command._worker_argv(args, 1, "journal:/x", 3)
+    assert argv[argv.index("--kv-dtype") + 1] == "fp8" and "--missing" in argv and "--catalogue" in argv

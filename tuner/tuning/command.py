@@ -18,6 +18,7 @@ Examples:
   mla-tune tune                                            # the default catalogue, up to 48 trials per bucket
   mla-tune tune --heads 64 --page-size 16                  # one shape of your own (seeded from the table)
   mla-tune tune --catalogue --minutes 15                   # every decode and causal-prefill module, 15 minutes
+  mla-tune tune --catalogue --missing                      # only what the table lacks (a cut-short run's rest)
   mla-tune tune --model deepseek-v3-tp1 --variant decode   # 128 heads, decode only
   mla-tune tune --page-size 16 --buckets b1-16_kv1-2k --trials 24
   mla-tune tune --minutes 20                               # a time budget for the whole run
@@ -75,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--kv-dtype", choices=("bf16", "fp8", "both"), default="bf16",
                        help="the cache: bf16 (16-bit, the queries' dtype; default), fp8 (float8_e4m3fn with "
                             "per-tensor scales: its own kernels and table entries), or both")
+    shape.add_argument("--missing", action="store_true",
+                       help="only the buckets the table this run writes (--out, else generated/dispatch) lacks for "
+                            "this GPU, or holds for another version of the kernel: finishes a run whose journal "
+                            "is gone, or extends a table")
     shape.add_argument("--catalogue", action="store_true",
                        help="every decode and causal-prefill module of the built-in catalogue (220 studies; "
                             "--heads, --page-size, --ckv, --kpe and --variant narrow it)")
@@ -154,6 +159,26 @@ def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[Task]
     return tasks
 
 
+def missing_tasks(tasks: list, table: Path) -> list:  # -> list[Task]
+    """The tasks whose bucket ``table`` (a dispatch table file) has no entry for, or one tuned for another
+    version of the kernel (another module hash); all of them when the file does not exist."""
+    from tuner.runtime.dispatch import DispatchTableError, load_table
+    from tuner.runtime.loader import module_hash
+
+    if not table.exists():
+        return tasks
+    try:
+        loaded = load_table(table)
+    except DispatchTableError as err:
+        raise SystemExit(f"--missing: {err}") from None
+    kept = []
+    for t in tasks:
+        entry = loaded.entry(t.spec.name(), t.bucket.name)
+        if entry is None or entry.kernel_hash != module_hash(t.spec):
+            kept.append(t)
+    return kept
+
+
 def build_settings(args: argparse.Namespace, dry: bool, n_tasks: int):  # -> task.Settings
     from .precompile import default_workers
     from .task import Settings
@@ -197,14 +222,16 @@ def _worker_argv(args: argparse.Namespace, index: int, storage: str, compile_wor
     for flag, value in (("--workers", args.workers), ("--model", args.model), ("--ckv", args.ckv), ("--kpe", args.kpe),
                         ("--trials", args.trials), ("--minutes", args.minutes), ("--runs", args.runs),
                         ("--final-runs", args.final_runs), ("--patience", args.patience),
-                        ("--min-trials", args.min_trials), ("--seeds", args.seeds), ("--out", args.out)):
+                        ("--min-trials", args.min_trials), ("--seeds", args.seeds), ("--out", args.out),
+                        ("--kv-dtype", args.kv_dtype)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, values in (("--heads", args.heads), ("--page-size", args.page_size),
                          ("--variant", args.variant), ("--buckets", args.buckets)):
         if values:
             argv += [flag, *map(str, values)]
-    argv += ["--dry-run"] * args.dry_run + ["--exhaustive"] * args.exhaustive + ["--catalogue"] * args.catalogue
+    argv += ["--dry-run"] * args.dry_run + ["--exhaustive"] * args.exhaustive + ["--catalogue"] * args.catalogue \
+        + ["--missing"] * args.missing
     return argv
 
 
@@ -323,10 +350,17 @@ def run(args: argparse.Namespace) -> int:
     from . import objective, search, studies
     from .measure import device_limits, measure_floors
 
-    tasks = build_tasks(args, dry)
-    settings = build_settings(args, dry, len(tasks))
     device = torch.device("cpu") if dry else torch.device("cuda")
     gpu = gpu_info(device)
+    out = Path(args.out) if args.out else (paths.dry_run_dispatch_dir() if dry else None)
+    tasks = build_tasks(args, dry)
+    if args.missing:
+        table = dispatch.table_path(gpu.key, out)
+        tasks = missing_tasks(tasks, table)
+        if not tasks:
+            print(f"nothing to tune: {table} has a current entry for every bucket asked for")
+            return 0
+    settings = build_settings(args, dry, len(tasks))
     scratch = None
     storage_url = args.storage
     if storage_url is None and (dry or args.workers > 1):
@@ -336,7 +370,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             storage_url = f"journal:{studies.default_journal()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = Path(args.out) if args.out else (paths.dry_run_dispatch_dir() if dry else None)
     deadline = None if args.minutes is None else time.monotonic() + args.minutes * 60
     ctx = search.Context(device=device, gpu_key=gpu.key, storage=studies.make_storage(storage_url, args.heartbeat),
                          settings=settings, limits=device_limits(device), worker_index=args.worker_index or 0,
