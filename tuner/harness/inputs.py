@@ -238,11 +238,17 @@ def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16
     ``kv_dtype``: None (the caches in ``dtype``) or float8_e4m3fn: the same ``dtype`` values (the same
     random draws) quantized with per-tensor scales of amax / 448 (``Inputs.ckv_scale``, ``kpe_scale``),
     one per cache, or one for both in the fused layout (one fp8 tensor has one scale: FlashMLA's single
-    ``descale_k``); the queries stay in ``dtype``."""
+    ``descale_k``); the queries stay in ``dtype``.
+
+    The page permutation is drawn on the CPU (the same on every device); the values on ``device`` by a
+    generator of its own seeded with ``seed``: on a GPU a cache of a million tokens takes milliseconds, where
+    drawing it on the CPU and copying it took seconds per set of inputs (the tuner builds several per study).
+    On the CPU every draw comes from the one generator, in the order of the arguments."""
     if kv_dtype not in (None, dtype, FP8):
         raise ValueError(f"kv_dtype: expected None or {FP8}, found {kv_dtype}")
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
+    values = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     pages = [-(-n // page_size) for n in w.kv_lens]
     num_pages = sum(pages) + spare_pages
     perm = torch.randperm(num_pages, generator=g)[: sum(pages)].to(torch.int32)
@@ -251,7 +257,7 @@ def make_inputs(w: Workload, page_size: int, dtype: torch.dtype = torch.bfloat16
     last = torch.tensor([(n - 1) % page_size + 1 if n else page_size for n in w.kv_lens], dtype=torch.int32)
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype)
+        return torch.randn(*shape, generator=values, dtype=torch.float32, device=values.device).to(dtype)
 
     ckv = randn(num_pages, page_size, w.head_dim_ckv)
     kpe = randn(num_pages, page_size, w.head_dim_kpe)
