@@ -298,7 +298,7 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     # requests of up to 2048 tokens, shares of at least 128 tokens (fewer pieces to merge). What the H200
     # catalogue tune chose on its b1-16_kv1-2k bucket: 128+ tokens at 15 of 20 shapes, a 4-head merge tile at
     # 18; the tuned configs were 1.10-2.01x faster than the 64-token, 8-head default (perf/LOG.md v17).
-    many_heads = spec.num_heads >= 64 and batch > 16
+    wide_merge = spec.num_heads >= 64 and batch > 16
     split_tokens = 128 if batch <= 16 and avg_kv_len <= 2048 else 64
     # Programmatic dependent launch (ignored below sm_90). The warp-specialized stage 1 lets stage 2 launch
     # only once its loader is done: always. The Triton stage 1 lets it launch at its start, which pays only
@@ -309,8 +309,8 @@ def default_decode_config(spec: MLASpec, batch: int, avg_kv_len: float, num_sms:
     return DecodeConfig(
         block_h=block_h, block_n=block_n, programs_per_sm=1, split_tokens=split_tokens,
         num_warps=8, num_stages=num_stages, tma=int(tile_in_page(spec, block_n)), ws=ws,
-        merge_block_h=8 if many_heads else min(4, next_pow2(spec.num_heads)),
-        merge_block_d=spec.head_dim_ckv if many_heads else min(128, spec.head_dim_ckv),
+        merge_block_h=8 if wide_merge else min(4, next_pow2(spec.num_heads)),
+        merge_block_d=spec.head_dim_ckv if wide_merge else min(128, spec.head_dim_ckv),
         merge_num_warps=4, pdl=pdl, align=1,
     )
 
