@@ -47,7 +47,6 @@ def _tensors(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, 
             kv_last_page_len if page_size > 1 else None, out, lse, *scratch, *scales)
 
 
-
 def _make_plan(spec: MLASpec, config: DecodeConfig | PrefillConfig | None, batch: int, s_q: int, kv_tokens: int,
                avg_kv: float, sm_scale: float, device: torch.device
                ) -> tuple[DecodeConfig | PrefillConfig, launch.LaunchPlan]:

@@ -139,13 +139,12 @@ def decode_out(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
                kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float,
                kv_last_page_len: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
                config: str | None = None, validate_data: bool = False,
-           ckv_f: float | None = None, ckv_t: torch.Tensor | None = None, kpe_f: float | None = None,
-           kpe_t: torch.Tensor | None = None) -> None:
+               ckv_f: float | None = None, ckv_t: torch.Tensor | None = None, kpe_f: float | None = None,
+               kpe_t: torch.Tensor | None = None) -> None:
     from .decode import mla_decode
 
     mla_decode(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, sm_scale, kv_last_page_len, out=out,
-               lse=lse, config=_config(config), validate_data=validate_data,
-                **_scales(ckv_f, ckv_t, kpe_f, kpe_t))
+               lse=lse, config=_config(config), validate_data=validate_data, **_scales(ckv_f, ckv_t, kpe_f, kpe_t))
 
 
 @decode_out.register_fake
@@ -165,8 +164,8 @@ def prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, k
             qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float,
             kv_last_page_len: torch.Tensor | None = None, causal: bool = True, config: str | None = None,
             validate_data: bool = False,
-           ckv_f: float | None = None, ckv_t: torch.Tensor | None = None, kpe_f: float | None = None,
-           kpe_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            ckv_f: float | None = None, ckv_t: torch.Tensor | None = None, kpe_f: float | None = None,
+            kpe_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from .prefill import mla_prefill
 
     out, lse = mla_prefill(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, sm_scale,
@@ -190,8 +189,8 @@ def prefill_out(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
                 qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float,
                 kv_last_page_len: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, causal: bool = True,
                 config: str | None = None, validate_data: bool = False,
-           ckv_f: float | None = None, ckv_t: torch.Tensor | None = None, kpe_f: float | None = None,
-           kpe_t: torch.Tensor | None = None) -> None:
+                ckv_f: float | None = None, ckv_t: torch.Tensor | None = None, kpe_f: float | None = None,
+                kpe_t: torch.Tensor | None = None) -> None:
     from .prefill import mla_prefill
 
     mla_prefill(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, sm_scale, kv_last_page_len,

@@ -162,8 +162,8 @@ def build_tasks(args: argparse.Namespace, dry: bool) -> list:  # -> list[Task]
 def missing_tasks(tasks: list, table: Path) -> list:  # -> list[Task]
     """The tasks whose bucket ``table`` (a dispatch table file) has no entry for, or one tuned for another
     version of the kernel (another module hash); all of them when the file does not exist."""
+    from tuner.runtime.derive import fresh
     from tuner.runtime.dispatch import DispatchTableError, load_table
-    from tuner.runtime.loader import module_hash
 
     if not table.exists():
         return tasks
@@ -174,7 +174,7 @@ def missing_tasks(tasks: list, table: Path) -> list:  # -> list[Task]
     kept = []
     for t in tasks:
         entry = loaded.entry(t.spec.name(), t.bucket.name)
-        if entry is None or entry.kernel_hash != module_hash(t.spec):
+        if entry is None or not fresh(t.spec, entry):
             kept.append(t)
     return kept
 
