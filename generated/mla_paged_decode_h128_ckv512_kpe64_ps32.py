@@ -186,7 +186,7 @@ def _decode_stage1(
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PDL: tl.constexpr,
+    USE_TMA: tl.constexpr, PDL: tl.constexpr, Q_LEN: tl.constexpr = 1,
 ):
     N_GROUPS: tl.constexpr = (128 + BLOCK_H - 1) // BLOCK_H
     if PDL:
@@ -211,6 +211,9 @@ def _decode_stage1(
         chunk_end = tl.minimum(share_end, seq_end)
         start = ((page - first_page) * 32).to(tl.int32)
         end = tl.minimum((chunk_end - first_page) * 32, kv_len).to(tl.int32)
+        if Q_LEN > 1:  # row r: query r // (heads per query) of the request's last Q_LEN, causal among them
+            common = kv_len - Q_LEN + 1  # the tokens every row sees
+            q_limit = tl.minimum(common + offs_h // (128 // Q_LEN), end).to(tl.int32)
         seq64 = seq.to(tl.int64)
         q_nope = tl.load(
             q_nope_ptr + seq64 * stride_qn_b + offs_h[:, None] * stride_qn_h + offs_ckv[None, :],
@@ -224,7 +227,10 @@ def _decode_stage1(
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
         if USE_TMA:  # whole tiles by bulk copies, the rest (a partial last tile) by the gather
-            tma_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+            if Q_LEN > 1:  # unmasked bulk tiles only below the drafts
+                tma_end = start + (tl.maximum(tl.minimum(end, common) - start, 0) // BLOCK_N) * BLOCK_N
+            else:
+                tma_end = start + ((end - start) // BLOCK_N) * BLOCK_N
             page_next = tl.load(kv_indices_ptr + first_page + start // 32, mask=start < tma_end, other=0)
             for n0 in range(start, tma_end, BLOCK_N):
                 page_id = page_next
@@ -251,7 +257,10 @@ def _decode_stage1(
                                      stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
             qk = tl.dot(q_pe, tl.trans(kpe))
             qk = tl.dot(q_nope, tl.trans(ckv), qk)
-            s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+            if Q_LEN > 1:
+                s = tl.where(offs_n[None, :] < q_limit[:, None], qk * qk_scale, float("-inf"))
+            else:
+                s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
         o, lse = _softmax_finish(m_i, l_i, acc)
         if (page == first_page) & (chunk_end == seq_end):
@@ -570,6 +579,19 @@ if gluon is not None:
         return first_page, seq_end, chunk_end, start, end
 
     @gluon.jit
+    def _ws_draft_limit(kv_indptr_ptr, kv_last_page_len_ptr, seq, rows, end, HAS_LAST_PAGE_LEN: gl.constexpr,
+                        Q_LEN: gl.constexpr):
+        """Speculative decoding (Q_LEN queries per request, packed as rows r = query * heads + head): the
+        tokens row r sees in a piece ending at `end`, min(end, kv_len - Q_LEN + 1 + r // heads)."""
+        n_pages = gl.load(kv_indptr_ptr + seq + 1) - gl.load(kv_indptr_ptr + seq)
+        if HAS_LAST_PAGE_LEN:
+            last = gl.minimum(gl.maximum(gl.load(kv_last_page_len_ptr + seq), 0), 32)
+        else:
+            last = 32
+        kv_len = gl.where(n_pages > 0, (n_pages - 1) * 32 + last, 0)
+        return gl.minimum(kv_len - Q_LEN + 1 + rows // (128 // Q_LEN), end).to(gl.int32)
+
+    @gluon.jit
     def _ws_loader(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                    kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
                    q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
@@ -609,7 +631,7 @@ if gluon is not None:
                     q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
                     q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
                     HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    P_BUFS: gl.constexpr, GATHER: gl.constexpr):
+                    P_BUFS: gl.constexpr, GATHER: gl.constexpr, Q_LEN: gl.constexpr):
         """The default warpgroup: per piece its KV tiles (_ws_softmax_tile), then the finished rows: out
         and lse, or the piece's scratch slot."""
         HALF: gl.constexpr = 256
@@ -637,6 +659,9 @@ if gluon is not None:
                 l_i = gl.zeros([64], gl.float32, layout=row_s)
                 acc = gl.zeros([64, HALF], gl.float32, layout=o_layout)
                 limit = gl.zeros([64], gl.int32, layout=row_s) + end
+                if Q_LEN > 1:
+                    limit = _ws_draft_limit(kv_indptr_ptr, kv_last_page_len_ptr, seq, offs_hs, end,
+                                            HAS_LAST_PAGE_LEN, Q_LEN)
                 mbarrier.wait(q_ready, pc & 1)
                 for n0 in range(start, end, BLOCK_N):
                     m_i, l_i, acc = _ws_softmax_tile(q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, kv_ready, kv_empty,
@@ -715,7 +740,7 @@ if gluon is not None:
         out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
         qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
         HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr,
+        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr, Q_LEN: gl.constexpr,
     ):
         """Stage 1 for one (share, 64-head group): a loader, a softmax warpgroup and an output
         warpgroup, handing tiles over through mbarriers (QK runs once per tile, in one warpgroup)."""
@@ -727,7 +752,7 @@ if gluon is not None:
                            qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
                            q_nope_s, q_pe_s, kc_s, kp_s, p_s, alpha_s, fin_s,
                            q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
-                           HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, P_BUFS, GATHER)),
+                           HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, P_BUFS, GATHER, Q_LEN)),
             (_ws_output, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, part_out_ptr, batch, num_programs,
                           stride_o_b, stride_o_h, kc_s, p_s, alpha_s, fin_s,
                           kv_ready, kv_empty, p_ready, p_empty, fin_ready, fin_empty,
@@ -823,7 +848,8 @@ WS_BLOCK_N = 0
 
 
 def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
-                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl=False):
+                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl=False,
+                      q_len=1):
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
     _decode_stage1_ws[(num_programs * max(1, NUM_HEADS // 64),)](
@@ -832,7 +858,7 @@ def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
         out, lse, partial_out, partial_lse, sm_scale * LOG2E, batch, num_programs,
         out.stride(0), out.stride(1), lse.stride(0),
         HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n, NUM_STAGES=num_stages,
-        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, num_warps=4,
+        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, Q_LEN=q_len, num_warps=4,
     )
 
 
@@ -895,7 +921,7 @@ def launch(
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
     partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
     *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int, ws: int,
-    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0,
+    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0, q_len: int = 1,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
 
@@ -908,6 +934,9 @@ def launch(
     [scratch_rows(B, num_programs)]: contiguous scratch.
     pdl: launch stage 2 as a programmatic dependent of stage 1 (where _pdl_ready; else ordinary launches;
     not for a ws config whose stage 1 falls back to the Triton kernel).
+    q_len: queries per request (speculative decoding), a divisor of 128: the rows of a request are
+    q_len queries of 128 // q_len heads each (row r: query r // heads, head r % heads), query j
+    placed at position kv_len - q_len + j and seeing tokens 0 .. kv_len - q_len + j; 1: plain decode.
     """
     batch = q_nope.shape[0]
     if batch == 0:
@@ -917,7 +946,7 @@ def launch(
             and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache)
             and _ws_launched(_launch_ws_stage1, q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
                              kv_last_page_len, sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n,
-                             num_stages, pdl)):
+                             num_stages, pdl, q_len)):
         pass
     else:
         # A ws config's pdl is the late trigger (once the loader has issued its last tile); the Triton stage 1
@@ -926,7 +955,7 @@ def launch(
         pdl = pdl and not ws
         _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                        out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                       pdl)
+                       pdl, q_len)
     grid2 = (batch * triton.cdiv(128, merge_block_h) * (512 // merge_block_d),)
     pieces = merge_pieces(merge_block_h, merge_block_d, merge_num_warps)
     _decode_stage2[grid2](
@@ -939,7 +968,7 @@ def launch(
 
 def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                    out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl=False):
+                   pdl=False, q_len=1):
     """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early."""
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
@@ -952,6 +981,6 @@ def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl, Q_LEN=q_len,
         num_warps=num_warps, num_stages=num_stages,
     )

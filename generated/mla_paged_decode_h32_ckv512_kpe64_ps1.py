@@ -180,7 +180,7 @@ def _decode_stage1(
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PDL: tl.constexpr,
+    USE_TMA: tl.constexpr, PDL: tl.constexpr, Q_LEN: tl.constexpr = 1,
 ):
     N_GROUPS: tl.constexpr = (32 + BLOCK_H - 1) // BLOCK_H
     if PDL:
@@ -205,6 +205,9 @@ def _decode_stage1(
         chunk_end = tl.minimum(share_end, seq_end)
         start = ((page - first_page) * 1).to(tl.int32)
         end = tl.minimum((chunk_end - first_page) * 1, kv_len).to(tl.int32)
+        if Q_LEN > 1:  # row r: query r // (heads per query) of the request's last Q_LEN, causal among them
+            common = kv_len - Q_LEN + 1  # the tokens every row sees
+            q_limit = tl.minimum(common + offs_h // (32 // Q_LEN), end).to(tl.int32)
         seq64 = seq.to(tl.int64)
         q_nope = tl.load(
             q_nope_ptr + seq64 * stride_qn_b + offs_h[:, None] * stride_qn_h + offs_ckv[None, :],
@@ -230,7 +233,10 @@ def _decode_stage1(
                                      stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok)
             qk = tl.dot(q_pe, tl.trans(kpe))
             qk = tl.dot(q_nope, tl.trans(ckv), qk)
-            s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+            if Q_LEN > 1:
+                s = tl.where(offs_n[None, :] < q_limit[:, None], qk * qk_scale, float("-inf"))
+            else:
+                s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
         o, lse = _softmax_finish(m_i, l_i, acc)
         if (page == first_page) & (chunk_end == seq_end):
@@ -464,6 +470,15 @@ if gluon is not None:
         return first_page, seq_end, chunk_end, start, end
 
     @gluon.jit
+    def _ws_draft_limit(kv_indptr_ptr, kv_last_page_len_ptr, seq, rows, end, HAS_LAST_PAGE_LEN: gl.constexpr,
+                        Q_LEN: gl.constexpr):
+        """Speculative decoding (Q_LEN queries per request, packed as rows r = query * heads + head): the
+        tokens row r sees in a piece ending at `end`, min(end, kv_len - Q_LEN + 1 + r // heads)."""
+        n_pages = gl.load(kv_indptr_ptr + seq + 1) - gl.load(kv_indptr_ptr + seq)
+        kv_len = gl.maximum(n_pages, 0)  # one token per page: kv_last_page_len is 1 (as _kv_len)
+        return gl.minimum(kv_len - Q_LEN + 1 + rows // (32 // Q_LEN), end).to(gl.int32)
+
+    @gluon.jit
     def _ws_loader(q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                    kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
                    q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
@@ -502,7 +517,7 @@ if gluon is not None:
                    qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
                    q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty,
                    HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   GATHER: gl.constexpr):
+                   GATHER: gl.constexpr, Q_LEN: gl.constexpr):
         """The one math warpgroup for 32 heads, products swapped so that the KV tile's 64 tokens
         are wgmma's M and the heads its N (no padding): S^T = K Q^T, the online softmax per column, P^T to
         shared memory, O^T += V^T P^T (V^T: the ckv tile read transposed); then out and lse, or the
@@ -526,6 +541,9 @@ if gluon is not None:
                 m_i = gl.full([H], float("-inf"), gl.float32, layout=col_s)
                 l_i = gl.zeros([H], gl.float32, layout=col_s)
                 acc = gl.zeros([CKV, H], gl.float32, layout=s_layout)
+                if Q_LEN > 1:
+                    limit = _ws_draft_limit(kv_indptr_ptr, kv_last_page_len_ptr, seq, offs_h, end,
+                                            HAS_LAST_PAGE_LEN, Q_LEN)
                 mbarrier.wait(q_ready, pc & 1)
                 for n0 in range(start, end, BLOCK_N):
                     s = it % NUM_STAGES
@@ -539,7 +557,10 @@ if gluon is not None:
                     st = warpgroup_mma(kc, q_nope_s.permute((1, 0)), st, is_async=True)
                     st = warpgroup_mma_wait(num_outstanding=0, deps=(st,))
                     rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
-                    sc = gl.where((rows < end)[:, None], st * qk_scale, float("-inf"))
+                    if Q_LEN > 1:
+                        sc = gl.where(rows[:, None] < limit[None, :], st * qk_scale, float("-inf"))
+                    else:
+                        sc = gl.where((rows < end)[:, None], st * qk_scale, float("-inf"))
                     m_new = gl.maximum(m_i, gl.max(sc, 0))
                     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
                     alpha = gl.exp2(m_i - m_safe)
@@ -580,7 +601,7 @@ if gluon is not None:
         out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
         qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
         HAS_LAST_PAGE_LEN: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr,
+        P_BUFS: gl.constexpr, GATHER: gl.constexpr, PDL: gl.constexpr, Q_LEN: gl.constexpr,
     ):
         """Stage 1 for one share (32 heads): a loader and one math warpgroup (_ws_narrow)."""
         (q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty) = _ws_buffers(
@@ -589,7 +610,7 @@ if gluon is not None:
             (_ws_narrow, (kv_indptr_ptr, kv_last_page_len_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                           qk_scale, batch, num_programs, stride_o_b, stride_o_h, stride_lse_b,
                           q_nope_s, q_pe_s, kc_s, kp_s, p_s, q_ready, q_empty, kv_ready, kv_empty,
-                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER)),
+                          HAS_LAST_PAGE_LEN, BLOCK_N, NUM_STAGES, GATHER, Q_LEN)),
             (_ws_loader, (q_nope_desc, q_pe_desc, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                           kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, batch, num_programs,
                           q_nope_s, q_pe_s, kc_s, kp_s, q_ready, q_empty, kv_ready, kv_empty,
@@ -681,7 +702,8 @@ WS_BLOCK_N = 64
 
 
 def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
-                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl=False):
+                      sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n, num_stages, pdl=False,
+                      q_len=1):
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
     _decode_stage1_ws[(num_programs * max(1, NUM_HEADS // 64),)](
@@ -690,7 +712,7 @@ def _launch_ws_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
         out, lse, partial_out, partial_lse, sm_scale * LOG2E, batch, num_programs,
         out.stride(0), out.stride(1), lse.stride(0),
         HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n, NUM_STAGES=num_stages,
-        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, num_warps=4,
+        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, PDL=pdl, Q_LEN=q_len, num_warps=4,
     )
 
 
@@ -740,7 +762,7 @@ def launch(
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
     partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
     *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int, ws: int,
-    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0,
+    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0, q_len: int = 1,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
 
@@ -753,6 +775,9 @@ def launch(
     [scratch_rows(B, num_programs)]: contiguous scratch.
     pdl: launch stage 2 as a programmatic dependent of stage 1 (where _pdl_ready; else ordinary launches;
     not for a ws config whose stage 1 falls back to the Triton kernel).
+    q_len: queries per request (speculative decoding), a divisor of 32: the rows of a request are
+    q_len queries of 32 // q_len heads each (row r: query r // heads, head r % heads), query j
+    placed at position kv_len - q_len + j and seeing tokens 0 .. kv_len - q_len + j; 1: plain decode.
     """
     batch = q_nope.shape[0]
     if batch == 0:
@@ -762,7 +787,7 @@ def launch(
             and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache)
             and _ws_launched(_launch_ws_stage1, q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices,
                              kv_last_page_len, sm_scale, out, lse, partial_out, partial_lse, num_programs, block_n,
-                             num_stages, pdl)):
+                             num_stages, pdl, q_len)):
         pass
     else:
         # A ws config's pdl is the late trigger (once the loader has issued its last tile); the Triton stage 1
@@ -771,7 +796,7 @@ def launch(
         pdl = pdl and not ws
         _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                        out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                       pdl)
+                       pdl, q_len)
     grid2 = (batch * triton.cdiv(32, merge_block_h) * (512 // merge_block_d),)
     pieces = merge_pieces(merge_block_h, merge_block_d, merge_num_warps)
     _decode_stage2[grid2](
@@ -784,7 +809,7 @@ def launch(
 
 def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                    out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl=False):
+                   pdl=False, q_len=1):
     """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early."""
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
@@ -797,6 +822,6 @@ def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl, Q_LEN=q_len,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -203,7 +203,7 @@ def _decode_stage1(
     stride_ckv_page, stride_ckv_tok, stride_kpe_page, stride_kpe_tok,
     stride_o_b, stride_o_h, stride_lse_b,
     HAS_LAST_PAGE_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PDL: tl.constexpr, CKV_SCALE_PTR: tl.constexpr, KPE_SCALE_PTR: tl.constexpr,
+    USE_TMA: tl.constexpr, PDL: tl.constexpr, CKV_SCALE_PTR: tl.constexpr, KPE_SCALE_PTR: tl.constexpr, Q_LEN: tl.constexpr = 1,
 ):
     N_GROUPS: tl.constexpr = (8 + BLOCK_H - 1) // BLOCK_H
     if PDL:
@@ -229,6 +229,9 @@ def _decode_stage1(
         chunk_end = tl.minimum(share_end, seq_end)
         start = ((page - first_page) * 64).to(tl.int32)
         end = tl.minimum((chunk_end - first_page) * 64, kv_len).to(tl.int32)
+        if Q_LEN > 1:  # row r: query r // (heads per query) of the request's last Q_LEN, causal among them
+            common = kv_len - Q_LEN + 1  # the tokens every row sees
+            q_limit = tl.minimum(common + offs_h // (8 // Q_LEN), end).to(tl.int32)
         seq64 = seq.to(tl.int64)
         q_nope = tl.load(
             q_nope_ptr + seq64 * stride_qn_b + offs_h[:, None] * stride_qn_h + offs_ckv[None, :],
@@ -243,7 +246,10 @@ def _decode_stage1(
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, 512], dtype=tl.float32)
         if USE_TMA:  # whole tiles by bulk copies, the rest (a partial last tile) by the gather
-            tma_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+            if Q_LEN > 1:  # unmasked bulk tiles only below the drafts
+                tma_end = start + (tl.maximum(tl.minimum(end, common) - start, 0) // BLOCK_N) * BLOCK_N
+            else:
+                tma_end = start + ((end - start) // BLOCK_N) * BLOCK_N
             page_next = tl.load(kv_indices_ptr + first_page + start // 64, mask=start < tma_end, other=0)
             for n0 in range(start, tma_end, BLOCK_N):
                 page_id = page_next
@@ -276,7 +282,10 @@ def _decode_stage1(
             qk = tl.dot(q_pe, tl.trans(kpe)) * kpe_ratio
             qk = tl.dot(q_nope, tl.trans(ckv), qk) * q_unscale
 
-            s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+            if Q_LEN > 1:
+                s = tl.where(offs_n[None, :] < q_limit[:, None], qk * qk_scale, float("-inf"))
+            else:
+                s = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, ckv)
         o, lse = _softmax_finish(m_i, l_i, acc)
         o = o * v_scale  # the ckv scale of the weighted fp8 rows
@@ -435,7 +444,7 @@ def launch(
     sm_scale: float, out: torch.Tensor, lse: torch.Tensor,
     partial_out: torch.Tensor, partial_lse: torch.Tensor, num_programs: int,
     *, block_h: int, block_n: int, num_warps: int, num_stages: int, tma: int, ws: int,
-    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0,
+    merge_block_h: int, merge_block_d: int, merge_num_warps: int, pdl: int = 0, q_len: int = 1,
     ckv_scale: float | torch.Tensor, kpe_scale: float | torch.Tensor,
 ) -> None:
     """Launch both stages. Validated tensors only (tuner.decode checks them); no host sync.
@@ -449,6 +458,9 @@ def launch(
     [scratch_rows(B, num_programs)]: contiguous scratch.
     pdl: launch stage 2 as a programmatic dependent of stage 1 (where _pdl_ready; else ordinary launches;
     not for a ws config whose stage 1 falls back to the Triton kernel).
+    q_len: queries per request (speculative decoding), a divisor of 8: the rows of a request are
+    q_len queries of 8 // q_len heads each (row r: query r // heads, head r % heads), query j
+    placed at position kv_len - q_len + j and seeing tokens 0 .. kv_len - q_len + j; 1: plain decode.
     The caches are float8_e4m3fn; ckv_scale, kpe_scale: their per-tensor scales, each a positive float or a
     one-element float32 tensor on the device (read by the kernel: a captured graph follows its value).
     The queries and out are 16-bit.
@@ -459,7 +471,7 @@ def launch(
     pdl = bool(pdl) and _pdl_ready(q_nope)
     _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                    out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl, ckv_scale=ckv_scale, kpe_scale=kpe_scale)
+                   pdl, q_len, ckv_scale=ckv_scale, kpe_scale=kpe_scale)
     grid2 = (batch * triton.cdiv(8, merge_block_h) * (512 // merge_block_d),)
     pieces = merge_pieces(merge_block_h, merge_block_d, merge_num_warps)
     _decode_stage2[grid2](
@@ -472,7 +484,7 @@ def launch(
 
 def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale,
                    out, lse, partial_out, partial_lse, num_programs, block_h, block_n, num_warps, num_stages, tma,
-                   pdl=False, *, ckv_scale, kpe_scale):
+                   pdl=False, q_len=1, *, ckv_scale, kpe_scale):
     """The Triton stage 1 (every config, every GPU, the interpreter); pdl: let stage 2 launch early."""
     batch = q_nope.shape[0]
     has_last = kv_last_page_len is not None
@@ -485,7 +497,7 @@ def _launch_stage1(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl,
+        HAS_LAST_PAGE_LEN=has_last, BLOCK_H=block_h, BLOCK_N=block_n, USE_TMA=use_tma, PDL=pdl, Q_LEN=q_len,
         CKV_SCALE_PTR=isinstance(ckv_scale, torch.Tensor), KPE_SCALE_PTR=isinstance(kpe_scale, torch.Tensor),
         num_warps=num_warps, num_stages=num_stages,
     )

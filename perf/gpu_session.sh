@@ -24,6 +24,7 @@
 #   cmp     TPE (the default 48 trials; the study of `tune` when it ran first) against an exhaustive sweep of one decode bucket
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
 #   bench   `mla-tune bench` with the peers (needs .peers carried)
+#   mtpbench `mla-tune bench --set mtp` beside fa3 and FlashMLA (needs .peers carried), into $OUT/mtp
 #   host    perf/host_probe.py: eager per-call wall and host time of ours and the peers, cProfile of run() (ROWS)
 # Needs wheels the machine lacks (optuna and its needs) in .whl/ and PY (default python3).
 set -uo pipefail
@@ -94,6 +95,8 @@ for phase in "$@"; do
                python3 -m tuner tune --workers 2 --out "$OUT/two" 2>&1 | tee "$OUT/tune2.log" | grep -v "trials:" ;;
     host) (source .peers/activate.sh && timeout "$(left)" python3 perf/host_probe.py ${HOST_ROWS:-}) 2>&1 \
               | tee "$OUT/host_probe.log" ;;
+    mtpbench) (source .peers/activate.sh && timeout "$(left)" python3 -m tuner bench --set mtp --peers fa3 flashmla \
+                  --no-figure --out "$OUT/mtp") 2>&1 | tee "$OUT/mtp_bench.log" | grep -v "^  check" ;;
     bench) (source .peers/activate.sh && timeout "$(left)" python3 -m tuner bench --out "$OUT/results") 2>&1 \
                | tee "$OUT/bench.log" ;;
     *) echo "unknown phase $phase"; exit 2 ;;

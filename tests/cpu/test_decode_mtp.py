@@ -3,11 +3,14 @@ queries [B, s_q, H, *] (tuner.runtime.mtp), under the Triton interpreter.
 
 The 4-D form is the causal prefill of s_q queries per request (query j of request b at position
 kv_len(b) - s_q + j), checked against the float32 prefill reference on the flattened queries and, for the
-position rule itself, against attention computed by hand per query. The cases come from
-``helpers.make_case`` with q_lens [s_q] * B: partial last pages, unused slots and pages poisoned with NaN."""
+position rule itself, against attention computed by hand per query. Two kernels run it: the decode kernel of
+s_q * H heads with each request's rows packed (s_q * H a power of two up to 128), else (or forced by a
+PrefillConfig) the causal prefill kernel; both are checked. The cases come from ``helpers.make_case`` with
+q_lens [s_q] * B: partial last pages, unused slots and pages poisoned with NaN."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -24,7 +27,7 @@ HEADS = 16
 
 def lengths(s_q: int, page_size: int) -> list[int]:
     """kv_len == s_q, partial last pages, a page boundary plus a few, whole pages; mixed."""
-    return [s_q, 37, 2 * page_size + 3, 90, max(s_q, 2 * page_size)]
+    return [s_q, 37, max(s_q, 2 * page_size + 3), 90, max(s_q, 2 * page_size)]
 
 
 def case_of(s_q: int, kv_lens: list[int], page_size: int = 16, dtype: torch.dtype = torch.float16, seed: int = 0,
@@ -66,18 +69,52 @@ def assert_reference(case, s_q: int, out: torch.Tensor, lse: torch.Tensor) -> No
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("s_q", [2, 4])
+@pytest.mark.parametrize("s_q", [2, 3, 4, 8])
 def test_matches_reference(s_q: int, page_size: int, dtype: torch.dtype) -> None:
-    """One call into NaN-poisoned out=/lse= (written in place and returned), then plan/run: the same bits."""
+    """One call into NaN-poisoned out=/lse= (written in place and returned), then plan/run: the same bits. s_q
+    2, 4, 8 run packed in the decode kernel of 32, 64, 128 heads; 3 (48 rows) the causal prefill."""
     case = case_of(s_q, lengths(s_q, page_size), page_size, dtype, seed=s_q + page_size)
     out, lse = poisoned4(case, s_q)
     got = decode4(case, s_q, out=out, lse=lse)
     assert got[0] is out and got[1] is lse, "out=/lse= must be written in place and returned"
     assert_reference(case, s_q, out, lse)
     plan = plan4(case, s_q)
-    assert plan.spec.variant == "prefill_causal" and isinstance(plan.config, PrefillConfig)
+    if s_q == 3:
+        assert plan.spec.variant == "prefill_causal" and isinstance(plan.config, PrefillConfig)
+    else:
+        assert plan.spec == tuner.MLASpec("decode", s_q * HEADS, 512, 64, page_size)
+        assert isinstance(plan.config, DecodeConfig)
     planned = run4(plan, case, s_q)
     assert torch.equal(planned[0], out) and torch.equal(planned[1], lse)
+
+
+PACKED_CONFIGS = {
+    "one-share": DecodeConfig(block_h=16, block_n=16, programs_per_sm=1, split_tokens=1 << 24),
+    "many-shares": DecodeConfig(block_h=16, block_n=16, programs_per_sm=4, split_tokens=16),
+    "wide": DecodeConfig(block_h=64, block_n=32, programs_per_sm=2, split_tokens=16, merge_block_h=32),
+}
+
+
+@pytest.mark.parametrize("config", PACKED_CONFIGS.values(), ids=PACKED_CONFIGS.keys())
+@pytest.mark.parametrize(("heads", "s_q"), [(8, 2), (16, 4), (32, 2), (8, 8)])
+def test_packed_shares_and_heads(heads: int, s_q: int, config: DecodeConfig) -> None:
+    """The packed decode kernel with forced configs: shares that cut requests anywhere (so a piece may end
+    inside the drafts, or hold only tokens some rows do not see), head groups of 16 rows inside one query
+    or across queries, other head counts; against the reference and against the causal prefill kernel."""
+    page_size = 16
+    rows = heads * s_q
+    config = dataclasses.replace(config, block_h=min(config.block_h, rows),
+                                 merge_block_h=min(config.merge_block_h, rows))
+    kv = [s_q, 19, 2 * page_size + s_q - 1, 70, 33]
+    case = make_case(heads, kv, [s_q] * len(kv), page_size=page_size, dtype=torch.float32, seed=heads + s_q)
+    batch = len(kv)
+    q = (case.q_nope.view(batch, s_q, heads, -1), case.q_pe.view(batch, s_q, heads, -1))
+    rest = (case.ckv_cache, case.kpe_cache, case.kv_indptr, case.kv_indices, case.sm_scale, case.kv_last_page_len)
+    out, lse = mla_decode(*q, *rest, config=config)
+    assert_matches(out.flatten(0, 1), lse.flatten(0, 1), *case.prefill_ref())
+    block_h = min(16, heads)
+    causal = mla_decode(*q, *rest, config=PrefillConfig(block_m=32 // block_h, block_h=block_h, block_n=16))
+    assert torch.allclose(out, causal[0], atol=1e-5, rtol=1e-5) and torch.allclose(lse, causal[1], atol=1e-5)
 
 
 def by_hand(case, s_q: int, b: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,15 +221,22 @@ def test_outputs_allocated_or_given() -> None:
 
 def test_strided_views() -> None:
     """Queries and caches as views of 576-wide tensors give the same bits as contiguous ones; out/lse as
-    padded views are written in their own elements only."""
+    padded views are written in their own elements only. Padded heads cannot be packed: the packed kernel
+    refuses them (ValueError naming the tensor), the causal prefill (a PrefillConfig) takes them."""
     s_q = 2
     fused = case_of(s_q, [2, 40, 17], 16, seed=8, fused=True)
     assert not fused.q_nope.is_contiguous() and fused.ckv_cache.stride(1) == 576
     dense = fused.replace(**{k: getattr(fused, k).contiguous() for k in ("q_nope", "q_pe", "ckv_cache", "kpe_cache")})
     out_buf, lse_buf = torch.full((3, 2, HEADS, 640), 7.0, dtype=torch.float16), torch.full((3, 2, 20), 7.0)
-    out, lse = decode4(fused, s_q, out=out_buf[..., :512], lse=lse_buf[..., :HEADS])
+    out, lse = decode4(fused, s_q, out=out_buf[..., :512])
     want = decode4(dense, s_q)
     assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert_reference(dense, s_q, out, lse)
+    assert bool((out_buf[..., 512:] == 7.0).all())
+    with pytest.raises(ValueError, match=r"^lse: expected \[B, s_q, H, \.\.\.\] whose axes 1 and 2 can be viewed"):
+        decode4(fused, s_q, lse=lse_buf[..., :HEADS])
+    config = PrefillConfig(block_m=2, block_h=16, block_n=16)
+    out, lse = decode4(fused, s_q, out=out_buf[..., :512], lse=lse_buf[..., :HEADS], config=config)
     assert_reference(dense, s_q, out, lse)
     assert bool((out_buf[..., 512:] == 7.0).all()) and bool((lse_buf[..., HEADS:] == 7.0).all())
 
@@ -269,11 +313,26 @@ BAD: list[tuple[str, dict, type[Exception], str]] = [
     ("lse-heads", outputs(lse_shape=(4, 2, 8)), ValueError, r"^lse: expected shape \(4, 2, 16\)"),
     ("out-not-viewable", {"out": swapped(torch.empty(4, 2, HEADS, 512, dtype=torch.float16))}, ValueError,
      r"^out: expected \[B, s_q, \.\.\.\] whose first two dimensions can be viewed as one"),
+    ("q_nope-not-packable", {"q_nope": torch.randn(4, 2, 20, 512, dtype=torch.float16)[:, :, :HEADS]}, ValueError,
+     r"^q_nope: expected \[B, s_q, H, \.\.\.\] whose axes 1 and 2 can be viewed as one of s_q \* H rows"),
+    ("out-not-packable", {"out": torch.empty(4, 2, 20, 512, dtype=torch.float16)[:, :, :HEADS]}, ValueError,
+     r"^out: expected \[B, s_q, H, \.\.\.\] whose axes 1 and 2 can be viewed as one"),
     ("kv_indptr-short", {"kv_indptr": torch.zeros(4, dtype=torch.int32)}, ValueError,
      r"^kv_indptr: expected shape \(5,\), found \(4,\)"),
-    ("config-decode", {"config": DecodeConfig()}, TypeError,
-     r"^config: expected a PrefillConfig for s_q = 2 queries per request \(the causal prefill kernel"),
+    ("config-other", {"config": "fast"}, TypeError,
+     r"^config: expected a DecodeConfig \(the packed decode kernel\) or a PrefillConfig \(the causal prefill "
+     r"kernel\) for s_q = 2 queries per request, found str"),
 ]
+
+
+def test_decode_config_where_nothing_packs(no_launch: None) -> None:
+    """A DecodeConfig for s_q x H rows the decode kernel does not pack (48): a TypeError naming config."""
+    args = args4(3)
+    with pytest.raises(TypeError, match=r"^config: a DecodeConfig runs s_q x H rows per request packed in the "
+                                        r"decode kernel, which takes a power of two up to 128 rows; found s_q = 3"):
+        mla_decode(**args, config=DecodeConfig())
+    with pytest.raises(Launched):
+        mla_decode(**args, config=PrefillConfig())
 
 
 @pytest.mark.parametrize(("changes", "error", "pattern"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
@@ -294,9 +353,9 @@ def test_bad_planned_input(no_launch: None) -> None:
                                   (2.0, TypeError, r"^q_len: expected an int, found float")):
         with pytest.raises(error, match=pattern):
             MLADecode().plan(*layout, q_len=q_len, **common)
-    with pytest.raises(TypeError, match=r"^config: expected a PrefillConfig for s_q = 2"):
-        MLADecode().plan(*layout, q_len=2, config=DecodeConfig(), **common)
-    with pytest.raises(TypeError, match=r"^config: expected a DecodeConfig for s_q = 1"):
+    with pytest.raises(TypeError, match=r"^config: a DecodeConfig runs s_q x H rows per request packed"):
+        MLADecode().plan(*layout, q_len=3, config=DecodeConfig(), validate_data=False, **common)
+    with pytest.raises(TypeError, match=r"^config: expected a DecodeConfig for one query per request"):
         MLADecode().plan(*layout, config=PrefillConfig(), **common)
     plan = MLADecode().plan(*layout, q_len=2, **common)
     caches = (args["ckv_cache"], args["kpe_cache"])
@@ -314,17 +373,19 @@ def test_bad_planned_input(no_launch: None) -> None:
         plan.run(q_nope, q_pe, *caches, lse=torch.empty(4, 2, 8))
     with pytest.raises(ValueError, match=r"^q_nope: expected s_q = 1 \(the plan's q_len"):
         MLADecode().plan(*layout, **common).run(q_nope, q_pe, *caches)
+    with pytest.raises(ValueError, match=r"^q_pe: expected \[B, s_q, H, \.\.\.\] whose axes 1 and 2 can be viewed"):
+        plan.run(q_nope, torch.randn(4, 2, 20, 64, dtype=torch.float16)[:, :, :HEADS], *caches)
     with pytest.raises(Launched):
         plan.run(q_nope, q_pe, *caches)
 
 
 # --- the lean launch path: the second call with new tensors of the same metadata is replayed ---
 
-@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("s_q", [1, 2, 3])
 def test_second_calls_replay(monkeypatch: pytest.MonkeyPatch, s_q: int) -> None:
     """After a first one-call and a first run(), calls with new tensors of the same metadata skip validation,
     the dispatch, the module's launch() and the qo_indptr, and allocate only their outputs (and, one-call
-    at s_q = 1, the decode's split scratch)."""
+    in the decode kernel, packed or not, its split scratch)."""
     case = case_of(s_q, [s_q, 40, 17, 70], 16, seed=12 + s_q)
     plan = plan4(case, s_q)
     decode4(case, s_q)
@@ -339,7 +400,7 @@ def test_second_calls_replay(monkeypatch: pytest.MonkeyPatch, s_q: int) -> None:
     given = poisoned4(new, s_q)
     got = run4(plan, new, s_q, out=given[0], lse=given[1])
     assert got[0] is given[0] and torch.equal(got[0], out) and torch.equal(got[1], lse)
-    one_call = ["outputs", "outputs"] + (["scratch", "scratch"] if s_q == 1 else [])
+    one_call = ["outputs", "outputs"] + (["scratch", "scratch"] if plan.spec.is_decode else [])
     assert allocations == one_call
 
 

@@ -69,3 +69,43 @@ def test_first_use_from_two_streams() -> None:
     ref = reference4(case, s_q)()
     assert_matches(*first, *ref, TOLERANCES[DTYPE])
     assert_matches(*second, *ref, TOLERANCES[DTYPE])
+
+
+def kernel_forms(rows: int, page_size: int) -> dict[str, tuner.DecodeConfig]:
+    """One config per stage-1 form of the decode kernel of `rows` heads: the Triton kernel gathering, the
+    Triton kernel with bulk copies (pages of 16+), the warp-specialized kernel (gathering at page size 1,
+    bulk copies otherwise), each with shares small enough to cut requests inside their drafts."""
+    from tuner.runtime.config import ws_block_h, ws_tiles
+
+    spec = tuner.MLASpec("decode", rows, 512, 64, page_size)
+    block_h = min(rows, 64)
+    forms = {"triton": tuner.DecodeConfig(block_h=min(rows, 32), block_n=32, programs_per_sm=2, split_tokens=32)}
+    if page_size >= 16:
+        forms["triton-tma"] = tuner.DecodeConfig(block_h=min(rows, 32), block_n=16, tma=1, num_stages=3,
+                                                 programs_per_sm=2, split_tokens=16)
+    block_n, stages = ws_tiles(spec)
+    forms["ws"] = tuner.DecodeConfig(block_h=ws_block_h(spec), block_n=block_n, num_stages=stages, ws=1,
+                                     split_tokens=64, pdl=1, merge_block_h=min(block_h, 8))
+    return forms
+
+
+PACKED = [(16, 2), (16, 4), (8, 2), (32, 2), (64, 2), (16, 8)]
+
+
+@pytest.mark.parametrize("page_size", [1, 64])
+@pytest.mark.parametrize(("heads", "s_q"), PACKED, ids=[f"h{h}-q{q}" for h, q in PACKED])
+def test_packed_kernel_forms(heads: int, s_q: int, page_size: int) -> None:
+    """The rows of s_q queries x H heads packed in the decode kernel of s_q * H heads (16 to 128): every
+    stage-1 form against the reference (the mask of the drafts in the Triton kernel, in its bulk-copy
+    tiles, in the swapped-product and in the 64-row warp-specialized kernel)."""
+    kv = [max(s_q, n) for n in skewed_lengths(10, 100, 3000, seed=heads + s_q)] + [s_q, s_q + 1, 65]
+    case = make_case(heads, kv, [s_q] * len(kv), page_size=page_size, dtype=DTYPE, device=DEVICE,
+                     seed=700 + heads + s_q + page_size, spare_pages=16)
+    batch = len(kv)
+    q = (case.q_nope.view(batch, s_q, heads, -1), case.q_pe.view(batch, s_q, heads, -1))
+    rest = (case.ckv_cache, case.kpe_cache, case.kv_indptr, case.kv_indices, case.sm_scale, case.kv_last_page_len)
+    ref_out, ref_lse = case.prefill_ref()
+    for name, config in kernel_forms(heads * s_q, page_size).items():
+        out, lse = tuner.mla_decode(*q, *rest, config=config)
+        torch.cuda.synchronize()
+        assert_matches(out.flatten(0, 1), lse.flatten(0, 1), ref_out, ref_lse, TOLERANCES[DTYPE], f"{name} {config}")

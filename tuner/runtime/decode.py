@@ -18,12 +18,15 @@ _ONE_CALL = launch.Plans()
 
 
 class _Plan(launch.LaunchPlan):
-    """A decode launch: the config's launch arguments and its split (shares and scratch rows)."""
+    """A decode launch: the config's launch arguments and its split (shares and scratch rows); with q_len > 1,
+    q_len queries per request packed as the spec's heads (tuner.runtime.mtp)."""
 
     def __init__(self, spec: MLASpec, config: DecodeConfig, batch: int, max_tokens: int, sm_scale: float,
-                 device: torch.device) -> None:
-        super().__init__(spec, batch, sm_scale, device,
-                         {k: v for k, v in config.to_dict().items() if k not in _HOST_ONLY})
+                 device: torch.device, q_len: int = 1) -> None:
+        kwargs = {k: v for k, v in config.to_dict().items() if k not in _HOST_ONLY}
+        if q_len > 1:
+            kwargs["q_len"] = q_len
+        super().__init__(spec, batch, sm_scale, device, kwargs)
         self.num_programs = config.num_programs(spec, gpu_info(device).num_sms, max_tokens, batch)
         self.scratch_rows = self.module.scratch_rows(batch, self.num_programs)
 
@@ -50,39 +53,43 @@ def _tensors(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, 
 def _make_plan(spec: MLASpec, config: DecodeConfig | PrefillConfig | None, batch: int, s_q: int, kv_tokens: int,
                avg_kv: float, sm_scale: float, device: torch.device
                ) -> tuple[DecodeConfig | PrefillConfig, launch.LaunchPlan]:
-    """The config (given, else the dispatch's: decode for B requests, or the causal prefill of B * s_q
-    queries) and the launch plan of B requests of s_q queries over ``kv_tokens`` page slots in all."""
-    mtp.check_config(config, s_q)
+    """The config (given, else the dispatch's: decode for B requests of s_q x H packed rows, or the causal
+    prefill of B * s_q queries: tuner.runtime.mtp.kernel) and the launch plan of B requests of s_q queries
+    over ``kv_tokens`` page slots in all."""
+    spec = mtp.kernel(spec, s_q, config)
     if config is None:
-        config = (dispatch.decode_config(spec, batch, avg_kv, device) if s_q == 1
+        config = (dispatch.decode_config(spec, batch, avg_kv, device) if spec.is_decode
                   else dispatch.prefill_config(spec, batch * s_q, avg_kv, device))
     config.check_spec(spec)
     if isinstance(config, PrefillConfig):
         return config, mtp.CausalPlan(spec, config, batch, s_q, sm_scale, device)
-    return config, _Plan(spec, config, batch, kv_tokens, sm_scale, device)
+    return config, _Plan(spec, config, batch, kv_tokens, sm_scale, device, s_q)
 
 
 def _run_queries(plan: launch.LaunchPlan, key: object, q_nope: torch.Tensor, q_pe: torch.Tensor,
                  ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                  kv_last_page_len: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
                  scratch: tuple[torch.Tensor, torch.Tensor] | None, scales: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch a validated call of queries [B, s_q, H, *] on their views [B * s_q, H, *] (tuner.runtime.mtp):
-    the causal prefill of s_q queries per request, or at s_q = 1 the decode. Returns [B, s_q, H, ckv] and
-    [B, s_q, H] (``out`` and ``lse`` themselves where given)."""
+    """Launch a validated call of queries [B, s_q, H, *] (tuner.runtime.mtp): the causal prefill of s_q queries
+    per request on the views [B * s_q, H, *], or the decode kernel on the views [B, s_q * H, *] (packed; at
+    s_q = 1 plain decode). Returns [B, s_q, H, ckv] and [B, s_q, H] (``out`` and ``lse`` themselves where
+    given)."""
     batch, s_q = q_nope.shape[:2]
-    out_rows, lse_rows = plan.outputs(q_nope.dtype, None if out is None else mtp.rows(out),
-                                      None if lse is None else mtp.rows(lse))
+    causal = isinstance(plan, mtp.CausalPlan)
+    view = mtp.rows if causal else mtp.packed
+    out_rows, lse_rows = plan.outputs(q_nope.dtype, None if out is None else view(out),
+                                      None if lse is None else view(lse))
     ps = plan.spec.page_size
-    if isinstance(plan, mtp.CausalPlan):
-        tensors = prefill._tensors(mtp.rows(q_nope), mtp.rows(q_pe), ckv_cache, kpe_cache, plan.qo_indptr(),
+    if causal:
+        tensors = prefill._tensors(view(q_nope), view(q_pe), ckv_cache, kpe_cache, plan.qo_indptr(),
                                    kv_indptr, kv_indices, kv_last_page_len, out_rows, lse_rows, ps, scales)
     else:
         assert isinstance(plan, _Plan)
-        tensors = _tensors(mtp.rows(q_nope), mtp.rows(q_pe), ckv_cache, kpe_cache, kv_indptr, kv_indices,
+        tensors = _tensors(view(q_nope), view(q_pe), ckv_cache, kpe_cache, kv_indptr, kv_indices,
                            kv_last_page_len, out_rows, lse_rows, plan.scratch() if scratch is None else scratch, ps,
                            scales)
     plan.run(key, tensors)
-    return mtp.outputs(out, lse, batch, s_q, plan.spec, out_rows, lse_rows)
+    return mtp.outputs(out, lse, batch, s_q, q_nope.shape[2], out_rows, lse_rows)
 
 
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
@@ -162,7 +169,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
         key, plan = None, None
     if plan is None:
         spec = _check_call(q_nope, q_pe, ckv_cache, kpe_cache, kv_indptr, kv_indices, kv_last_page_len,
-                           sm_scale, out, lse, ckv_scale, kpe_scale)
+                           sm_scale, out, lse, ckv_scale, kpe_scale, config)
     s_q = q_nope.shape[1] if four_d else 1
     if validate.data_validation(validate_data):
         validate.check_host_data(spec if plan is None else plan.spec, ckv_cache.shape[0], kv_indptr, kv_indices,
@@ -204,11 +211,13 @@ def _routed(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, k
 def _check_call(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
                 kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor | None,
                 sm_scale: float, out: torch.Tensor | None, lse: torch.Tensor | None,
-                ckv_scale: object = None, kpe_scale: object = None) -> MLASpec:
-    """The one-call form's metadata checks (clear errors naming the argument); returns the spec (the causal
-    prefill's for 4-D queries with s_q > 1)."""
+                ckv_scale: object = None, kpe_scale: object = None, config: object = None) -> MLASpec:
+    """The one-call form's metadata checks (clear errors naming the argument); returns the spec of the
+    operation (the causal prefill's for 4-D queries with s_q > 1; tuner.runtime.mtp.kernel says which kernel
+    runs it)."""
     four_d = mtp.is_4d(q_nope)
     s_q = 1
+    given = (("q_nope", q_nope), ("q_pe", q_pe), ("out", out), ("lse", lse))
     if four_d:
         _, s_q, q_nope, q_pe = mtp.check_queries(q_nope, q_pe)
     spec = validate.spec_from_tensors(mtp.variant(s_q), q_nope, q_pe, ckv_cache, kpe_cache)
@@ -219,6 +228,8 @@ def _check_call(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tenso
     validate.check_scales(spec.fp8, ckv_scale, kpe_scale, ckv_cache.device)
     if four_d:
         mtp.check_outputs(batch, s_q, spec, q_nope.dtype, device, out, lse)
+        if s_q > 1 and mtp.kernel(spec, s_q, config).is_decode:
+            mtp.check_packed(*given)
     else:
         validate.check_outputs(batch, spec, q_nope.dtype, device, out, lse)
     return spec
@@ -237,8 +248,10 @@ class MLADecode:
     checked: plan again to check it).
 
     ``plan(q_len=s_q)`` with s_q > 1 serves speculative decoding: run() then takes queries [B, s_q, H, *]
-    (see :func:`mla_decode`) and launches the causal prefill kernel with the qo_indptr arange(B + 1) * s_q
-    made in plan(); ``spec`` is then the causal prefill's and ``config`` a PrefillConfig.
+    (see :func:`mla_decode`) and launches the decode kernel of s_q * H heads with the s_q x H rows of a
+    request packed (where s_q * H is a power of two up to 128; ``config`` a DecodeConfig), else the causal
+    prefill kernel with the qo_indptr arange(B + 1) * s_q made in plan() (``config`` a PrefillConfig).
+    ``spec`` is the generated kernel that runs.
     """
 
     def __init__(self) -> None:
@@ -246,6 +259,7 @@ class MLADecode:
         self.config: DecodeConfig | PrefillConfig | None = None
         self.max_page_id: int | None = None
         self.q_len = 1
+        self._io_spec: MLASpec | None = None
         self._plan: launch.LaunchPlan | None = None
         self.handle = ops.register(self)  # names this plan in torch.ops.mla_tuner.decode_run
 
@@ -293,7 +307,8 @@ class MLADecode:
             kv_lens = validate.layout_kv_lengths(host, kv_indptr, page_size, kv_last_page_len)
             avg_kv = int(kv_lens.sum()) / max(1, batch)
         config, plan = _make_plan(spec, config, batch, q_len, kv_indices.numel() * page_size, avg_kv, sm_scale, device)
-        self.spec, self.config, self.sm_scale, self.q_len = spec, config, sm_scale, q_len
+        self.spec, self.config, self.sm_scale, self.q_len = plan.spec, config, sm_scale, q_len
+        self._io_spec = spec  # what run()'s tensors are checked against (H heads, not packed rows)
         self.max_page_id = None if host is None else host.max_page_id
         self.batch, self.device = batch, device
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = kv_indptr, kv_indices, kv_last_page_len
@@ -314,15 +329,19 @@ class MLADecode:
         if plan is None:
             raise RuntimeError("MLADecode.run: call plan() first")
         four_d = self.q_len != 1 or mtp.is_4d(q_nope)
+        given = (("q_nope", q_nope), ("q_pe", q_pe), ("out", out), ("lse", lse))
         if four_d:
             _, _, q_nope, q_pe = mtp.check_queries(q_nope, q_pe, self.batch, self.q_len)
-        validate.check_inputs(plan.spec, self.batch * self.q_len, q_nope, q_pe, ckv_cache, kpe_cache)
+        spec = self._io_spec
+        validate.check_inputs(spec, self.batch * self.q_len, q_nope, q_pe, ckv_cache, kpe_cache)
         if q_nope.device != self.device:
             raise ValueError(f"q_nope: expected device {self.device} (the planned one), found {q_nope.device}")
         if four_d:
-            mtp.check_outputs(self.batch, self.q_len, plan.spec, q_nope.dtype, self.device, out, lse)
+            mtp.check_outputs(self.batch, self.q_len, spec, q_nope.dtype, self.device, out, lse)
+            if self.q_len > 1 and plan.spec.is_decode:
+                mtp.check_packed(*given)
         else:
-            validate.check_outputs(self.batch, plan.spec, q_nope.dtype, self.device, out, lse)
+            validate.check_outputs(self.batch, spec, q_nope.dtype, self.device, out, lse)
         validate.check_planned_pages(self.max_page_id, ckv_cache)
         validate.check_scales(plan.spec.fp8, ckv_scale, kpe_scale, ckv_cache.device)
         return plan

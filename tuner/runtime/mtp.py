@@ -2,13 +2,18 @@
 [B, s_q, H, *] of ``tuner.mla_decode`` and of ``MLADecode.plan(q_len=s_q)`` plans.
 
 Query j of request b sits at position kv_len(b) - s_q + j and sees tokens 0 .. kv_len(b) - s_q + j, which is
-the causal prefill of ``qo_indptr = arange(B + 1) * s_q`` over the same pages. That is what runs for now: the
-causal prefill kernel (variant ``prefill_causal``, its dispatch at total_q = B * s_q) on the queries and
-outputs viewed as [B * s_q, H, *]; s_q = 1 runs the decode kernel on the view [B, H, *]. A dedicated kernel
-that reads each request's KV once for all of its s_q x H rows is future work.
+the causal prefill of ``qo_indptr = arange(B + 1) * s_q`` over the same pages. Two kernels serve it:
 
-This module holds what the 4-D form adds (its checks, the views, the plan of the causal prefill launch and its
-qo_indptr); ``tuner.runtime.decode`` the calls.
+- packed (:func:`kernel`, where s_q x H is a power of two up to :data:`MAX_PACKED_ROWS`): the decode kernel of
+  ``s_q * H`` heads over the views [B, s_q * H, *], its rows r = j * H + h, launched with ``q_len = s_q``, so it
+  reads each request's KV once for all of its s_q x H rows and masks per row only the tiles that reach the
+  drafts (its dispatch is that of the decode kernel of s_q * H heads: the same work);
+- otherwise, or with a ``PrefillConfig``: the causal prefill kernel (variant ``prefill_causal``, its dispatch at
+  total_q = B * s_q) on the views [B * s_q, H, *].
+
+s_q = 1 runs the decode kernel on the view [B, H, *]. This module holds what the 4-D form adds (its checks, the
+views, the kernel choice, the plan of the causal prefill launch and its qo_indptr); ``tuner.runtime.decode``
+the calls.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from .spec import MLASpec
 
 MAX_QUERIES = 8
 """The most queries per request (draft tokens verified in one step) the 4-D form takes."""
+
+MAX_PACKED_ROWS = 128
+"""The most rows (s_q x H) per request the decode kernel packs; beyond, each 64-row group would read the KV
+again, which is what the causal prefill kernel does anyway."""
 
 
 def is_4d(t: object) -> bool:
@@ -45,13 +54,62 @@ def check_q_len(q_len: object) -> int:
     return int(q_len)
 
 
-def check_config(config: object, s_q: int) -> None:
-    """A config given for s_q queries per request must be of the kernel that runs them."""
-    want = DecodeConfig if s_q == 1 else PrefillConfig
-    if config is not None and not isinstance(config, want):
-        kernel = "the decode kernel" if s_q == 1 else "the causal prefill kernel"
-        raise TypeError(f"config: expected a {want.__name__} for s_q = {s_q} queries per request ({kernel} runs "
-                        f"them), found {type(config).__name__}")
+def packed_spec(spec: MLASpec, s_q: int) -> MLASpec | None:
+    """The decode kernel of s_q x H heads that runs s_q queries of ``spec``'s H heads per request packed as
+    rows, or None where it does not pack them (s_q = 1, or s_q x H not a power of two up to MAX_PACKED_ROWS)."""
+    rows = s_q * spec.num_heads
+    if s_q == 1 or rows > MAX_PACKED_ROWS or rows & (rows - 1):
+        return None
+    return MLASpec("decode", rows, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size, spec.fp8)
+
+
+def kernel(spec: MLASpec, s_q: int, config: object) -> MLASpec:
+    """The spec of the kernel that runs s_q queries per request of ``spec`` (its heads, dims, page size and
+    cache; any variant) under ``config``: the decode kernel at s_q = 1; else the packed decode kernel
+    (:func:`packed_spec`) unless ``config`` is a PrefillConfig or it does not pack these shapes, then the
+    causal prefill. A config of another kernel: TypeError naming it."""
+    decode = MLASpec("decode", spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size, spec.fp8)
+    if s_q == 1:
+        if config is not None and not isinstance(config, DecodeConfig):
+            raise TypeError(f"config: expected a DecodeConfig for one query per request (the decode kernel runs "
+                            f"it), found {type(config).__name__}")
+        return decode
+    packed = packed_spec(spec, s_q)
+    if isinstance(config, DecodeConfig):
+        if packed is None:
+            raise TypeError(f"config: a DecodeConfig runs s_q x H rows per request packed in the decode kernel, "
+                            f"which takes a power of two up to {MAX_PACKED_ROWS} rows; found s_q = {s_q} and "
+                            f"H = {spec.num_heads} (pass a PrefillConfig: the causal prefill kernel runs them)")
+        return packed
+    if config is not None and not isinstance(config, PrefillConfig):
+        raise TypeError(f"config: expected a DecodeConfig (the packed decode kernel) or a PrefillConfig (the "
+                        f"causal prefill kernel) for s_q = {s_q} queries per request, found "
+                        f"{type(config).__name__}")
+    if isinstance(config, PrefillConfig) or packed is None:
+        return MLASpec("prefill_causal", spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size,
+                       spec.fp8)
+    return packed
+
+
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """[B, s_q, H, *rest] -> the view [B, s_q * H, *rest] of a tensor :func:`check_packed` accepted."""
+    return t.flatten(1, 2)
+
+
+def check_packed(*named: tuple[str, object]) -> None:
+    """Each given tensor [B, s_q, H, ...] viewable as [B, s_q * H, ...] (what the packed decode kernel reads
+    and writes; never a copy), else a ValueError naming it."""
+    for name, t in named:
+        if t is None:
+            continue
+        assert isinstance(t, torch.Tensor)
+        shape = t.shape
+        try:
+            t.view(shape[0], shape[1] * shape[2], *shape[3:])
+        except RuntimeError:
+            raise ValueError(f"{name}: expected [B, s_q, H, ...] whose axes 1 and 2 can be viewed as one of s_q * H "
+                             f"rows (stride(1) == H * stride(2)), which the packed decode kernel reads; found shape "
+                             f"{tuple(shape)} with strides {t.stride()}") from None
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -104,14 +162,14 @@ def check_outputs(batch: int, s_q: int, spec: MLASpec, dtype: torch.dtype, devic
             rows_view(name, t)  # type: ignore[arg-type]
 
 
-def outputs(out: torch.Tensor | None, lse: torch.Tensor | None, batch: int, s_q: int, spec: MLASpec,
+def outputs(out: torch.Tensor | None, lse: torch.Tensor | None, batch: int, s_q: int, heads: int,
             out_rows: torch.Tensor, lse_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A call's outputs as [B, s_q, H, ckv] and [B, s_q, H]: ``out`` and ``lse`` where given, else views of the
-    rows the kernel wrote."""
+    rows the kernel wrote ([B * s_q, H, *] or, packed, [B, s_q * H, *])."""
     if out is None:
-        out = out_rows.view(batch, s_q, spec.num_heads, spec.head_dim_ckv)
+        out = out_rows.view(batch, s_q, heads, out_rows.shape[-1])
     if lse is None:
-        lse = lse_rows.view(batch, s_q, spec.num_heads)
+        lse = lse_rows.view(batch, s_q, heads)
     return out, lse
 
 
