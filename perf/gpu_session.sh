@@ -25,6 +25,7 @@
 #   tune2   the default catalogue again on 2 GPUs (--workers 2, fresh journal), timed
 #   bench   `mla-tune bench` with the peers (needs .peers carried)
 #   mtpbench `mla-tune bench --set mtp` beside fa3 and FlashMLA (needs .peers carried), into $OUT/mtp
+#   offbench `mla-tune bench --set off` (the off-table rows, each at its own page size) likewise, into $OUT/off
 #   host    perf/host_probe.py: eager per-call wall and host time of ours and the peers, cProfile of run() (ROWS)
 # Needs wheels the machine lacks (optuna and its needs) in .whl/ and PY (default python3).
 set -uo pipefail
@@ -97,6 +98,8 @@ for phase in "$@"; do
               | tee "$OUT/host_probe.log" ;;
     mtpbench) (source .peers/activate.sh && timeout "$(left)" python3 -m tuner bench --set mtp --peers fa3 flashmla \
                   --no-figure --out "$OUT/mtp") 2>&1 | tee "$OUT/mtp_bench.log" | grep -v "^  check" ;;
+    offbench) (source .peers/activate.sh && timeout "$(left)" python3 -m tuner bench --set off --peers fa3 flashmla \
+                  --no-figure --out "$OUT/off") 2>&1 | tee "$OUT/off_bench.log" | grep -v "^  check" ;;
     bench) (source .peers/activate.sh && timeout "$(left)" python3 -m tuner bench --out "$OUT/results") 2>&1 \
                | tee "$OUT/bench.log" ;;
     *) echo "unknown phase $phase"; exit 2 ;;

@@ -126,7 +126,7 @@ def test_decode_several_queries_per_request(s_q: int) -> None:
     ref_out, ref_lse = case.prefill_ref(causal=True)
     assert_matches(out.flatten(0, 1), lse.flatten(0, 1), ref_out, ref_lse, what="4-D fp8")
     plan = case.plan_decode(q_len=s_q)
-    assert plan.spec.fp8 and plan.spec.variant == "prefill_causal"
+    assert plan.spec == MLASpec("decode", 16 * s_q, 512, 64, 16, True), "packed in the fp8 decode kernel"
     out, lse = plan.run(q_nope, q_pe, case.ckv_cache, case.kpe_cache, **case.scales)
     assert_matches(out.flatten(0, 1), lse.flatten(0, 1), ref_out, ref_lse, what="4-D fp8 plan/run")
 

@@ -1,13 +1,21 @@
 """Our implementation as :class:`~tuner.bench.peers.Impl` adapters beside the peers: plan/run, the one-call
 form and the untuned default config (no explicit config: the dispatch table decides).
 
+A speculative-decoding row (``Workload.is_speculative``: s_q queries per request, causal among them) runs as
+our decode with queries [B, s_q, H, *] (``MLADecode.plan(q_len=s_q)`` / ``mla_decode``), which is how an
+engine calls it: the rows packed in the decode kernel where it takes them, else the causal prefill kernel
+(tuner.runtime.mtp). Its inputs, outputs and reference are the causal prefill's, viewed per request.
+
 Over an fp8 cache (``Inputs.scales``) plan/run and the one call run too: ``plan(..., kv_dtype=float8_e4m3fn)``
 and the per-tensor scales to ``run`` / the one call as Python floats; the untuned default does not (its
 config is derived for the 16-bit module)."""
 
 from __future__ import annotations
 
+import torch
+
 from tuner.harness.inputs import Inputs, Workload
+from tuner.runtime import mtp
 from tuner.runtime.config import DecodeConfig, PrefillConfig
 from tuner.runtime.decode import MLADecode, mla_decode
 from tuner.runtime.device import gpu_info
@@ -38,7 +46,11 @@ class OursPlanRun(Impl):
     def _config(self, w: Workload, inp: Inputs, page_size: int) -> DecodeConfig | PrefillConfig | None:
         if not self.default:
             return None
-        return untuned_config(w.spec(page_size), w.total_q, w.avg_kv_len, gpu_info(inp.q_nope.device))
+        spec, rows = w.spec(page_size), w.total_q
+        if w.is_speculative:  # the kernel that runs the 4-D decode, and its rows (requests when packed)
+            spec = mtp.kernel(spec, w.queries_per_request, None)
+            rows = w.batch if spec.is_decode else rows
+        return untuned_config(spec, rows, w.avg_kv_len, gpu_info(inp.q_nope.device))
 
     def prepare(self, w: Workload, inp: Inputs, page_size: int) -> Prepared:
         shape = dict(num_heads=w.heads, page_size=page_size, sm_scale=inp.sm_scale,
@@ -48,7 +60,10 @@ class OursPlanRun(Impl):
         if scales:  # a 16-bit cache plans as before (kv_dtype None)
             shape["kv_dtype"] = inp.ckv_cache.dtype
         plan: MLADecode | MLAPrefill
-        if inp.qo_indptr is None:
+        if w.is_speculative:
+            plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
+                                    q_len=w.queries_per_request, **shape)
+        elif inp.qo_indptr is None:
             plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
         else:
             plan = MLAPrefill().plan(inp.qo_indptr, inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
@@ -58,6 +73,14 @@ class OursPlanRun(Impl):
         q_nope, q_pe, ckv, kpe = inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache
         info = {"kernel": plan.spec.name(), "config": plan.config.to_dict(),
                 "module_hash": module_hash(plan.spec)}
+        if w.is_speculative:
+            q4 = per_request(w, q_nope, q_pe, out, lse)
+
+            def speculative() -> tuple[torch.Tensor, torch.Tensor]:
+                plan.run(*q4[:2], ckv, kpe, out=q4[2], lse=q4[3], **scales)
+                return out, lse  # the rows [B * s_q, H, *] that the reference check compares
+
+            return Prepared(speculative, info)
         return Prepared(lambda: plan.run(q_nope, q_pe, ckv, kpe, out=out, lse=lse, **scales), info)
 
 
@@ -72,11 +95,27 @@ class OursFunctional(Impl):
         out, lse = output_buffers(inp)
         common = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache)
         scales = inp.scales
+        if w.is_speculative:
+            q_nope, q_pe, out4, lse4 = per_request(w, inp.q_nope, inp.q_pe, out, lse)
+            args = (q_nope, q_pe, inp.ckv_cache, inp.kpe_cache, inp.kv_indptr, inp.kv_indices, inp.sm_scale,
+                    inp.kv_last_page_len)
+
+            def speculative() -> tuple[torch.Tensor, torch.Tensor]:
+                mla_decode(*args, out=out4, lse=lse4, **scales)
+                return out, lse
+
+            return Prepared(speculative)
         if inp.qo_indptr is None:
             args = (*common, inp.kv_indptr, inp.kv_indices, inp.sm_scale, inp.kv_last_page_len)
             return Prepared(lambda: mla_decode(*args, out=out, lse=lse, **scales))
         args = (*common, inp.qo_indptr, inp.kv_indptr, inp.kv_indices, inp.sm_scale, inp.kv_last_page_len)
         return Prepared(lambda: mla_prefill(*args, causal=w.causal, out=out, lse=lse, **scales))
+
+
+def per_request(w: Workload, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A speculative row's query and output rows [B * s_q, H, *] as [B, s_q, H, *] views."""
+    s_q = w.queries_per_request
+    return tuple(t.view(w.batch, s_q, *t.shape[1:]) for t in tensors)
 
 
 def implementations(peer_keys: list[str]) -> dict[str, Impl]:

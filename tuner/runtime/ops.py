@@ -102,9 +102,10 @@ def missing_outputs(q_nope: torch.Tensor, out: torch.Tensor | None,
 
 
 def _empty_outputs(rows: tuple[int, ...], spec: Any, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [*rows, H, ckv] and lse [*rows, H]: ``rows`` (B,) or (total_q,), or (B, s_q) for 4-D queries."""
-    return (q_nope.new_empty(*rows, spec.num_heads, spec.head_dim_ckv),
-            q_nope.new_empty(*rows, spec.num_heads, dtype=torch.float32))
+    """out [*rows, H, ckv] and lse [*rows, H]: ``rows`` (B,) or (total_q,), or (B, s_q) for 4-D queries; H the
+    (validated) queries' heads (a packed speculative plan's spec has s_q * H)."""
+    heads = q_nope.shape[-2]
+    return (q_nope.new_empty(*rows, heads, spec.head_dim_ckv), q_nope.new_empty(*rows, heads, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------
