@@ -2,7 +2,8 @@
 
 For each row (page size 64): the CUDA-graph time of our planned run(), then the eager per-call wall time
 (back-to-back calls, no graph, one sync at the end, divided by the calls) of our one-call form, our
-plan/run, FlashInfer fa3's run() and FlashMLA (decode). Then cProfile of our run() and one-call form on
+plan/run (and both again with every tensor descriptor rebuilt per call, as before v19), FlashInfer fa3's
+run() and FlashMLA (decode). Then cProfile of our run() and one-call form on
 the first rows, the top functions by own time, into $OUT/host_profile_*.txt.
 
     python perf/host_probe.py [ROW ...]      (needs CUDA; peers when `.peers/activate.sh` was sourced)
@@ -25,7 +26,7 @@ from tuner.bench.flashmla import FlashMLAPeer
 from tuner.bench.ours import OursFunctional, OursPlanRun
 from tuner.harness.inputs import benchmark_set, make_inputs
 from tuner.harness.timing import time_call
-from tuner.runtime.launch import Replay
+from tuner.runtime.launch import _Step, _with_base
 
 ROWS = ["d-b1-1k", "d-b32-4k", "d-b128-2k", "d-h128-b32-4k", "p-1x4k", "p-28-fresh"]
 CALLS = 300
@@ -63,6 +64,16 @@ def profile(fn, path: Path, calls: int = 200) -> str:
     return buf.getvalue()
 
 
+def rebuilt_every_call(step: _Step, tensors) -> list:
+    """_Step.arguments as it was before descriptors were kept per base (v15-v18): each call rebuilds them."""
+    args = step.template.copy()
+    for pos, index in step.tensors:
+        args[pos] = tensors[index]
+    for pos, index in step.descriptors:
+        args[pos] = _with_base(args[pos], tensors[index])
+    return args
+
+
 def main(argv: list[str]) -> None:
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -81,10 +92,11 @@ def main(argv: list[str]) -> None:
         line = {"row": name, "graph": graph}
         line["run"], line["run_host"] = per_call_us(run)
         line["one"], line["one_host"] = per_call_us(one)
-        Replay.direct = False  # A/B: each compiled kernel's [grid] runner instead of its launcher
-        line["run_runner"], line["run_runner_host"] = per_call_us(run)
-        line["one_runner"], line["one_runner_host"] = per_call_us(one)
-        Replay.direct = True
+        kept = _Step.arguments  # A/B: every descriptor rebuilt per call (before v19)
+        _Step.arguments = rebuilt_every_call
+        line["run_rebuild"], line["run_rebuild_host"] = per_call_us(run)
+        line["one_rebuild"], line["one_rebuild_host"] = per_call_us(one)
+        _Step.arguments = kept
         if have_fa3:
             call = fa3.prepare(w, inp, 64).call
             line["fa3"] = per_call_us(call)[0]
@@ -99,8 +111,8 @@ def main(argv: list[str]) -> None:
             profile(run, out / f"host_profile_{name}_run.txt")
             profile(one, out / f"host_profile_{name}_one.txt")
         print(line, flush=True)
-    cols = ["graph", "run", "run_host", "run_runner", "run_runner_host", "one", "one_host", "one_runner",
-            "one_runner_host", "fa3", "fa3_graph", "flashmla"]
+    cols = ["graph", "run", "run_host", "run_rebuild", "run_rebuild_host", "one", "one_host", "one_rebuild",
+            "one_rebuild_host", "fa3", "fa3_graph", "flashmla"]
     print("\n| row | " + " | ".join(cols) + " |")
     for line in table:
         cells = [f"{line[c]:.1f}" if c in line else "-" for c in cols]

@@ -137,3 +137,21 @@ def test_one_call_keys_tell_equal_values_of_other_types_apart() -> None:
         dec.replace(sm_scale=True).decode()
     with pytest.raises(TypeError, match="causal"):
         pre.prefill(causal=1)
+
+
+def test_descriptors_are_rebuilt_only_for_another_base() -> None:
+    """A replay's tensor descriptor over the same base tensor as the last call's is that call's descriptor
+    (no rebuild per call); another base gets its own, and the template keeps no base."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    cache, other = torch.randn(4, 16, 64), torch.randn(4, 16, 64)
+    template = launch._with_base(TensorDescriptor.from_tensor(cache, [1, 16, 64]), None)
+    step = launch._Step(None, (1, 1, 1), ["x", template], [(0, 0, False), (1, 1, True)])
+    q = torch.randn(3)
+    first = step.arguments([q, cache])
+    assert first[0] is q and first[1].base is cache and first[1].block_shape == [1, 16, 64]
+    again = step.arguments([torch.randn(3), cache])
+    assert again[1] is first[1], "the same base: the same descriptor"
+    moved = step.arguments([q, other])
+    assert moved[1] is not first[1] and moved[1].base is other and first[1].base is cache
+    assert step.template[1].base is None

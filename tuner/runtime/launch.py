@@ -115,15 +115,22 @@ def _with_base(template: Any, base: torch.Tensor | None) -> Any:
 
 class _Step:
     """One recorded launch: the compiled kernel, its (x, y, z) grid, the argument list with this call's
-    tensors left out, and where they go (tensors directly, tensor descriptors over them)."""
+    tensors left out, and where they go (tensors directly, tensor descriptors over them).
 
-    __slots__ = ("compiled", "grid", "template", "tensors", "descriptors", "launcher", "function", "metadata")
+    A descriptor is rebuilt only when its base is another tensor object than the last call's (a serving
+    engine passes the same cache tensors every step): its shape and strides are the recorded ones (the key
+    says so) and its base's address is read at each launch, so the same base object gives the same
+    descriptor. The step holds the last base alive until another replaces it."""
+
+    __slots__ = ("compiled", "grid", "template", "tensors", "descriptors", "last", "launcher", "function",
+                 "metadata")
 
     def __init__(self, compiled: Any, grid: tuple[int, int, int], template: list[Any],
                  slots: list[tuple[int, int, bool]]) -> None:
         self.compiled, self.grid, self.template = compiled, grid, template
         self.tensors = [(pos, index) for pos, index, is_desc in slots if not is_desc]
         self.descriptors = [(pos, index) for pos, index, is_desc in slots if is_desc]
+        self.last: list[Any] = [None] * len(self.descriptors)  # each descriptor of the last call
         # A compiled kernel's own launcher (what its [grid] runner calls), where Triton made one.
         self.launcher = getattr(compiled, "run", None)
         self.function = getattr(compiled, "function", None)
@@ -133,8 +140,11 @@ class _Step:
         args = self.template.copy()
         for pos, index in self.tensors:
             args[pos] = tensors[index]
-        for pos, index in self.descriptors:
-            args[pos] = _with_base(args[pos], tensors[index])
+        for i, (pos, index) in enumerate(self.descriptors):
+            base, desc = tensors[index], self.last[i]
+            if desc is None or desc.base is not base:  # (read once: another thread may replace it)
+                desc = self.last[i] = _with_base(args[pos], base)
+            args[pos] = desc
         return args
 
 
