@@ -244,13 +244,33 @@ if gluon is not None:
         async_copy.mbarrier_arrive(ready, increment_count=False)
 
     @gluon.jit
-    def _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, kc, kp, ready):
-        """Bulk tensor copies of the KV tile of tokens [n0, n0 + BLOCK_N), which lies inside one page."""
-        page_id = gl.load(kv_indices_ptr + first_page + n0 // 1)
-        row = page_id * 1 + n0 % 1
-        mbarrier.expect(ready, ckv_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
-        _tma_load(ckv_desc, [row, 0], ready, kc)
-        _tma_load(kpe_desc, [row, 0], ready, kp)
+    def _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, end, kc, kp, ready, BLOCK_N: gl.constexpr):
+        """Bulk tensor copies of the KV tile of tokens [n0, n0 + BLOCK_N): one per cache where the tile lies
+        inside one page (descriptors of BLOCK_N rows), else one per page of the tile (descriptors of one
+        page: a tile of whole pages, n0 page-aligned; the paged bulk loader). A page of the tile past `end`
+        (the request's last tile) is copied from the tile's first page instead, so that the barrier always
+        expects the whole tile and nothing past the request's page list is read; the consumers zero the
+        rows past the tail."""
+        ROWS: gl.constexpr = ckv_desc.block_type.shape[0]
+        if ROWS == BLOCK_N:
+            page_id = gl.load(kv_indices_ptr + first_page + n0 // 1)
+            row = page_id * 1 + n0 % 1
+            mbarrier.expect(ready, ckv_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
+            _tma_load(ckv_desc, [row, 0], ready, kc)
+            _tma_load(kpe_desc, [row, 0], ready, kp)
+        else:
+            first = first_page + n0 // 1
+            page0 = gl.load(kv_indices_ptr + first)
+            mbarrier.expect(ready, (BLOCK_N // ROWS) * (ckv_desc.block_type.nbytes + kpe_desc.block_type.nbytes))
+            for j in gl.static_range(BLOCK_N // ROWS):
+                if j == 0:
+                    page_id = page0
+                else:
+                    inside = n0 + j * ROWS < end
+                    page_id = gl.where(inside, gl.load(kv_indices_ptr + first + j, mask=inside, other=0), page0)
+                row = page_id * 1
+                _tma_load(ckv_desc, [row, 0], ready, kc.slice(j * ROWS, ROWS, dim=0))
+                _tma_load(kpe_desc, [row, 0], ready, kp.slice(j * ROWS, ROWS, dim=0))
 
     @gluon.jit
     def _ws_load_kv(ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, kv_indices_ptr, first_page,
@@ -268,8 +288,8 @@ if gluon is not None:
                            kv_ready.index(s))
                 rows, ok = _ws_gather_rows(kv_indices_ptr, first_page, n0 + BLOCK_N, end, BLOCK_N)
             else:
-                _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, kc_s.index(s), kp_s.index(s),
-                         kv_ready.index(s))
+                _ws_bulk(ckv_desc, kpe_desc, kv_indices_ptr, first_page, n0, end, kc_s.index(s), kp_s.index(s),
+                         kv_ready.index(s), BLOCK_N)
             it += 1
         return it
 
@@ -363,8 +383,8 @@ if gluon is not None:
         dtype: gl.constexpr = ckv_desc.dtype
         q_nope_s = gl.allocate_shared_memory(dtype, q_nope_desc.block_type.shape, q_nope_desc.layout)
         q_pe_s = gl.allocate_shared_memory(dtype, q_pe_desc.block_type.shape, q_pe_desc.layout)
-        kc_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + ckv_desc.block_type.shape, ckv_desc.layout)
-        kp_s = gl.allocate_shared_memory(dtype, [NUM_STAGES] + kpe_desc.block_type.shape, kpe_desc.layout)
+        kc_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, ckv_desc.block_type.shape[1]], ckv_desc.layout)
+        kp_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, kpe_desc.block_type.shape[1]], kpe_desc.layout)
         P_ROWS: gl.constexpr = q_nope_desc.block_type.shape[0]
         p_s = gl.allocate_shared_memory(dtype, [P_BUFS, P_ROWS, BLOCK_N],
                                         gl.NVMMASharedLayout.get_default_for([P_ROWS, BLOCK_N], dtype))
@@ -561,16 +581,23 @@ def _ws_rows(t: torch.Tensor, rows: int, row_stride: int, block: list[int]):
     return GluonTensorDescriptor(t, [rows, t.shape[-1]], [row_stride, 1], block, layout)
 
 
+def ws_paged(block_n: int, tma: int) -> bool:
+    """Whether a warp-specialized config's KV tiles arrive page by page by bulk copies (tma=1 and a tile of
+    whole pages of 8+ tokens) instead of gathered row by row (a tile that spans pages, tma=0)."""
+    return bool(tma) and block_n > PAGE_SIZE >= 8 and block_n % PAGE_SIZE == 0
+
+
 def _ws_args(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
-             q_rows: int, block_n: int) -> tuple:
+             q_rows: int, block_n: int, paged: bool = False) -> tuple:
     """The leading arguments of both warp-specialized kernels: descriptors of the query rows and of the
-    cache rows (which also give the shared-memory layouts of a gathered tile), the caches and their row
-    strides (what a gathering loader reads)."""
+    cache rows (which also give the shared-memory layouts of a tile; blocks of one page for the paged bulk
+    loader, else of a whole tile), the caches and their row strides (what a gathering loader reads)."""
     rows = ckv_cache.shape[0] * PAGE_SIZE
+    copy_rows = PAGE_SIZE if paged else block_n
     return (_ws_rows(q_nope, q_rows, q_nope.stride(1), [WS_Q_ROWS, HEAD_DIM_CKV]),
             _ws_rows(q_pe, q_rows, q_pe.stride(1), [WS_Q_ROWS, HEAD_DIM_KPE]),
-            _ws_rows(ckv_cache, rows, ckv_cache.stride(1), [block_n, HEAD_DIM_CKV]),
-            _ws_rows(kpe_cache, rows, kpe_cache.stride(1), [block_n, HEAD_DIM_KPE]),
+            _ws_rows(ckv_cache, rows, ckv_cache.stride(1), [copy_rows, HEAD_DIM_CKV]),
+            _ws_rows(kpe_cache, rows, kpe_cache.stride(1), [copy_rows, HEAD_DIM_KPE]),
             ckv_cache, kpe_cache, ckv_cache.stride(1), kpe_cache.stride(1))
 
 
@@ -615,16 +642,17 @@ WS_BLOCK_H = 16
 
 
 def _launch_ws(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-               sm_scale, out, lse, block_n, num_stages):
+               sm_scale, out, lse, block_n, num_stages, tma=0):
     total_q, batch = q_nope.shape[0], qo_indptr.shape[0] - 1
     has_last = kv_last_page_len is not None
+    paged = ws_paged(block_n, tma)
     grid = ((total_q // (64 // WS_BLOCK_H) + batch) * max(1, NUM_HEADS // 64),)
     _prefill_ws[grid](
-        *_ws_args(q_nope, q_pe, ckv_cache, kpe_cache, total_q * NUM_HEADS, block_n),
+        *_ws_args(q_nope, q_pe, ckv_cache, kpe_cache, total_q * NUM_HEADS, block_n, paged),
         qo_indptr, kv_indptr, kv_indices, kv_last_page_len if has_last else kv_indptr,
         out, lse, sm_scale * LOG2E, batch, out.stride(0), out.stride(1), lse.stride(0),
         HAS_LAST_PAGE_LEN=has_last, BLOCK_N=block_n, NUM_STAGES=num_stages,
-        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE, num_warps=4,
+        P_BUFS=ws_p_buffers(block_n, num_stages), GATHER=block_n > PAGE_SIZE and not paged, num_warps=4,
     )
 
 
@@ -666,7 +694,7 @@ def launch(
         return
     if (ws and block_h * block_m == 64 and block_h == WS_BLOCK_H and _ws_ready(q_nope, q_pe, ckv_cache, kpe_cache)
             and _ws_launched(_launch_ws, q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices,
-                             kv_last_page_len, sm_scale, out, lse, block_n, num_stages)):
+                             kv_last_page_len, sm_scale, out, lse, block_n, num_stages, tma)):
         return
     has_last = kv_last_page_len is not None
     use_tma, ckv_desc, kpe_desc = _kv_descriptors(ckv_cache, kpe_cache, block_n, tma)

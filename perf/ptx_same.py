@@ -1,7 +1,10 @@
-"""Whether two builds of the generated decode modules compile to the same PTX (sm_90a, on the CPU): the
-committed modules in OLD (a folder of generated/ files, e.g. from `git archive HEAD generated`) against
-these, for the Triton stage 1 (gather, bulk copies), the warp-specialized stage 1 and stage 2, at the
-configs of the tuned table's entries. Debug line info is dropped before comparing (templates move lines).
+"""Whether two builds of the generated modules compile to the same kernels for the tuned table's entries:
+the committed modules in OLD (a folder of generated/ files, e.g. from `git archive HEAD generated`) against
+these. The warp-specialized (Gluon) kernel of each ws entry is compiled for sm_90a on the CPU, old and new,
+at the entry's config, and the PTX compared with debug line info dropped (templates move lines); for the
+Triton kernels, the decode stage 1 is compiled likewise at its entries' configs, and for the rest (stage 2,
+prefill) the sources of every Triton function and the module's constants must be equal (what Triton
+compiles from).
 
 Used when a template change is meant to leave the compiled kernels of every tuned entry as they were (a
 constexpr-guarded branch): then the table's entries may be re-stamped with the new module hashes instead of
@@ -70,14 +73,27 @@ def clean(ptx: str) -> str:
     return text.split(".section\t.debug", 1)[0]
 
 
-def compile_kernels(m, spec: MLASpec, config: dict, new: bool) -> dict[str, str]:
+def triton_sources(m) -> dict[str, object]:
+    """Every Triton (not Gluon) function's source and every module-level constant: what Triton compiles from."""
+    from triton.runtime.jit import JITFunction
+
+    found: dict[str, object] = {}
+    for name, obj in vars(m).items():
+        if isinstance(obj, JITFunction) and "gluon" not in type(obj).__module__:
+            found[name] = obj.src
+        elif isinstance(obj, (int, float, str)) and name.isupper():
+            found[name] = obj
+    return found
+
+
+def compile_kernels(m, spec: MLASpec, config: dict) -> dict[str, str]:
     from triton.compiler import ASTSource
 
     h, ckv, kpe, ps = spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size
-    extra = {"Q_LEN": 1} if new else {}
     found = {}
     bn = config["block_n"]
-    if config.get("ws") and hasattr(m, "_decode_stage1_ws") and m.gluon is not None:
+    fn = getattr(m, "_decode_stage1_ws" if spec.is_decode else "_prefill_ws", None)
+    if config.get("ws") and fn is not None and m.gluon is not None:
         from triton.experimental.gluon._runtime import GluonASTSource
 
         q_nope, q_pe = torch.empty(2, h, ckv, dtype=torch.bfloat16), torch.empty(2, h, kpe, dtype=torch.bfloat16)
@@ -87,13 +103,16 @@ def compile_kernels(m, spec: MLASpec, config: dict, new: bool) -> dict[str, str]
                  "ckv_desc": m._ws_rows(cache_ckv, 4 * ps, cache_ckv.stride(1), [bn, ckv]),
                  "kpe_desc": m._ws_rows(cache_kpe, 4 * ps, cache_kpe.stride(1), [bn, kpe])}
         constexprs = {"HAS_LAST_PAGE_LEN": ps > 1, "BLOCK_N": bn, "NUM_STAGES": config["num_stages"],
-                      "P_BUFS": m.ws_p_buffers(bn, config["num_stages"]), "GATHER": bn > ps,
-                      "PDL": bool(config.get("pdl")), **extra}
-        sig, attrs = signature_of(m._decode_stage1_ws, descs, constexprs)
-        k = triton.compile(GluonASTSource(fn=m._decode_stage1_ws, signature=sig, constexprs=constexprs, attrs=attrs),
+                      "P_BUFS": m.ws_p_buffers(bn, config["num_stages"]), "GATHER": bn > ps}
+        if spec.is_decode:
+            constexprs["PDL"] = bool(config.get("pdl"))
+        if "Q_LEN" in fn.arg_names:
+            constexprs["Q_LEN"] = 1
+        sig, attrs = signature_of(fn, descs, constexprs)
+        k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                            target=TARGET, options={"num_warps": 4})
         found["ws"] = k.asm["ptx"]
-    else:
+    elif spec.is_decode:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         tma = bool(config.get("tma")) and bn <= ps
@@ -103,7 +122,9 @@ def compile_kernels(m, spec: MLASpec, config: dict, new: bool) -> dict[str, str]
             descs = {"ckv_desc": TensorDescriptor.from_tensor(cache_ckv, [1, bn, ckv]),
                      "kpe_desc": TensorDescriptor.from_tensor(cache_kpe, [1, bn, kpe])}
         constexprs = {"HAS_LAST_PAGE_LEN": ps > 1, "BLOCK_H": config["block_h"], "BLOCK_N": bn, "USE_TMA": tma,
-                      "PDL": bool(config.get("pdl")) and not config.get("ws"), **extra}
+                      "PDL": bool(config.get("pdl")) and not config.get("ws")}
+        if "Q_LEN" in m._decode_stage1.arg_names:
+            constexprs["Q_LEN"] = 1
         if not tma:
             constexprs.update({"ckv_desc": None, "kpe_desc": None})
         sig, attrs = signature_of(m._decode_stage1, descs, constexprs)
@@ -124,16 +145,15 @@ def main() -> None:
     same_modules, differ = [], []
     for name, entries in sorted(table["kernels"].items()):
         spec = MLASpec.from_name(name)
-        if not spec.is_decode:
-            continue
         old_path, new_path = args.old / f"{name}.py", paths.generated_dir() / f"{name}.py"
         old_hash = source_hash(old_path.read_text())
         old, new = load(old_path, "old"), load(new_path, "new")
         configs = {json.dumps(e["config"], sort_keys=True) for e in entries.values() if e["kernel_hash"] == old_hash}
-        ok = True
+        ok = triton_sources(old) == triton_sources(new)
+        print(f"{name} Triton sources and constants: {'same' if ok else 'DIFFERENT'}", flush=True)
         for text in sorted(configs):
             config = json.loads(text)
-            a, b = compile_kernels(old, spec, config, False), compile_kernels(new, spec, config, True)
+            a, b = compile_kernels(old, spec, config), compile_kernels(new, spec, config)
             for kind in a:
                 same = clean(a[kind]) == clean(b[kind])
                 ok &= same

@@ -26,7 +26,8 @@ SPECS = [s for s in catalogue() if ws_capable(s)]
 
 
 
-def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool = False, q_len: int = 1):
+def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool = False, q_len: int = 1,
+               paged: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -41,8 +42,8 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
     descs = {
         "q_nope_desc": m._ws_rows(q_nope, 2 * h, q_nope.stride(1), [m.WS_Q_ROWS, ckv]),
         "q_pe_desc": m._ws_rows(q_pe, 2 * h, q_pe.stride(1), [m.WS_Q_ROWS, kpe]),
-        "ckv_desc": m._ws_rows(cache_ckv, 4 * ps, cache_ckv.stride(1), [block_n, ckv]),
-        "kpe_desc": m._ws_rows(cache_kpe, 4 * ps, cache_kpe.stride(1), [block_n, kpe]),
+        "ckv_desc": m._ws_rows(cache_ckv, 4 * ps, cache_ckv.stride(1), [ps if paged else block_n, ckv]),
+        "kpe_desc": m._ws_rows(cache_kpe, 4 * ps, cache_kpe.stride(1), [ps if paged else block_n, kpe]),
     }
     fn = m._decode_stage1_ws if spec.is_decode else m._prefill_ws
     signature, attrs = {}, {}
@@ -64,7 +65,7 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
             signature[name] = "i32"
     p_bufs = m.ws_p_buffers(block_n, num_stages)
     constexprs = {"HAS_LAST_PAGE_LEN": True, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "P_BUFS": p_bufs,
-                  "GATHER": block_n > ps}
+                  "GATHER": block_n > ps and not paged}
     if spec.is_decode:  # stage 1 lets stage 2 launch early (griddepcontrol.launch_dependents)
         constexprs["PDL"] = True
         constexprs["Q_LEN"] = q_len  # queries per request packed as rows (speculative decoding)
@@ -75,21 +76,23 @@ def compile_ws(spec: MLASpec, block_n: int, num_stages: int, batch_of_one: bool 
     return m, kernel, p_bufs
 
 
-def compile_report(name: str, tmp: str, q_len: int = 1) -> dict:
+def compile_report(name: str, tmp: str, q_len: int = 1, paged: bool = False) -> dict:
     """Compile spec ``name``'s default ws config; shared memory, the formula's figure and ptxas spills."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     spec = MLASpec.from_name(name)
     config = default_decode_config(spec, 32, 4096, 132) if spec.is_decode else default_prefill_config(spec)
-    m, kernel, p_bufs = compile_ws(spec, config.block_n, config.num_stages, q_len=q_len)
-    ptx = os.path.join(tmp, f"{name}_q{q_len}.ptx")
+    block_n, stages = (64, 2) if paged else (config.block_n, config.num_stages)
+    m, kernel, p_bufs = compile_ws(spec, block_n, stages, q_len=q_len, paged=paged)
+    ptx = os.path.join(tmp, f"{name}_q{q_len}{'_paged' if paged else ''}.ptx")
     with open(ptx, "w") as f:
         f.write(kernel.asm["ptx"])
     info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".o"],
                           capture_output=True, text=True, check=True).stderr
-    return {"ws": config.ws, "gather": config.block_n > spec.page_size, "shared": kernel.metadata.shared,
+    return {"ws": config.ws, "gather": block_n > spec.page_size and not paged, "shared": kernel.metadata.shared,
             "limit": m.WS_SHARED_BYTES,
-            "formula": m.ws_shared_bytes(config.block_n, config.num_stages, p_bufs),
+            "formula": m.ws_shared_bytes(block_n, stages, p_bufs),
+            "bulk_copies": kernel.asm["ptx"].count("cp.async.bulk.tensor"),
             "spills": [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)],
             "setmaxnreg": "setmaxnreg" in kernel.asm["ptx"]}
 
@@ -113,6 +116,11 @@ def run_compiles(function: str, *args: str) -> object:
 
 def compile_reports(tmp: str, *names: str) -> dict[str, dict]:
     return {n: compile_report(n, tmp) for n in names}
+
+
+def compile_paged_reports(tmp: str, *names: str) -> dict[str, dict]:
+    """The modules' ws kernels with 64-token tiles of whole pages copied page by page (tma=1 configs)."""
+    return {n: compile_report(n, tmp, paged=True) for n in names}
 
 
 def compile_packed_reports(tmp: str, *names: str) -> dict[str, dict]:
@@ -179,6 +187,31 @@ def test_packed_decode_compiles_for_hopper_without_spills(tmp_path) -> None:
         spill_bound = (128 if _triton_at_least(3, 9) else 64) if narrow32 else 16
         assert r["spills"] and max(r["spills"]) <= spill_bound, (key, r)
         assert r["setmaxnreg"], key
+
+
+PAGED = ["mla_paged_decode_h16_ckv512_kpe64_ps16", "mla_paged_decode_h64_ckv512_kpe64_ps16",
+         "mla_paged_decode_h128_ckv512_kpe64_ps32", "mla_paged_prefill_causal_h16_ckv512_kpe64_ps16",
+         "mla_paged_prefill_causal_h128_ckv512_kpe64_ps32"]
+
+
+def test_paged_bulk_loader_compiles_for_hopper(tmp_path) -> None:
+    """64-token tiles over pages of 16 or 32 tokens copied page by page by bulk copies (ws, tma=1): one copy
+    per page and cache in the loader (4 or 2 pages x ckv and kpe, beside the query rows'; Triton cuts each
+    into 128-byte-wide boxes, 8 for a 512-wide row and 1 for a 64-wide one), no cp.async gather, the same
+    shared memory as a gathered tile, spills within the default configs' bounds. (Its results: the GPU
+    suite.)"""
+    if load_module(SPECS[0]).gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    reports = run_compiles("compile_paged_reports", str(tmp_path), *PAGED)
+    for name, r in reports.items():
+        spec = MLASpec.from_name(name)
+        pages = 64 // spec.page_size
+        assert r["ws"] == 1 and not r["gather"] and r["shared"] <= r["limit"], name
+        boxes = (spec.head_dim_ckv + spec.head_dim_kpe) * 2 // 128  # per row block of both caches (bf16)
+        assert r["bulk_copies"] == boxes * (pages + 1), (name, r["bulk_copies"])
+        narrow32 = spec.is_decode and spec.num_heads == 32
+        bound = (16 if not narrow32 else 64) if spec.is_decode else 128
+        assert r["spills"] and max(r["spills"]) <= bound, (name, r)
 
 
 def test_ws_configs_fall_back_under_the_interpreter() -> None:

@@ -107,6 +107,26 @@ def test_warp_specialized_stage1(spec: MLASpec, shape: tuple[int, int, int, int]
     run_and_check(case, config=config)
 
 
+PAGED_SPECS = [s for s in SPECS if ws_capable(s) and not s.fp8 and s.page_size in (16, 32)]
+
+
+@pytest.mark.parametrize("block_n", [64, 32])
+@pytest.mark.parametrize("spec", PAGED_SPECS, ids=str)
+def test_paged_bulk_loader(spec: MLASpec, block_n: int) -> None:
+    """The warp-specialized stage 1 with tiles of whole pages copied page by page by bulk copies (tma=1,
+    block_n > page_size): last tiles with fewer pages than the tile (copied from the tile's first page
+    instead), NaN in unused slots, requests cut into several shares."""
+    if block_n <= spec.page_size or (ws_narrow(spec) and block_n != 64):
+        pytest.skip("a tile of one page is the plain bulk copy; below 64 heads the tiles are 64 tokens")
+    module = load_module(spec)
+    assert module.ws_paged(block_n, 1)
+    case = realistic_case(spec, batch=12, seed=340 + block_n)
+    assert module._ws_ready(case.q_nope, case.q_pe, case.ckv_cache, case.kpe_cache)
+    config = DecodeConfig(block_h=ws_block_h(spec), block_n=block_n, num_stages=2 if block_n == 64 else 4,
+                          programs_per_sm=1, split_tokens=64, ws=1, tma=1, pdl=1)
+    run_and_check(case, config=config)
+
+
 def test_warp_specialized_fp16_and_fallback() -> None:
     """fp16 runs the Gluon kernel too; q rows that are not one row array (a view of a padded batch) fall
     back to the Triton stage 1 with the same config, and give the same answer."""

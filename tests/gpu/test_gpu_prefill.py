@@ -4,6 +4,8 @@ variant), CUDA graphs, a cache of more than 2^31 elements, fp16. Run: ``python -
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import TOLERANCES, Case, assert_matches, check_graph_replay, make_case, poisoned_outputs, skewed_lengths
@@ -142,3 +144,5 @@ def test_warp_specialized(spec: MLASpec, shape: tuple[int, int]) -> None:
     config = PrefillConfig(block_m=64 // block_h, block_h=block_h, block_n=block_n, num_stages=stages,
                            tma=int(block_n <= spec.page_size), ws=1)
     run_and_check(case, spec.causal, config=config)
+    if load_module(spec).ws_paged(block_n, 1):  # whole pages of 8+ tokens: also copied page by page
+        run_and_check(case, spec.causal, config=replace(config, tma=1))

@@ -22,6 +22,12 @@ def tile_in_page(spec: MLASpec, block_n: int) -> bool:
     return block_n <= spec.page_size
 
 
+def tile_of_pages(spec: MLASpec, block_n: int) -> bool:
+    """Whether a KV tile of block_n tokens is whole pages of 8+ tokens: the warp-specialized kernels' loader
+    can then copy it page by page by bulk copies (a ws config with tma=1; the generated ``ws_paged``)."""
+    return spec.page_size >= 8 and block_n > spec.page_size and block_n % spec.page_size == 0
+
+
 def ws_capable(spec: MLASpec) -> bool:
     """Whether ``spec``'s generated module holds the warp-specialized kernel (Gluon, Hopper): 64-row
     tiles (decode: heads in groups of 64, or 8 to 32 heads as wgmma's N with the KV tile's tokens as
@@ -109,10 +115,13 @@ class _Config:
                              f"found {self.num_warps}")  # type: ignore[attr-defined]
 
     def _check_tma(self, spec: MLASpec) -> None:
-        """Bulk copies move whole tiles inside one page: tma needs block_n <= page_size."""
-        if self.tma and not tile_in_page(spec, self.block_n):  # type: ignore[attr-defined]
+        """Bulk copies move whole tiles inside one page: tma needs block_n <= page_size, or (the
+        warp-specialized kernels' paged loader) a ws config whose tile is whole pages of 8+ tokens."""
+        block_n = self.block_n  # type: ignore[attr-defined]
+        paged = self.ws and tile_of_pages(spec, block_n)  # type: ignore[attr-defined]
+        if self.tma and not tile_in_page(spec, block_n) and not paged:
             raise ValueError(f"{type(self).__name__}.tma: bulk copies need block_n <= page_size={spec.page_size}, "
-                             f"found block_n={self.block_n}")  # type: ignore[attr-defined]
+                             f"or a ws config whose tile is whole pages of 8+ tokens; found block_n={block_n}")
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)  # type: ignore[call-overload]
@@ -145,13 +154,15 @@ class DecodeConfig(_Config):
         for the merge.
     num_warps, num_stages: stage-1 warps and software-pipelining depth.
     tma: 1 copies whole KV tiles with Hopper bulk tensor copies (TMA) instead of gathering them
-        element-wise; needs block_n <= page_size (a tile inside one page). Falls back to the gather
-        when a cache's base or strides are not 16-byte aligned.
+        element-wise; needs block_n <= page_size (a tile inside one page), or with ws a tile of whole
+        pages of 8+ tokens (:func:`tile_of_pages`: the ws loader copies it page by page). Falls back to
+        the gather when a cache's base or strides are not 16-byte aligned.
     ws: 1 runs stage 1 as the warp-specialized Gluon kernel on Hopper (a loader: one warp of bulk copies
-        for a tile inside one page, four warps gathering rows by cp.async for a tile that spans pages;
-        one warpgroup for QK and the softmax, the 512-wide output split over two warpgroups, so QK runs
-        once per tile); needs a ``ws_capable`` spec and block_h = ``ws_block_h(spec)``. num_warps and
-        tma do not apply to it. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot
+        for a tile inside one page, or with tma=1 page by page for a tile of whole pages; else four warps
+        gathering rows by cp.async for a tile that spans pages; one warpgroup for QK and the softmax, the
+        512-wide output split over two warpgroups, so QK runs once per tile); needs a ``ws_capable`` spec
+        and block_h = ``ws_block_h(spec)``. num_warps does not apply to it, nor tma where the tile lies
+        inside one page. Elsewhere (other GPUs, the interpreter, tensors a bulk copy cannot
         address) the Triton stage 1 runs with the same config, without pdl.
     merge_block_h, merge_block_d, merge_num_warps: the stage-2 merge tile and warps (the tile's registers
         per thread also set how many pieces stage 2 loads at once: the generated ``merge_pieces``).
@@ -241,7 +252,7 @@ class PrefillConfig(_Config):
     tma: as :class:`DecodeConfig` (for the KV tiles that every row of a query tile sees).
     ws: 1 runs the warp-specialized Gluon kernel on Hopper (as :class:`DecodeConfig`): needs a
         ``ws_capable`` spec and 64 rows (block_m * block_h) with block_h = ``ws_block_h(spec)`` =
-        min(heads, 64); num_warps and tma do not apply to it.
+        min(heads, 64); num_warps does not apply to it, nor tma where the tile lies inside one page.
     """
 
     block_m: int = 4
