@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tuner import MLASpec, catalogue
-from tuner.runtime.config import default_decode_config, default_prefill_config, ws_capable, ws_narrow
+from tuner.runtime.config import default_decode_config, default_prefill_config, tile_of_pages, ws_capable, ws_narrow
 from tuner.runtime.loader import load_module
 
 SPECS = [s for s in catalogue() if ws_capable(s)]
@@ -212,6 +212,16 @@ def test_paged_bulk_loader_compiles_for_hopper(tmp_path) -> None:
         narrow32 = spec.is_decode and spec.num_heads == 32
         bound = (16 if not narrow32 else 64) if spec.is_decode else 128
         assert r["spills"] and max(r["spills"]) <= bound, (name, r)
+
+
+def test_paged_rule_matches_the_config_check() -> None:
+    """The generated modules stand alone, so their ``ws_paged`` restates ``tuner.runtime.config.tile_of_pages``
+    (which configs the paged loader runs vs which the config check accepts): the two must agree."""
+    for spec in SPECS:
+        m = load_module(spec)
+        for block_n in (16, 32, 64, 128):
+            assert m.ws_paged(block_n, 1) == tile_of_pages(spec, block_n), (spec.name(), block_n)
+            assert not m.ws_paged(block_n, 0)
 
 
 def test_ws_configs_fall_back_under_the_interpreter() -> None:

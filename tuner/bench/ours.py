@@ -60,11 +60,9 @@ class OursPlanRun(Impl):
         if scales:  # a 16-bit cache plans as before (kv_dtype None)
             shape["kv_dtype"] = inp.ckv_cache.dtype
         plan: MLADecode | MLAPrefill
-        if w.is_speculative:
-            plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
-                                    q_len=w.queries_per_request, **shape)
-        elif inp.qo_indptr is None:
-            plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, **shape)
+        if inp.qo_indptr is None or w.is_speculative:
+            q_len = w.queries_per_request if w.is_speculative else 1
+            plan = MLADecode().plan(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len, q_len=q_len, **shape)
         else:
             plan = MLAPrefill().plan(inp.qo_indptr, inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
                                      causal=w.causal, **shape)

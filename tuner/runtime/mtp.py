@@ -19,6 +19,7 @@ the calls.
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 
 import torch
 
@@ -60,7 +61,7 @@ def packed_spec(spec: MLASpec, s_q: int) -> MLASpec | None:
     rows = s_q * spec.num_heads
     if s_q == 1 or rows > MAX_PACKED_ROWS or rows & (rows - 1):
         return None
-    return MLASpec("decode", rows, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size, spec.fp8)
+    return replace(spec, variant="decode", num_heads=rows)
 
 
 def kernel(spec: MLASpec, s_q: int, config: object) -> MLASpec:
@@ -68,12 +69,11 @@ def kernel(spec: MLASpec, s_q: int, config: object) -> MLASpec:
     cache; any variant) under ``config``: the decode kernel at s_q = 1; else the packed decode kernel
     (:func:`packed_spec`) unless ``config`` is a PrefillConfig or it does not pack these shapes, then the
     causal prefill. A config of another kernel: TypeError naming it."""
-    decode = MLASpec("decode", spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size, spec.fp8)
     if s_q == 1:
         if config is not None and not isinstance(config, DecodeConfig):
             raise TypeError(f"config: expected a DecodeConfig for one query per request (the decode kernel runs "
                             f"it), found {type(config).__name__}")
-        return decode
+        return replace(spec, variant="decode")
     packed = packed_spec(spec, s_q)
     if isinstance(config, DecodeConfig):
         if packed is None:
@@ -86,8 +86,7 @@ def kernel(spec: MLASpec, s_q: int, config: object) -> MLASpec:
                         f"causal prefill kernel) for s_q = {s_q} queries per request, found "
                         f"{type(config).__name__}")
     if isinstance(config, PrefillConfig) or packed is None:
-        return MLASpec("prefill_causal", spec.num_heads, spec.head_dim_ckv, spec.head_dim_kpe, spec.page_size,
-                       spec.fp8)
+        return replace(spec, variant="prefill_causal")
     return packed
 
 
@@ -100,16 +99,10 @@ def check_packed(*named: tuple[str, object]) -> None:
     """Each given tensor [B, s_q, H, ...] viewable as [B, s_q * H, ...] (what the packed decode kernel reads
     and writes; never a copy), else a ValueError naming it."""
     for name, t in named:
-        if t is None:
-            continue
-        assert isinstance(t, torch.Tensor)
-        shape = t.shape
-        try:
-            t.view(shape[0], shape[1] * shape[2], *shape[3:])
-        except RuntimeError:
-            raise ValueError(f"{name}: expected [B, s_q, H, ...] whose axes 1 and 2 can be viewed as one of s_q * H "
-                             f"rows (stride(1) == H * stride(2)), which the packed decode kernel reads; found shape "
-                             f"{tuple(shape)} with strides {t.stride()}") from None
+        if t is not None:
+            assert isinstance(t, torch.Tensor)
+            _merged(name, t, 1, "[B, s_q, H, ...] whose axes 1 and 2 can be viewed as one of s_q * H rows (stride(1) "
+                                "== H * stride(2)), which the packed decode kernel reads;")
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -120,13 +113,18 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 def rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
     """:func:`rows`, or a ValueError naming ``t`` where its first two dimensions cannot be one (never a copy)."""
+    return _merged(name, t, 0, "[B, s_q, ...] whose first two dimensions can be viewed as one of B * s_q rows "
+                               "(stride(0) == s_q * stride(1)),")
+
+
+def _merged(name: str, t: torch.Tensor, axis: int, expected: str) -> torch.Tensor:
+    """``t`` with axes ``axis`` and ``axis + 1`` viewed as one (never a copy), else a ValueError naming it:
+    "{name}: expected {expected} found shape ... with strides ..."."""
     shape = t.shape
     try:
-        return t.view(shape[0] * shape[1], *shape[2:])
+        return t.view(*shape[:axis], shape[axis] * shape[axis + 1], *shape[axis + 2:])
     except RuntimeError:
-        raise ValueError(f"{name}: expected [B, s_q, ...] whose first two dimensions can be viewed as one of "
-                         f"B * s_q rows (stride(0) == s_q * stride(1)), found shape {tuple(t.shape)} with strides "
-                         f"{t.stride()}") from None
+        raise ValueError(f"{name}: expected {expected} found shape {tuple(shape)} with strides {t.stride()}") from None
 
 
 def check_queries(q_nope: object, q_pe: object, batch: int | None = None,
